@@ -1,0 +1,175 @@
+"""SSANet layers: the spatial self-attention module and the classifier head.
+
+Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
+recognition` (Baffour et al., JVCIR 2021), sections 3.2 (spatial self-attention, Fig. 3) and
+3.4 (classifier).
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import SelectAdaptivePool2d
+
+__all__ = ['AGGREGATIONS', 'SpatialSelfAttention', 'SSAHead']
+
+# How the attended map O is combined with the body map F (paper Table 2 rows); the fifth
+# variant, 'no_attention', has no SSA module at all and lives in the model.
+AGGREGATIONS = ('plus', 'multiply', 'alpha', 'no_alpha')
+
+
+class SpatialSelfAttention(nn.Module):
+    """Spatial self-attention over the positions of a feature map (paper Eqs. 1-2, Fig. 3).
+
+    Three 1x1 convs give A, B, C. With N = H*W positions, ``S[j, i] = softmax_i(A_i . B_j)``
+    and ``O_j = sum_i S[j, i] C_i``; O is aggregated with the input F:
+
+    * ``plus``: ``alpha * O + F`` (Eq. 1)
+    * ``multiply``: ``alpha * O * F`` (Eq. 2)
+    * ``alpha``: ``alpha * O``
+    * ``no_alpha``: ``O``
+
+    ``alpha`` is a learnable scalar initialised to 0. The attention runs through
+    ``F.scaled_dot_product_attention`` (fused kernels on GPU); ``forward_with_attention`` takes the
+    plain path because it must return S.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            aggregation: str = 'plus',
+            qk_ratio: float = 1.0,
+            scale_attn: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            dim: Channels K of the input map (C keeps K channels, as O is combined with F).
+            aggregation: One of ``AGGREGATIONS``.
+            qk_ratio: Channels of A and B as a fraction of ``dim`` (the paper uses 1.0).
+            scale_attn: Scale the logits by 1/sqrt(channels of A); the paper does not.
+        """
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f'aggregation must be one of {AGGREGATIONS}, got {aggregation!r}')
+        if not 0. < qk_ratio <= 1.:
+            raise ValueError(f'qk_ratio must be in (0, 1], got {qk_ratio}')
+        dd = {'device': device, 'dtype': dtype}
+        qk_dim = max(1, int(dim * qk_ratio))
+        self.dim = dim
+        self.aggregation = aggregation
+        self.scale = qk_dim ** -0.5 if scale_attn else 1.0
+        self.conv_a = nn.Conv2d(dim, qk_dim, 1, **dd)
+        self.conv_b = nn.Conv2d(dim, qk_dim, 1, **dd)
+        self.conv_c = nn.Conv2d(dim, dim, 1, **dd)
+        self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
+
+    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten B (queries, index j), A (keys, index i) and C (values) to ``(B, 1, N, ch)``."""
+        q = self.conv_b(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        k = self.conv_a(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        v = self.conv_c(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        return q, k, v
+
+    def _aggregate(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reshape O back to ``(B, K, H, W)`` and combine it with F."""
+        out = attended.squeeze(1).transpose(1, 2).reshape(x.shape)
+        if self.alpha is not None:
+            out = self.alpha * out
+        if self.aggregation == 'plus':
+            out = out + x
+        elif self.aggregation == 'multiply':
+            out = out * x
+        return out
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.dim:
+            raise ValueError(f'expected a (B, {self.dim}, H, W) feature map, got shape {tuple(x.shape)}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the aggregated map H, same shape as ``x``."""
+        self._check_input(x)
+        q, k, v = self._qkv(x)
+        attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self._aggregate(attended, x)
+
+    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return H and the attention map S of shape ``(B, N, N)`` (row j: query position j)."""
+        self._check_input(x)
+        q, k, v = self._qkv(x)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        return self._aggregate(attn @ v, x), attn.squeeze(1)
+
+
+class SSAHead(nn.Module):
+    """Classifier head of paper section 3.4: GAP -> Linear(K, width) -> BatchNorm1d -> Linear.
+
+    ``pre_logits`` output is the normalised hidden vector. With ``num_classes=0`` the last Linear is
+    absent (``None``); with ``pool_type=''`` the head is a pass-through that returns the unpooled
+    map (timm's ``reset_classifier(0, '')`` contract), which needs ``num_classes=0``.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int,
+            width: int = 1024,
+            pool_type: str = 'avg',
+            drop_rate: float = 0.,
+            act_layer: Optional[Callable[..., nn.Module]] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            in_features: Channels of the map the head reads.
+            num_classes: Classes; 0 removes the final Linear.
+            width: Hidden width (the paper: 1024).
+            pool_type: timm global pool type with one output per channel ('avg', 'max', 'avgmax')
+                or '' for no pooling.
+            drop_rate: Dropout before the final Linear.
+            act_layer: Optional activation after the BatchNorm (the paper has none).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.in_features = in_features
+        self.width = width
+        self.global_pool = self._make_pool(pool_type, num_classes)
+        self.is_pooled = bool(pool_type)
+        self.fc_hidden = nn.Linear(in_features, width, **dd)
+        self.norm = nn.BatchNorm1d(width, **dd)
+        self.act = act_layer() if act_layer is not None else None
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else None
+
+    @staticmethod
+    def _make_pool(pool_type: str, num_classes: int) -> SelectAdaptivePool2d:
+        pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        if pool.feat_mult() != 1:
+            raise ValueError(f'pool_type {pool_type!r} changes the channel count; use avg, max or avgmax')
+        if pool.is_identity() and num_classes > 0:
+            raise ValueError("an unpooled head (pool_type='') has no classifier: use num_classes=0")
+        return pool
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        """Replace the final Linear (and the pool, when given); the hidden layers are kept."""
+        if pool_type is None:
+            pool_type = self.global_pool.pool_type
+        self.global_pool = self._make_pool(pool_type, num_classes)
+        self.is_pooled = bool(pool_type)
+        ref = self.fc_hidden.weight
+        self.fc = nn.Linear(self.width, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else None
+        self.train(self.training)  # new modules follow the head's mode
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.is_pooled:
+            return x
+        x = self.norm(self.fc_hidden(self.global_pool(x)))
+        if self.act is not None:
+            x = self.act(x)
+        x = self.drop(x)
+        if pre_logits or self.fc is None:
+            return x
+        return self.fc(x)
