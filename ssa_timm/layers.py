@@ -19,6 +19,12 @@ __all__ = ['AGGREGATIONS', 'SpatialSelfAttention', 'SSAHead']
 AGGREGATIONS = ('plus', 'multiply', 'alpha', 'no_alpha')
 
 
+def _check_feature_map(x: torch.Tensor, dim: int) -> None:
+    """Fail with the expected and actual shapes (``torch._assert`` keeps it FX-traceable)."""
+    torch._assert(x.ndim == 4, f'expected a (B, {dim}, H, W) feature map, got shape {x.shape}')
+    torch._assert(x.shape[1] == dim, f'expected a (B, {dim}, H, W) feature map, got shape {x.shape}')
+
+
 class SpatialSelfAttention(nn.Module):
     """Spatial self-attention over the positions of a feature map (paper Eqs. 1-2, Fig. 3).
 
@@ -84,20 +90,16 @@ class SpatialSelfAttention(nn.Module):
             out = out * x
         return out
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.dim:
-            raise ValueError(f'expected a (B, {self.dim}, H, W) feature map, got shape {tuple(x.shape)}')
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the aggregated map H, same shape as ``x``."""
-        self._check_input(x)
+        _check_feature_map(x, self.dim)
         q, k, v = self._qkv(x)
         attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self._aggregate(attended, x)
 
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return H and the attention map S of shape ``(B, N, N)`` (row j: query position j)."""
-        self._check_input(x)
+        _check_feature_map(x, self.dim)
         q, k, v = self._qkv(x)
         attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
         return self._aggregate(attn @ v, x), attn.squeeze(1)
@@ -107,8 +109,8 @@ class SSAHead(nn.Module):
     """Classifier head of paper section 3.4: GAP -> Linear(K, width) -> BatchNorm1d -> Linear.
 
     ``pre_logits`` output is the normalised hidden vector. With ``num_classes=0`` the last Linear is
-    absent (``None``); with ``pool_type=''`` the head is a pass-through that returns the unpooled
-    map (timm's ``reset_classifier(0, '')`` contract), which needs ``num_classes=0``.
+    absent (``None``); with ``pool_type=''`` and ``num_classes=0`` the head is a pass-through that
+    returns the unpooled map (timm's ``reset_classifier(0, '')`` contract).
     """
 
     def __init__(
@@ -136,7 +138,7 @@ class SSAHead(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.in_features = in_features
         self.width = width
-        self.global_pool = self._make_pool(pool_type, num_classes)
+        self.global_pool = self._make_pool(pool_type)
         self.is_pooled = bool(pool_type)
         self.fc_hidden = nn.Linear(in_features, width, **dd)
         self.norm = nn.BatchNorm1d(width, **dd)
@@ -145,19 +147,17 @@ class SSAHead(nn.Module):
         self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else None
 
     @staticmethod
-    def _make_pool(pool_type: str, num_classes: int) -> SelectAdaptivePool2d:
+    def _make_pool(pool_type: str) -> SelectAdaptivePool2d:
         pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
         if pool.feat_mult() != 1:
             raise ValueError(f'pool_type {pool_type!r} changes the channel count; use avg, max or avgmax')
-        if pool.is_identity() and num_classes > 0:
-            raise ValueError("an unpooled head (pool_type='') has no classifier: use num_classes=0")
         return pool
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
         """Replace the final Linear (and the pool, when given); the hidden layers are kept."""
         if pool_type is None:
             pool_type = self.global_pool.pool_type
-        self.global_pool = self._make_pool(pool_type, num_classes)
+        self.global_pool = self._make_pool(pool_type)
         self.is_pooled = bool(pool_type)
         ref = self.fc_hidden.weight
         self.fc = nn.Linear(self.width, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else None
@@ -165,6 +165,8 @@ class SSAHead(nn.Module):
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if not self.is_pooled:
+            if self.fc is not None:
+                raise RuntimeError("an unpooled head (pool_type='') has no classifier: reset it with num_classes=0")
             return x
         x = self.norm(self.fc_hidden(self.global_pool(x)))
         if self.act is not None:
