@@ -1,0 +1,118 @@
+"""SpatialSelfAttention and SSAHead against the paper's formulas."""
+import pytest
+import torch
+
+from ssa_timm import AGGREGATIONS, SpatialSelfAttention, SSAHead
+
+
+def reference_ssa(layer: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """Paper section 3.2 written out with matmul + softmax: S[j, i] = softmax_i(A_i . B_j)."""
+    b, k, h, w = x.shape
+    a = layer.conv_a(x).flatten(2)  # (B, d, N)
+    bq = layer.conv_b(x).flatten(2)
+    c = layer.conv_c(x).flatten(2)  # (B, K, N)
+    logits = torch.einsum('bdj,bdi->bji', bq, a) * layer.scale
+    s = logits.softmax(dim=-1)
+    o = torch.einsum('bji,bki->bkj', s, c).reshape(b, k, h, w)
+    alpha = layer.alpha if layer.alpha is not None else 1.0
+    return {
+        'plus': alpha * o + x,
+        'multiply': alpha * o * x,
+        'alpha': alpha * o,
+        'no_alpha': o,
+    }[layer.aggregation]
+
+
+@pytest.mark.parametrize('aggregation', AGGREGATIONS)
+@pytest.mark.parametrize('batch,k,hw,scale', [(1, 8, (3, 5), False), (2, 16, (7, 7), False), (3, 32, (14, 14), True)])
+def test_sdpa_matches_reference(aggregation, batch, k, hw, scale):
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(k, aggregation=aggregation, scale_attn=scale)
+    if layer.alpha is not None:
+        layer.alpha.data.fill_(0.7)  # alpha starts at 0, which would hide O
+    x = torch.randn(batch, k, *hw, requires_grad=True)
+
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    ref = reference_ssa(layer, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
+    plain, _ = layer.forward_with_attention(x)
+    torch.testing.assert_close(plain, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_map_is_row_stochastic_and_matches_output():
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(16, aggregation='no_alpha')
+    x = torch.randn(2, 16, 4, 6)
+    out, attn = layer.forward_with_attention(x)
+    assert attn.shape == (2, 24, 24)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 24))
+    values = layer.conv_c(x).flatten(2)  # (B, K, N)
+    torch.testing.assert_close(out.flatten(2), values @ attn.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_starts_at_zero_so_plus_is_identity():
+    layer = SpatialSelfAttention(8, aggregation='plus')
+    x = torch.randn(2, 8, 5, 5)
+    assert layer.alpha.item() == 0.0
+    torch.testing.assert_close(layer(x), x)
+    assert SpatialSelfAttention(8, aggregation='no_alpha').alpha is None
+
+
+def test_qk_ratio_and_scale():
+    layer = SpatialSelfAttention(64, qk_ratio=0.125, scale_attn=True)
+    assert layer.conv_a.out_channels == layer.conv_b.out_channels == 8
+    assert layer.conv_c.out_channels == 64
+    assert layer.scale == pytest.approx(8 ** -0.5)
+    assert SpatialSelfAttention(64).scale == 1.0  # the paper's unscaled logits
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(dim=8, aggregation='sum'), 'aggregation must be one of'),
+    (dict(dim=8, qk_ratio=0.0), 'qk_ratio'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpatialSelfAttention(**kwargs)
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 5, 5), (2, 8, 25)])
+def test_bad_input_shape_names_expected(shape):
+    with pytest.raises(Exception, match=r'expected a \(B, 8, H, W\) feature map'):
+        SpatialSelfAttention(8)(torch.randn(shape))
+
+
+def test_head_layers_and_outputs():
+    head = SSAHead(16, num_classes=5, width=32).eval()
+    x = torch.randn(3, 16, 4, 4)
+    assert isinstance(head.norm, torch.nn.BatchNorm1d) and head.fc_hidden.out_features == 32
+    hidden = head(x, pre_logits=True)
+    expected_hidden = head.norm(head.fc_hidden(x.mean((2, 3))))
+    torch.testing.assert_close(hidden, expected_hidden)
+    torch.testing.assert_close(head(x), head.fc(hidden))
+
+
+def test_head_reset_keeps_hidden_layers_and_pool():
+    head = SSAHead(16, num_classes=5, width=32, pool_type='max').requires_grad_(False).eval()
+    hidden = head.fc_hidden
+    head.reset(0)
+    assert head.fc is None and head.fc_hidden is hidden
+    assert head.global_pool.pool_type == 'max'
+    assert not any(p.requires_grad for p in head.parameters())
+    head.reset(0, '')
+    x = torch.randn(2, 16, 3, 3)
+    assert head(x) is x  # unpooled pass-through
+    head.reset(7, '')
+    with pytest.raises(RuntimeError, match='unpooled head'):
+        head(x)
+    head.reset(7, 'avg')
+    assert head(x).shape == (2, 7) and not head.fc.training
+
+
+def test_head_rejects_pool_that_changes_channels():
+    with pytest.raises(ValueError, match='changes the channel count'):
+        SSAHead(16, 5, pool_type='catavgmax')

@@ -1,0 +1,173 @@
+"""SSANet: registry, the two-head contract, the timm API pieces our users rely on."""
+import pytest
+import timm
+import torch
+
+import ssa_timm
+from ssa_timm import SSANet, VARIANTS, create_ssanet
+
+BODIES = ('vgg16', 'resnet50', 'inception_v3', 'densenet121', 'densenet161')
+NAMES = [f'ssanet_{b}_{v}' for b in BODIES for v in VARIANTS]
+
+
+def small(body='resnet18', aggregation='plus', **kwargs):
+    torch.manual_seed(0)
+    return create_ssanet(body, aggregation, **kwargs)
+
+
+def test_registry_lists_the_25_names():
+    assert sorted(timm.list_models('ssanet_*')) == sorted(NAMES)
+    assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted(f'{n}.tv_in1k' for n in NAMES)
+    cfg = timm.models.get_pretrained_cfg('ssanet_vgg16_plus')
+    assert cfg.hf_hub_id == 'timm/vgg16.tv_in1k' and cfg.input_size == (3, 448, 448) and cfg.pool_size == (14, 14)
+    assert cfg.classifier == ('head_ssa.fc', 'head_fe.fc')
+    assert timm.models.get_pretrained_cfg('ssanet_vgg16_no_attention').classifier == 'head_fe.fc'
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_registered_name_trains_a_step(name):
+    model = timm.create_model(name, num_classes=3)
+    model.set_distilled_training(True)
+    x, y = torch.randn(2, 3, 96, 96), torch.tensor([0, 2])
+    logits = model(x)
+    assert isinstance(logits, tuple) != name.endswith('no_attention')
+    ssa_timm.SelfADLoss()(logits, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.eval()(x).shape == (2, 3)
+
+
+def test_vgg_body_has_no_fc_layers():
+    model = timm.create_model('ssanet_vgg16_plus', num_classes=200)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if n.startswith(('body.pre_logits', 'body.head'))]
+    body_params = sum(p.numel() for p in model.body.parameters())
+    assert body_params == sum(p.numel() for p in timm.create_model('vgg16', device='meta').features.parameters())
+    assert model.num_features == 1024 and model.head_hidden_size == 2048
+    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 1024, 2, 2)
+
+
+def test_body_is_initialised_after_meta_build():
+    model = small('resnet18')
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.isfinite(t).all(), name
+    bn = model.body.bn1
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var)) and bn.running_mean.abs().sum() == 0
+    conv = model.body.conv1.weight
+    assert 0.5 < conv.std().item() / (2 / (conv.shape[0] * 49)) ** 0.5 < 1.5  # kaiming fan_out
+
+
+def test_eval_returns_mean_of_heads_train_returns_pair():
+    model = small(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    heads = model.forward_heads(x)
+    torch.testing.assert_close(model(x), (heads['ssa'] + heads['fe']) / 2)
+    model.train()
+    assert isinstance(model(x), torch.Tensor)  # distilled training off: plain mean, like DeiT
+    model.set_distilled_training(True)
+    z_ssa, z_fe = model(x)
+    assert z_ssa.shape == z_fe.shape == (2, 4)
+
+
+def test_forward_features_carries_body_map_then_attended_map():
+    model = small(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    body_map = model.body.forward_features(x)
+    feats = model.forward_features(x)
+    k = model.body_channels
+    torch.testing.assert_close(feats[:, :k], body_map)
+    torch.testing.assert_close(feats[:, k:], model.attn(body_map))
+    # alpha starts at 0, so a fresh plus model attends to exactly F
+    torch.testing.assert_close(feats[:, k:], body_map)
+
+
+def test_pre_logits_determine_eval_logits():
+    model = small(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pre.shape == (2, model.head_hidden_size)
+    w = model.head_hidden_size // 2
+    expected = (model.head_fe.fc(pre[:, :w]) + model.head_ssa.fc(pre[:, w:])) / 2
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_reset_classifier_keeps_frozen_model_frozen_and_pool():
+    model = small(num_classes=4, global_pool='max').requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, '')
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    out = model.eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, model.num_features, 2, 2)
+    model.reset_classifier(10, 'max')
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    assert all(h.global_pool.pool_type == 'max' for h in (model.head_fe, model.head_ssa))
+
+
+def test_alpha_is_excluded_from_weight_decay_and_groups_split():
+    model = small()
+    assert model.no_weight_decay() == {'attn.alpha'}
+    assert small(aggregation='no_alpha').no_weight_decay() == set()
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    head_group = max(groups)
+    assert {n for n in groups[head_group]} >= {'attn.alpha', 'head_ssa.fc.weight', 'head_fe.fc.weight'}
+    assert len(groups) > 2
+
+
+def test_prune_removes_attention_and_heads():
+    model = small(num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    body_map = model.body.forward_features(x)
+    model.prune_intermediate_layers(len(model.feature_info), prune_head=True)
+    assert model.attn is None and model.head_ssa is None and model.head_fe is None
+    torch.testing.assert_close(model.forward_features(x), body_map)
+    assert model.num_features == body_map.shape[1]
+    with pytest.raises(RuntimeError, match='removed by prune_intermediate_layers'):
+        model.reset_classifier(3)
+
+
+def test_features_only_uses_forward_intermediates():
+    model = timm.create_model('ssanet_resnet50_plus', features_only=True, out_indices=(2, 3, 4))
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [512, 1024, 2048]
+
+
+@pytest.mark.parametrize('body', ['resnet18', 'convnext_atto', 'efficientnet_b0', 'test_resnet'])
+def test_create_ssanet_on_other_bodies(body):
+    model = small(body, 'multiply', num_classes=5).eval()
+    assert isinstance(model, SSANet)
+    x = torch.randn(2, 3, 96, 96)
+    assert model(x).shape == (2, 5)
+    assert model.pretrained_cfg['architecture'] == f'ssanet_{body}_multiply'
+    assert model.pretrained_cfg['first_conv'].startswith('body.')
+    assert model.forward_features(x).shape[1] == model.num_features
+
+
+def test_registered_body_through_builder_and_bad_arguments():
+    assert create_ssanet('densenet121', 'alpha', num_classes=2).pretrained_cfg['architecture'] == 'ssanet_densenet121_alpha'
+    with pytest.raises(ValueError, match='aggregation must be one of'):
+        create_ssanet('resnet18', 'sum')
+    with pytest.raises(ValueError, match="unknown timm body 'not_a_net'"):
+        create_ssanet('not_a_net')
+    with pytest.raises(TypeError):
+        timm.create_model('ssanet_vgg16_plus', not_a_model_arg=1)
+
+
+def test_head_options():
+    model = small(num_classes=3, head_width=64, head_act_layer='relu', drop_rate=0.2)
+    assert model.head_fe.fc_hidden.out_features == 64 and isinstance(model.head_ssa.act, torch.nn.ReLU)
+    assert model.head_hidden_size == 128
+
+
+def test_bf16_and_meta_device():
+    model = small(num_classes=3).eval().to(torch.bfloat16)
+    assert model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    meta = timm.create_model('ssanet_vgg16_plus', device='meta')
+    assert all(p.is_meta for p in meta.parameters())
+
+
+def test_torchscript_matches_eager():
+    model = small(num_classes=3).eval()
+    model.attn.alpha.data.fill_(0.5)
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
