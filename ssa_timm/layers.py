@@ -73,10 +73,13 @@ class SpatialSelfAttention(nn.Module):
         self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flatten B (queries, index j), A (keys, index i) and C (values) to ``(B, 1, N, ch)``."""
-        q = self.conv_b(x).flatten(2).transpose(1, 2).unsqueeze(1)
-        k = self.conv_a(x).flatten(2).transpose(1, 2).unsqueeze(1)
-        v = self.conv_c(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        """Flatten B (queries, index j), A (keys, index i) and C (values) to ``(B, 1, N, ch)``.
+
+        Contiguous, as the fused SDPA kernels need a unit stride on the channel axis.
+        """
+        q = self.conv_b(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        k = self.conv_a(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        v = self.conv_c(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         return q, k, v
 
     def _aggregate(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

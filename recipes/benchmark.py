@@ -1,0 +1,221 @@
+"""Benchmarks for ssa_timm: the SSA layer (SDPA vs the plain reference) and a train step of
+SSANet vs its bare body with a GAP + linear head.
+
+Cases run interleaved, several repeats each; medians and ratios are reported, as a table on
+stdout and as JSON. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the
+growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
+
+    python recipes/benchmark.py --out benchmark.json
+    python recipes/benchmark.py --sections ssa --device cuda
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+import timm
+import ssa_timm
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sections', default='ssa,train', help='comma separated: ssa, train')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--ssa-batch', type=int, default=4)
+    parser.add_argument('--ssa-channels', type=int, default=512)
+    parser.add_argument('--ssa-sizes', default='14,28,56', help='feature map sides: N = side^2')
+    parser.add_argument('--model', default='ssanet_vgg16_plus')
+    parser.add_argument('--img-size', type=int, default=448)
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--num-classes', type=int, default=200)
+    parser.add_argument('--out', default='benchmark.json')
+    parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _peak_memory_mb(case: str, args: tuple, device: torch.device) -> float:
+    """Peak memory of one run of a case: CUDA allocator peak, or peak-RSS growth of a fresh process."""
+    if device.type == 'cuda':
+        step = CASES[case](*args)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    proc = subprocess.run(
+        [sys.executable, __file__, '--peak-rss-case', json.dumps([case, *args])],
+        capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Unlike ``ru_maxrss`` it starts afresh at exec, not at the
+    parent's size at fork."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+
+
+def _rss_growth_mb(case: str, *args) -> float:
+    step = CASES[case](*args)
+    before = _peak_rss_kib()
+    step()
+    return (_peak_rss_kib() - before) / 1024
+
+
+def ssa_case(path: str, batch: int, channels: int, side: int, device: str) -> Callable[[], None]:
+    """Forward + backward of the SSA layer through SDPA ('sdpa') or the plain matmul path ('reference')."""
+    torch.manual_seed(0)
+    layer = ssa_timm.SpatialSelfAttention(channels, aggregation='plus').to(device)
+    x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
+    forward = layer if path == 'sdpa' else (lambda t: layer.forward_with_attention(t)[0])
+
+    def step() -> None:
+        forward(x).sum().backward()
+    return step
+
+
+def sdpa_kernel(channels: int, side: int, device: torch.device) -> str:
+    """Name of the attention kernel SDPA dispatched to, read off the profiler."""
+    layer = ssa_timm.SpatialSelfAttention(channels).to(device)
+    x = torch.randn(1, channels, side, side, device=device)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        layer(x)
+    names = {e.key for e in prof.key_averages()}
+    kernels = sorted(n for n in names if n.startswith('aten::_scaled_dot_product') or n.startswith('aten::_efficient')
+                     or n.startswith('aten::_flash'))
+    return ', '.join(kernels) or 'math (composite)'
+
+
+class BareBody(nn.Module):
+    """The SSANet's body with a GAP + linear head: the baseline of the train-step benchmark."""
+
+    def __init__(self, ssanet: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.body = ssanet.body
+        self.fc = nn.Linear(ssanet.body_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body.forward_features(x).mean((2, 3)))
+
+
+def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str):
+    """One SGD step (forward, loss, backward, update) of the SSANet or of its bare body."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=num_classes).to(device).train()
+    if kind == 'bare':
+        model = BareBody(model, num_classes).to(device).train()
+        loss_fn: nn.Module = nn.CrossEntropyLoss()
+    else:
+        model.set_distilled_training(True)
+        loss_fn = ssa_timm.SelfADLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+CASES = {'ssa': ssa_case, 'train': train_case}
+
+
+def run_interleaved(cases: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, List[float]]:
+    for step in cases.values():  # warm-up
+        _time(step, device)
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, step in cases.items():
+            times[name].append(_time(step, device))
+    return times
+
+
+def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
+    rows = []
+    for side in (int(s) for s in args.ssa_sizes.split(',')):
+        case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device)) for p in ('sdpa', 'reference')}
+        times = run_interleaved({p: ssa_case(*a) for p, a in case_args.items()}, args.repeats, device)
+        median = {p: statistics.median(t) for p, t in times.items()}
+        memory = {p: _peak_memory_mb('ssa', a, device) for p, a in case_args.items()}
+        rows.append(dict(
+            N=side * side, K=args.ssa_channels, batch=args.ssa_batch,
+            sdpa_ms=median['sdpa'] * 1e3, reference_ms=median['reference'] * 1e3,
+            speedup=median['reference'] / median['sdpa'],
+            sdpa_peak_mb=memory['sdpa'], reference_peak_mb=memory['reference'],
+            kernel=sdpa_kernel(args.ssa_channels, side, device),
+        ))
+    return rows
+
+
+def bench_train(args: argparse.Namespace, device: torch.device) -> dict:
+    case_args = {k: (k, args.model, args.img_size, args.batch_size, args.num_classes, str(device)) for k in ('ssanet', 'bare')}
+    times = run_interleaved({k: train_case(*a) for k, a in case_args.items()}, args.repeats, device)
+    median = {k: statistics.median(t) for k, t in times.items()}
+    return dict(
+        model=args.model, img_size=args.img_size, batch=args.batch_size,
+        ssanet_s=median['ssanet'], bare_s=median['bare'], overhead_pct=(median['ssanet'] / median['bare'] - 1) * 100,
+        ssanet_peak_mb=_peak_memory_mb('train', case_args['ssanet'], device),
+        bare_peak_mb=_peak_memory_mb('train', case_args['bare'], device),
+    )
+
+
+def machine(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.peak_rss_case:
+        print(_rss_growth_mb(*json.loads(args.peak_rss_case)))
+        return {}
+    device = torch.device(args.device)
+    sections = args.sections.split(',')
+    result = dict(device=machine(device), torch=torch.__version__, repeats=args.repeats)
+    if 'ssa' in sections:
+        result['ssa'] = bench_ssa(args, device)
+        print(f'SSA layer, forward + backward, {args.repeats} repeats, median ({result["device"]})')
+        print('| N | K | batch | SDPA ms | reference ms | speedup | SDPA peak MB | reference peak MB | SDPA kernel |')
+        print('|---|---|---|---|---|---|---|---|---|')
+        for r in result['ssa']:
+            print(f'| {r["N"]} | {r["K"]} | {r["batch"]} | {r["sdpa_ms"]:.1f} | {r["reference_ms"]:.1f} | '
+                  f'{r["speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
+    if 'train' in sections:
+        t = result['train'] = bench_train(args, device)
+        print(f'\nTrain step, {t["model"]} vs bare body + GAP + linear, {t["img_size"]} px, batch {t["batch"]}')
+        print('| model | step s | peak MB |\n|---|---|---|')
+        print(f'| {t["model"]} | {t["ssanet_s"]:.2f} | {t["ssanet_peak_mb"]:.0f} |')
+        print(f'| bare body | {t["bare_s"]:.2f} | {t["bare_peak_mb"]:.0f} |')
+        print(f'SSA + heads overhead: {t["overhead_pct"]:+.1f}%')
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == '__main__':
+    main()
