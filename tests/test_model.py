@@ -17,6 +17,7 @@ def small(body='resnet18', aggregation='plus', **kwargs):
 
 def test_registry_lists_the_25_names():
     assert sorted(timm.list_models('ssanet_*')) == sorted(NAMES)
+    assert 'ssanet' in timm.list_models('ssanet')  # the generic entrypoint of create_ssanet
     assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted(f'{n}.tv_in1k' for n in NAMES)
     cfg = timm.models.get_pretrained_cfg('ssanet_vgg16_plus')
     assert cfg.hf_hub_id == 'timm/vgg16.tv_in1k' and cfg.input_size == (3, 448, 448) and cfg.pool_size == (14, 14)
@@ -137,9 +138,19 @@ def test_create_ssanet_on_other_bodies(body):
     assert isinstance(model, SSANet)
     x = torch.randn(2, 3, 96, 96)
     assert model(x).shape == (2, 5)
-    assert model.pretrained_cfg['architecture'] == f'ssanet_{body}_multiply'
+    assert model.pretrained_cfg['architecture'] == 'ssanet'
     assert model.pretrained_cfg['first_conv'].startswith('body.')
     assert model.forward_features(x).shape[1] == model.num_features
+
+
+def test_names_parse_into_body_and_aggregation():
+    assert ssa_timm.parse_ssanet_name('ssanet_inception_v3_no_alpha') == ('inception_v3', 'no_alpha')
+    assert ssa_timm.parse_ssanet_name('ssanet_resnet18_alpha') == ('resnet18', 'alpha')
+    model = ssa_timm.create_ssanet_by_name('ssanet_resnet18_no_attention', num_classes=2)
+    assert model.attn is None and model.body.__class__.__name__ == 'ResNet'
+    for bad in ('resnet18_plus', 'ssanet_plus', 'ssanet_resnet18_sum'):
+        with pytest.raises(ValueError, match='ssanet_<timm body>_<aggregation>'):
+            ssa_timm.parse_ssanet_name(bad)
 
 
 def test_registered_body_through_builder_and_bad_arguments():

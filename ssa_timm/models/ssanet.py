@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._features import feature_take_indices
@@ -25,7 +26,7 @@ from timm.models.vgg import _filter_fn as _vgg_filter
 
 from ..layers import AGGREGATIONS, SpatialSelfAttention, SSAHead
 
-__all__ = ['SSANet', 'VARIANTS', 'create_ssanet']
+__all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']
 
 # Paper Table 2 rows: the four SSA aggregations plus the body-only baseline.
 VARIANTS = AGGREGATIONS + ('no_attention',)
@@ -131,7 +132,7 @@ class SSANet(nn.Module):
 
     def __init__(
             self,
-            body: str,
+            body: str = 'vgg16',
             aggregation: str = 'plus',
             num_classes: int = 1000,
             in_chans: int = 3,
@@ -166,6 +167,7 @@ class SSANet(nn.Module):
         target = torch.device(device) if device is not None else torch.get_default_device()
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.body_name = body
         self.aggregation = aggregation
         self.distilled_training = False
 
@@ -230,8 +232,12 @@ class SSANet(nn.Module):
         for head in self._heads():
             head.reset(num_classes, global_pool)
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Body map F -> F, or [F, H] on the channel axis when the model has an SSA module."""
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Body map F -> F, or [F, H] on the channel axis when the model has an SSA module.
+
+        ``forward_features(x) == attend(body.forward_features(x))``: heads can be trained on cached
+        body maps with ``forward_head(attend(F))``.
+        """
         if self.attn is None:
             return x
         return torch.cat([x, self.attn(x)], dim=1)
@@ -257,7 +263,7 @@ class SSANet(nn.Module):
         _, max_index = feature_take_indices(len(self.feature_info), indices)
         if stop_early and max_index < len(self.feature_info) - 1:
             return x, intermediates
-        return self._attend(x), intermediates
+        return self.attend(x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -281,7 +287,7 @@ class SSANet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._attend(self.body.forward_features(x))
+        return self.attend(self.body.forward_features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.head_fe is None:  # pruned
@@ -298,17 +304,22 @@ class SSANet(nn.Module):
         return (z_ssa + z_fe) / 2
 
     @torch.jit.ignore
-    def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Logits of each head in any mode: ``{'ssa': z_ssa, 'fe': z_fe}`` (``no_attention``: ``'fe'`` only)."""
+    def head_logits(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Logits of each head from ``forward_features`` output, in any mode:
+        ``{'ssa': z_ssa, 'fe': z_fe}`` (``no_attention``: ``'fe'`` only)."""
         if self.num_classes == 0 or self.head_fe is None:
             raise RuntimeError('the model has no classifier (num_classes=0 or pruned heads)')
-        features = self.forward_features(x)
         if self.head_ssa is None:
             return {'fe': self.head_fe(features)}
         return {
             'ssa': self.head_ssa(features[:, self.body_channels:]),
             'fe': self.head_fe(features[:, :self.body_channels]),
         }
+
+    @torch.jit.ignore
+    def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``head_logits`` of an image batch."""
+        return self.head_logits(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
@@ -382,6 +393,16 @@ def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: 
     }
 
 
+def parse_ssanet_name(name: str) -> Tuple[str, str]:
+    """Split ``'ssanet_<body>_<aggregation>'`` into the timm body name and the aggregation."""
+    if name.startswith('ssanet_'):
+        for aggregation in sorted(VARIANTS, key=len, reverse=True):  # 'no_alpha' before 'alpha'
+            suffix = f'_{aggregation}'
+            if name.endswith(suffix) and len(name) > len('ssanet_') + len(suffix):
+                return name[len('ssanet_'):-len(suffix)], aggregation
+    raise ValueError(f"expected a name 'ssanet_<timm body>_<aggregation>' with aggregation in {VARIANTS}, got {name!r}")
+
+
 def create_ssanet(
         body: str,
         aggregation: str = 'plus',
@@ -391,8 +412,9 @@ def create_ssanet(
 ) -> SSANet:
     """Build an SSANet over any timm CNN body, e.g. ``create_ssanet('convnext_tiny', 'plus')``.
 
-    Registered bodies go through ``timm.create_model('ssanet_<body>_<aggregation>')``. For other
-    bodies ``pretrained=True`` loads the body's default ImageNet weights from the Hub.
+    Registered bodies go through ``timm.create_model('ssanet_<body>_<aggregation>')``. Other
+    bodies are built by the generic ``ssanet`` entrypoint (so ``hf-hub:`` / ``local-dir:`` exports
+    load back through timm), and ``pretrained=True`` loads the body's default ImageNet weights.
 
     Args:
         body: timm model name (optionally with a pretrained tag, e.g. 'resnet18.a1_in1k').
@@ -411,16 +433,34 @@ def create_ssanet(
         raise ValueError(f'unknown timm body {arch!r}')
     reduction = timm.create_model(arch, pretrained=False, device='meta').feature_info[-1]['reduction']
     pool = math.ceil(img_size / reduction)
-    cfg = _cfg(body, (pool, pool), aggregation, input_size=(3, img_size, img_size), architecture=name)
-    return _build(name, pretrained, pretrained_cfg=cfg, body=arch, aggregation=aggregation, **kwargs)
+    cfg = _cfg(body, (pool, pool), aggregation, input_size=(3, img_size, img_size), architecture='ssanet')
+    return timm.create_model(
+        'ssanet', pretrained=pretrained, pretrained_cfg=cfg, body=arch, aggregation=aggregation, **kwargs)
+
+
+def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """``create_ssanet`` from a name ``'ssanet_<timm body>_<aggregation>'``, registered or not."""
+    body, aggregation = parse_ssanet_name(name)
+    return create_ssanet(body, aggregation, pretrained=pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    f'{name}.{_BODIES[b][0]}': _cfg(
-        f'{b}.{_BODIES[b][0]}', _BODIES[b][1], a,
-        **({'min_input_size': (3, 224, 224)} if b == 'inception_v3' else {}))
-    for name, (b, a) in _MODEL_DEFS.items()
+    **{
+        f'{name}.{_BODIES[b][0]}': _cfg(
+            f'{b}.{_BODIES[b][0]}', _BODIES[b][1], a,
+            **({'min_input_size': (3, 224, 224)} if b == 'inception_v3' else {}))
+        for name, (b, a) in _MODEL_DEFS.items()
+    },
+    # generic entrypoint: body and aggregation come from its arguments, weights from create_ssanet
+    # or from an exported config (hf-hub: / local-dir:), so it has no default weights of its own
+    'ssanet': {'input_size': (3, 448, 448), 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD},
 })
+
+
+@register_model
+def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet over the timm body named by ``body=`` (default 'vgg16') with ``aggregation=`` (default 'plus')."""
+    return _build('ssanet', pretrained, **kwargs)
 
 
 @register_model

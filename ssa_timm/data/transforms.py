@@ -1,0 +1,60 @@
+"""Transforms of paper section 4.1: resize to a square, random horizontal flip for training,
+normalisation from the body's pretrained config.
+
+The flip is drawn from ``(seed, epoch, index)`` instead of a global RNG, so a run, its resumed
+twin and its feature-cached twin flip the same images in the same epochs.
+"""
+from typing import Callable, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+__all__ = ['EpochFlip', 'Transformed', 'eval_transform']
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Resize to ``img_size`` x ``img_size`` (no crop, as the paper), to tensor, normalise."""
+    return T.Compose([
+        T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BILINEAR),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class Transformed(Dataset):
+    """Apply a transform to the image of each ``(image, label)`` pair."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        img, label = self.dataset[index]
+        return self.transform(img), label
+
+
+class EpochFlip(Dataset):
+    """Random horizontal flip (p=0.5) of ``(tensor, label)`` pairs, drawn from ``(seed, epoch, index)``."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def flipped(self, index: int) -> bool:
+        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, label = self.dataset[index]
+        return (x.flip(-1) if self.flipped(index) else x), label

@@ -1,0 +1,107 @@
+"""Cache of frozen-body feature maps, so the heads (and the SSA module) train without the body.
+
+With the body frozen (the paper's setting) the body map F of an image never changes, so it is
+computed once per image and view (original and horizontally flipped) into a ``.npy`` file that
+training reads through a memory map. Processes share the work: each computes every
+``world_size``-th image and writes its rows of the same file (on one machine, or a shared
+filesystem across machines).
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .data.transforms import EpochFlip
+
+__all__ = ['CachedFeatures', 'build_feature_cache']
+
+
+def build_feature_cache(
+        body: torch.nn.Module,
+        dataset: Dataset,
+        path: Path,
+        with_flips: bool,
+        accelerator,
+        meta: Dict[str, Any],
+        batch_size: int = 32,
+        num_workers: int = 0,
+) -> Path:
+    """Compute ``body.forward_features`` of every image of ``dataset`` into ``path`` (``.npy``).
+
+    The array has shape ``(N, V, K, h, w)`` with V = 2 (original, flipped) when ``with_flips``.
+    A cache whose recorded ``meta`` matches is reused.
+
+    Args:
+        body: Frozen body, already on ``accelerator.device``.
+        dataset: ``(tensor image, label)`` pairs, no random augmentation.
+        path: The ``.npy`` file; ``path.with_suffix('.json')`` records ``meta`` once complete.
+        with_flips: Also cache the horizontally flipped view.
+        accelerator: The run's ``accelerate.Accelerator``.
+        meta: What the features depend on (model, weights, image size, dataset); a mismatch rebuilds.
+    """
+    marker = path.with_suffix('.json')
+    if marker.is_file() and json.loads(marker.read_text()) == meta:
+        return path
+    views = 2 if with_flips else 1
+    body.eval()
+    sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
+    with torch.no_grad(), accelerator.autocast():
+        shape = body.forward_features(sample).shape[1:]
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=(len(dataset), views, *shape)).flush()
+    accelerator.wait_for_everyone()
+
+    out = np.load(path, mmap_mode='r+')
+    shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers)
+    start = 0
+    with torch.no_grad(), accelerator.autocast():
+        for images, _ in loader:
+            images = images.to(accelerator.device)
+            rows = shard[start:start + len(images)]
+            start += len(images)
+            for view in range(views):
+                batch = images.flip(-1) if view else images
+                out[rows, view] = body.forward_features(batch).float().cpu().numpy()
+    out.flush()
+    del out
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.write_text(json.dumps(meta))
+    return path
+
+
+class CachedFeatures(Dataset):
+    """``(feature map, label)`` pairs read from a feature cache.
+
+    With ``flip`` (an ``EpochFlip`` over the same images) each item is the flipped view exactly
+    when ``flip`` would have flipped that image in the current epoch, so cached and uncached
+    training see the same inputs.
+    """
+
+    def __init__(self, path: Path, targets, flip: Optional[EpochFlip] = None) -> None:
+        self.path = path
+        self.targets = list(targets)
+        self.flip = flip
+        self._array: Optional[np.ndarray] = None  # opened lazily, once per worker
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.flip is not None:
+            self.flip.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode='r')
+        view = 1 if self.flip is not None and self.flip.flipped(index) else 0
+        return torch.from_numpy(np.array(self._array[index, view])), self.targets[index]
+
+    def __getstate__(self):
+        return {**self.__dict__, '_array': None}
