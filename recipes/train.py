@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--dataset', default='builtin', choices=DATASETS)
     p.add_argument('--data-dir', default=None)
     p.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
+    p.add_argument('--builtin-train-per-class', type=int, default=300, help='builtin: training images per class')
+    p.add_argument('--builtin-val-per-class', type=int, default=50, help='builtin: validation images per class')
     p.add_argument('--img-size', type=int, default=None, help='default 64 on builtin, else 448')
     p.add_argument('--epochs', type=int, default=6)
     p.add_argument('--max-steps', type=int, default=None, help='stop (after a checkpoint) at this optimizer step')
@@ -147,8 +149,10 @@ def training_function(args: argparse.Namespace) -> Dict:
     if args.log_with:
         accelerator.init_trackers('ssanet', config={k: v for k, v in vars(args).items() if v is not None})
 
-    train_images = build_dataset(args.dataset, 'train', args.data_dir, args.crop_bbox, seed=args.seed)
-    val_images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed)
+    train_images = build_dataset(args.dataset, 'train', args.data_dir, args.crop_bbox, seed=args.seed,
+                                 samples_per_class=args.builtin_train_per_class)
+    val_images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
+                               samples_per_class=args.builtin_val_per_class)
     classes = train_images.classes
     model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes))
     data_cfg = timm.data.resolve_data_config(model=model)
@@ -164,7 +168,8 @@ def training_function(args: argparse.Namespace) -> Dict:
         model.to(accelerator.device)
         cache_dir = output_dir / 'feature_cache'
         meta = dict(model=args.model, pretrained=args.pretrained, img_size=args.img_size, dataset=args.dataset,
-                    data_dir=args.data_dir, crop_bbox=args.crop_bbox, seed=args.seed)
+                    data_dir=args.data_dir, crop_bbox=args.crop_bbox, seed=args.seed,
+                    builtin=(args.builtin_train_per_class, args.builtin_val_per_class))
         common = dict(accelerator=accelerator, batch_size=args.batch_size, num_workers=args.workers)
         train_path = build_feature_cache(model.body, train_data.dataset, cache_dir / 'train.npy', True,
                                          meta=dict(meta, split='train'), **common)
@@ -198,6 +203,8 @@ def training_function(args: argparse.Namespace) -> Dict:
 
     if args.resume:
         resume_checkpoint(accelerator, args, state)
+    print(f'process {accelerator.process_index}/{accelerator.num_processes} on {accelerator.device}: '
+          f'{len(train_loader)} training batches per epoch', flush=True)
 
     metrics_path = output_dir / 'metrics.jsonl'
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
@@ -240,7 +247,8 @@ def training_function(args: argparse.Namespace) -> Dict:
         if top1 > state.best_top1:
             state.best_top1 = top1
             if accelerator.is_main_process:
-                export_model(model, str(output_dir / 'best'), classes, extra_config={'metrics': report, 'epoch': epoch})
+                export_model(model, str(output_dir / 'best'), classes, args.img_size,
+                             extra_config={'metrics': report, 'epoch': epoch})
         accelerator.save_state()
         mean_loss = accelerator.reduce(loss_sum, reduction='sum').item() / max(1, loss_count * accelerator.num_processes)
         line = dict(epoch=epoch, step=state.global_step, train_loss=mean_loss, lr=optimizer.param_groups[0]['lr'],

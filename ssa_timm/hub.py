@@ -47,12 +47,15 @@ def export_model(
         model: SSANet,
         out_dir: str,
         labels: Sequence[str],
+        img_size: int,
         extra_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write ``config.json`` (architecture, model args, label names) + ``model.safetensors`` in
-    timm's ``save_for_hf`` layout, loadable by ``timm.create_model('local-dir:...')``."""
+    """Write ``config.json`` (architecture, model args, label names, the input size the weights
+    were trained at) + ``model.safetensors`` in timm's ``save_for_hf`` layout, loadable by
+    ``timm.create_model('local-dir:...')``."""
     if len(labels) != model.num_classes:
         raise ValueError(f'{len(labels)} label names for a model with {model.num_classes} classes')
     config = {'label_names': list(labels), **(extra_config or {})}
-    save_for_hf(model, out_dir, model_config=config, safe_serialization=True)
+    save_for_hf(model, out_dir, model_config=config, safe_serialization=True,
+                data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0})
     return Path(out_dir)

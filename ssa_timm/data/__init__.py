@@ -17,7 +17,7 @@ DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
-                  seed: int = 0) -> Dataset:
+                  seed: int = 0, samples_per_class: Optional[int] = None) -> Dataset:
     """``(PIL image, label)`` dataset with a ``classes`` list.
 
     Args:
@@ -26,11 +26,13 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         data_dir: Dataset root (not used by 'builtin').
         crop_bbox: CUB only: crop to ``bounding_boxes.txt``.
         seed: 'builtin' only: the generation seed.
+        samples_per_class: 'builtin' only: images per class (default 300 train, 50 val).
     """
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == 'builtin':
-        return BuiltinFineGrained(split, samples_per_class=300 if split == 'train' else 50, seed=seed)
+        default = 300 if split == 'train' else 50
+        return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed)
     if name not in DATASETS:
         raise ValueError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:

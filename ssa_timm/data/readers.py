@@ -152,7 +152,7 @@ def read_cars(root: str, split: str) -> LabeledImages:
         ds = StanfordCars(root, split='train' if split == 'train' else 'test', download=False)
     except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
         raise DatasetLayoutError(f'cannot read Stanford Cars under {root}: {e}; expected {CARS_LAYOUT}') from e
-    return LabeledImages(ds._samples, ds.classes)
+    return LabeledImages([(path, int(label)) for path, label in ds._samples], ds.classes)
 
 
 def read_image_folder(root: str, split: str) -> LabeledImages:

@@ -1,0 +1,149 @@
+"""End-to-end runs of recipes/train.py and recipes/evaluate.py on the built-in dataset (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+import ssa_timm  # noqa: F401  (registers the models for local-dir: loading)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
+        '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
+VAL_SIZE = 50
+
+
+def run(script: str, *args: str, launcher=(sys.executable,), check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    proc = subprocess.run([*launcher, str(ROOT / 'recipes' / script), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(out: Path) -> list:
+    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+
+
+def latest_weights(out: Path) -> dict:
+    ckpt = max((out / 'checkpoints').glob('checkpoint_*'), key=lambda p: int(p.name.split('_')[-1]))
+    return load_file(ckpt / 'model.safetensors')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('run')
+    run('train.py', *TINY, '--epochs', '2', '--output-dir', str(out))
+    return out
+
+
+def test_two_process_cpu_run(tmp_path):
+    launcher = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0')
+    proc = run('train.py', '--cpu', *TINY, '--epochs', '1', '--output-dir', str(tmp_path), launcher=launcher)
+    assert 'process 0/2 on cpu' in proc.stdout and 'process 1/2 on cpu' in proc.stdout
+    lines = metrics(tmp_path)
+    assert len(lines) == 1 and lines[0]['val']['count'] == VAL_SIZE  # gathered without the padding duplicates
+    assert lines[0]['step'] == 80 // (8 * 2)
+    assert (tmp_path / 'checkpoints' / 'checkpoint_0' / 'model.safetensors').is_file()
+    assert json.loads((tmp_path / 'best' / 'config.json').read_text())['label_names'][0] == 'glyph_00'
+
+
+def test_run_writes_metrics_checkpoints_and_export(trained):
+    lines = metrics(trained)
+    assert [m['epoch'] for m in lines] == [0, 1]
+    assert {'ssa', 'fe', 'mean', 'count'} <= set(lines[0]['val']) and lines[0]['val']['count'] == VAL_SIZE
+    assert all(m['images_per_s'] > 0 and m['lr'] > 0 for m in lines)
+    assert sorted(p.name for p in (trained / 'checkpoints').iterdir()) == ['checkpoint_0', 'checkpoint_1']
+    model = timm.create_model(f'local-dir:{trained / "best"}', pretrained=True)
+    assert model.pretrained_cfg['input_size'] == (3, 32, 32) and model.num_classes == 10
+
+
+def test_resume_reaches_the_uninterrupted_weights(trained, tmp_path):
+    stopped = run('train.py', *TINY, '--epochs', '2', '--max-steps', '13', '--output-dir', str(tmp_path))
+    assert len(metrics(tmp_path)) == 1  # stopped in the second epoch, before its evaluation
+    assert 'best val top-1' in stopped.stdout
+    resumed = run('train.py', *TINY, '--epochs', '2', '--resume', 'latest', '--output-dir', str(tmp_path))
+    assert 'resumed from' in resumed.stdout and 'step 13' in resumed.stdout
+    expected, got = latest_weights(trained), latest_weights(tmp_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert metrics(tmp_path)[-1]['val'] == metrics(trained)[-1]['val']
+
+
+def test_cached_features_match_uncached_frozen_run(tmp_path):
+    frozen = [*TINY, '--epochs', '2', '--freeze-backbone']
+    run('train.py', *frozen, '--output-dir', str(tmp_path / 'plain'))
+    run('train.py', *frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached'))
+    plain, cached = metrics(tmp_path / 'plain'), metrics(tmp_path / 'cached')
+    for a, b in zip(plain, cached):
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
+        for head in ('ssa', 'fe', 'mean'):
+            assert b['val'][head]['top1'] == pytest.approx(a['val'][head]['top1'])
+    cache = tmp_path / 'cached' / 'feature_cache'
+    assert (cache / 'train.json').is_file() and (cache / 'val.json').is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(trained, tmp_path):
+    ckpt = trained / 'checkpoints' / 'checkpoint_0'
+    other = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_multiply' for a in TINY]
+    proc = run('train.py', *other, '--resume', str(ckpt), '--output-dir', str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert 'was saved by a run of ssanet_test_resnet_plus, this run trains ssanet_test_resnet_multiply' in proc.stderr
+    proc = run('train.py', *TINY, '--resume', 'latest', '--output-dir', str(tmp_path), check=False)
+    assert proc.returncode != 0 and 'no checkpoint under' in proc.stderr
+
+
+def test_bad_dataset_and_flags(tmp_path):
+    proc = run('train.py', *TINY, '--dataset', 'cub', '--data-dir', str(tmp_path), check=False)
+    assert proc.returncode != 0 and 'images.txt' in proc.stderr
+    proc = run('train.py', *TINY, '--cache-features', check=False)
+    assert proc.returncode != 0 and '--cache-features needs --freeze-backbone' in proc.stderr
+
+
+def test_evaluate_reports_heads_per_class_and_confusion(trained, tmp_path):
+    out = tmp_path / 'eval.json'
+    run('evaluate.py', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
+        '--output', str(out))
+    report = json.loads(out.read_text())
+    assert report['count'] == VAL_SIZE and report['img_size'] == 32
+    best = json.loads((trained / 'best' / 'config.json').read_text())['metrics']
+    for head in ('ssa', 'fe', 'mean'):
+        assert report[head]['top1'] == pytest.approx(best[head]['top1'])  # the export is the best epoch's model
+        confusion = torch.tensor(report[head]['confusion_matrix'])
+        assert confusion.shape == (10, 10) and confusion.sum() == VAL_SIZE
+        assert report[head]['top1'] == pytest.approx(confusion.diag().sum().item() / VAL_SIZE * 100)
+    assert len(report['mean']['per_class_top1']) == 10
+
+
+def test_evaluate_two_processes_gathers_every_image(trained, tmp_path):
+    out = tmp_path / 'eval.json'
+    launcher = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0')
+    run('evaluate.py', '--cpu', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
+        '--batch-size', '8', '--output', str(out), launcher=launcher)
+    assert json.loads(out.read_text())['count'] == VAL_SIZE
+
+
+def test_evaluate_refuses_other_architectures_and_class_counts(trained, tmp_path):
+    save_for_hf(timm.create_model('test_resnet', num_classes=10), str(tmp_path / 'resnet'), safe_serialization=True)
+    proc = run('evaluate.py', '--model', str(tmp_path / 'resnet'), '--workers', '0', check=False)
+    assert proc.returncode != 0 and 'is a ResNet, not an SSANet' in proc.stderr
+    proc = run('evaluate.py', '--model', str(tmp_path), '--workers', '0', check=False)
+    assert proc.returncode != 0 and 'has no config.json' in proc.stderr
+    proc = run('evaluate.py', '--model', str(trained / 'best'), '--dataset', 'imagefolder', '--data-dir',
+               str(_two_class_folder(tmp_path / 'folder')), '--workers', '0', check=False)
+    assert proc.returncode != 0 and 'predicts 10 classes' in proc.stderr
+
+
+def _two_class_folder(root: Path) -> Path:
+    from fixtures import make_image_folder
+    return make_image_folder(root)
