@@ -15,4 +15,4 @@ if [ ! -f "$here/test_models.py" ] || ! grep -q "timm==$version" "$here/.timm_ve
     rm -rf "$tmp"
 fi
 cd "$here"
-exec "$python" -m pytest -p no:cacheprovider -q test_models.py "$@"
+exec "$python" -m pytest -p no:cacheprovider -o addopts="" -q test_models.py "$@"
