@@ -247,8 +247,10 @@ def training_function(args: argparse.Namespace) -> Dict:
         if top1 > state.best_top1:
             state.best_top1 = top1
             if accelerator.is_main_process:
+                training = dict(model=args.model, dataset=args.dataset, pretrained=args.pretrained,
+                                img_size=args.img_size, epoch=epoch, loss=args.loss, freeze_backbone=args.freeze_backbone)
                 export_model(model, str(output_dir / 'best'), classes, args.img_size,
-                             extra_config={'metrics': report, 'epoch': epoch})
+                             extra_config={'metrics': report, 'training': training})
         accelerator.save_state()
         mean_loss = accelerator.reduce(loss_sum, reduction='sum').item() / max(1, loss_count * accelerator.num_processes)
         line = dict(epoch=epoch, step=state.global_step, train_loss=mean_loss, lr=optimizer.param_groups[0]['lr'],

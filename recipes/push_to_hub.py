@@ -1,0 +1,109 @@
+"""Publish a model exported by recipes/train.py to the Hugging Face Hub.
+
+Uploads ``config.json`` (architecture, num_classes, label names, pretrained_cfg, model_args),
+``model.safetensors`` (metadata ``{"format": "pt"}``) and a ``README.md`` model card rendered from
+``model_cards/template.md`` with the metrics the training run measured.
+
+    python recipes/push_to_hub.py --checkpoint runs/cub/best --repo-id someone/ssanet_vgg16_plus.cub_448
+    python recipes/push_to_hub.py --checkpoint runs/builtin/best --repo-id someone/x --dry-run out/
+
+Loading it back: ``import ssa_timm, timm; timm.create_model('hf-hub:someone/...', pretrained=True)``.
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import create_branch, create_repo, upload_folder
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ssa_timm.hub import load_model, render_model_card
+
+TEMPLATE = Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='export folder (config.json + model.safetensors)')
+    p.add_argument('--repo-id', required=True, help='ORG/NAME')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--revision', default=None, help='branch to push to (created if missing)')
+    p.add_argument('--token', default=None, help='default: the logged-in token / HF_TOKEN')
+    p.add_argument('--commit-message', default='Add SSANet weights')
+    p.add_argument('--dry-run', metavar='OUT', default=None, help='write the folder that would be uploaded to OUT')
+    return p.parse_args(argv)
+
+
+def check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f'--repo-id {repo_id!r} is not a valid Hub repo id: {e}') from e
+    if repo_id.count('/') != 1:
+        raise ValueError(f"--repo-id {repo_id!r} must be 'ORG/NAME'")
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """The export's config, after checking it has weights, a config and label names."""
+    config_path, weights = folder / 'config.json', folder / 'model.safetensors'
+    if not folder.is_dir():
+        raise FileNotFoundError(f'--checkpoint {folder} is not a folder')
+    for path, what in ((config_path, 'config'), (weights, 'weights')):
+        if not path.is_file():
+            raise FileNotFoundError(f'--checkpoint {folder} has no {what} ({path.name}); export one with recipes/train.py')
+    config = json.loads(config_path.read_text())
+    if not config.get('label_names'):
+        raise ValueError(f'{config_path} has no label_names; the Hub model would predict nameless classes')
+    if len(config['label_names']) != config.get('num_classes'):
+        raise ValueError(f'{config_path}: {len(config["label_names"])} label names for {config.get("num_classes")} classes')
+    return config
+
+
+def build_folder(checkpoint: Path, repo_id: str, out: Path) -> Path:
+    """Write config.json, model.safetensors (with ``{"format": "pt"}``) and README.md to ``out``."""
+    config = read_checkpoint(checkpoint)
+    model = load_model(str(checkpoint))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    with safe_open(checkpoint / 'model.safetensors', framework='pt') as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, out / 'model.safetensors', metadata={'format': 'pt'})
+    training = config.get('training', {})
+    card = render_model_card(
+        model, repo_id, TEMPLATE.read_text(), img_size=model.pretrained_cfg['input_size'][-1],
+        create_name=f'hf-hub:{repo_id}', dataset=training.get('dataset'), metrics=config.get('metrics'),
+        pretrained_body=bool(training.get('pretrained')))
+    card.save(out / 'README.md')
+    return out
+
+
+def push(folder: Path, repo_id: str, private: bool, revision: Optional[str], token: Optional[str], message: str) -> str:
+    create_repo(repo_id, private=private, token=token, exist_ok=True)
+    if revision:
+        create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    info = upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, token=token,
+                         commit_message=message)
+    return str(info)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    check_repo_id(args.repo_id)
+    checkpoint = Path(args.checkpoint)
+    if args.dry_run:
+        out = build_folder(checkpoint, args.repo_id, Path(args.dry_run))
+        print(f'wrote {sorted(p.name for p in out.iterdir())} to {out}')
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_folder(checkpoint, args.repo_id, Path(tmp))
+        url = push(folder, args.repo_id, args.private, args.revision, args.token, args.commit_message)
+    print(f'pushed {args.checkpoint} to {args.repo_id}: {url}')
+    print(f"load it with: import ssa_timm, timm; timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
+    return checkpoint
+
+
+if __name__ == '__main__':
+    main()
