@@ -5,6 +5,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python="${PYTHON:-python}"
+case "$python" in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; esac  # survives the cd below
 version="$("$python" -c 'import timm; print(timm.__version__)')"
 if [ ! -f "$here/test_models.py" ] || ! grep -q "timm==$version" "$here/.timm_version" 2>/dev/null; then
     tmp="$(mktemp -d)"
