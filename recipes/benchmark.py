@@ -1,5 +1,6 @@
-"""Benchmarks for ssa_timm: the SSA layer (SDPA vs the plain reference) and a train step of
-SSANet vs its bare body with a GAP + linear head.
+"""Benchmarks for ssa_timm: the SSA layer (SDPA vs the plain reference), a train step of SSANet vs
+its bare body with a GAP + linear head, and a frozen-body training epoch with and without the
+feature cache.
 
 Cases run interleaved, several repeats each; medians and ratios are reported, as a table on
 stdout and as JSON. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the
@@ -7,6 +8,7 @@ growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
 
     python recipes/benchmark.py --out benchmark.json
     python recipes/benchmark.py --sections ssa --device cuda
+    python recipes/benchmark.py --sections cache
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -26,7 +29,7 @@ import ssa_timm
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sections', default='ssa,train', help='comma separated: ssa, train')
+    parser.add_argument('--sections', default='ssa,train,cache', help='comma separated: ssa, train, cache')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--ssa-batch', type=int, default=4)
@@ -36,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--img-size', type=int, default=448)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
+    parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
     parser.add_argument('--out', default='benchmark.json')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
     return parser.parse_args(argv)
@@ -183,6 +187,29 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict:
     )
 
 
+def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
+    """One frozen-body epoch of recipes/train.py from images vs from the feature cache."""
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).parent))
+    import train
+    common = ['--model', args.model, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-backbone',
+              '--builtin-train-per-class', str(args.cache_per_class), '--builtin-val-per-class', '1',
+              '--batch-size', str(args.batch_size), '--workers', '0'] + (['--cpu'] if device.type == 'cpu' else [])
+    speed = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, extra in (('images', []), ('cache', ['--cache-features'])):
+            out = Path(tmp) / kind
+            start = time.perf_counter()
+            train.main([*common, *extra, '--output-dir', str(out)])
+            total = time.perf_counter() - start
+            epoch = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+            speed[kind] = dict(images_per_s=epoch['images_per_s'], run_s=total)
+    return dict(model=args.model, img_size=args.img_size, images=10 * args.cache_per_class,
+                images_per_s=speed['images']['images_per_s'], cached_images_per_s=speed['cache']['images_per_s'],
+                epoch_speedup=speed['cache']['images_per_s'] / speed['images']['images_per_s'],
+                uncached_run_s=speed['images']['run_s'], cached_run_s_with_cache_build=speed['cache']['run_s'])
+
+
 def machine(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
@@ -212,6 +239,14 @@ def main(argv=None) -> dict:
         print(f'| {t["model"]} | {t["ssanet_s"]:.2f} | {t["ssanet_peak_mb"]:.0f} |')
         print(f'| bare body | {t["bare_s"]:.2f} | {t["bare_peak_mb"]:.0f} |')
         print(f'SSA + heads overhead: {t["overhead_pct"]:+.1f}%')
+    if 'cache' in sections:
+        c = result['cache'] = bench_cache(args, device)
+        print(f'\nFrozen-body training epoch, {c["model"]} at {c["img_size"]} px, {c["images"]} images')
+        print('| input | train images/s |\n|---|---|')
+        print(f'| images through the frozen body | {c["images_per_s"]:.1f} |')
+        print(f'| cached body maps | {c["cached_images_per_s"]:.1f} |')
+        print(f'epoch speed-up: {c["epoch_speedup"]:.0f}x (whole run incl. building the cache: '
+              f'{c["cached_run_s_with_cache_build"]:.0f} s vs {c["uncached_run_s"]:.0f} s)')
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
     return result

@@ -1,0 +1,146 @@
+"""Visualise what SSANet looks at (paper Figs. 1 and 4): Grad-CAM on the SSA-aggregated map H and
+the SSA layer's own attention, overlaid on each image.
+
+    python recipes/visualize.py --model runs/builtin/best images/*.png --out-dir vis/
+    python recipes/visualize.py --model runs/abl/no_attention/best runs/abl/no_alpha/best ... --out-dir fig4/ img.jpg
+
+Per image and model it writes ``<stem>_gradcam.png``, ``<stem>_attention.png`` (the attention of
+the most attended position, and the mean attention over all query positions) and ``<stem>.npz``
+with the raw maps. Given several models it also draws ``grid.png`` in the layout of the paper's
+Fig. 4: the input, then one Grad-CAM column per model. Grad-CAM comes from the ``grad-cam``
+package; for ``no_attention`` models it targets the body's last feature map F.
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from pytorch_grad_cam import GradCAM  # noqa: E402
+from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+import timm  # noqa: E402
+from predict import expand_inputs  # noqa: E402
+from ssa_timm import SSANet  # noqa: E402
+from ssa_timm.data import eval_transform  # noqa: E402
+from ssa_timm.data.readers import load_rgb  # noqa: E402
+from ssa_timm.hub import label_names, load_model  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+    p.add_argument('--model', nargs='+', required=True, help='one or more model specs (Fig. 4: one per variant)')
+    p.add_argument('--img-size', type=int, default=None, help="default: the first model's input size")
+    p.add_argument('--out-dir', default='vis')
+    return p.parse_args(argv)
+
+
+def target_layer(model: SSANet) -> torch.nn.Module:
+    """The module whose output Grad-CAM explains: the SSA layer (H), or the body's last stage (F)."""
+    return model.attn if model.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
+
+
+def attention_maps(model: SSANet, x: torch.Tensor) -> Dict[str, np.ndarray]:
+    """The SSA attention S (N x N, row j = query position j) and two (h, w) views of it."""
+    with torch.no_grad():
+        body_map = model.body.forward_features(x)
+        _, attn = model.attn.forward_with_attention(body_map)
+    h, w = body_map.shape[-2:]
+    attn = attn[0].float().numpy()
+    mean = attn.mean(0)  # how much each position is attended, averaged over queries
+    top_query = int(mean.argmax())  # the most attended position ...
+    return dict(attention=attn, attention_mean=mean.reshape(h, w),
+                attention_top=attn[top_query].reshape(h, w), top_query=np.array(top_query))  # ... and what it attends
+
+
+def upsample(m: np.ndarray, size) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    up = torch.nn.functional.interpolate(t, size=size, mode='bilinear', align_corners=False)[0, 0].numpy()
+    return (up - up.min()) / (up.max() - up.min() + 1e-12)
+
+
+def save_overlays(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3 * (len(maps) + 1), 3.2))
+    axes[0].imshow(rgb)
+    axes[0].set_title(title, fontsize=8)
+    for ax, (name, heat) in zip(axes[1:], maps.items()):
+        ax.imshow(show_cam_on_image(rgb, heat, use_rgb=True))
+        ax.set_title(name, fontsize=8)
+    for ax in axes:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def visualize(args: argparse.Namespace) -> List[Path]:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [load_model(spec).eval() for spec in args.model]
+    cfg = timm.data.resolve_data_config(model=models[0])
+    size = args.img_size or cfg['input_size'][-1]
+    transform = eval_transform(size, cfg['mean'], cfg['std'])
+    written: List[Path] = []
+    grid_rows = []
+    for path in expand_inputs(args.inputs):
+        image = load_rgb(str(path))
+        rgb = np.asarray(image.resize((size, size)), dtype=np.float32) / 255
+        x = transform(image).unsqueeze(0)
+        row = [rgb]
+        for k, (spec, model) in enumerate(zip(args.model, models)):
+            stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
+            with torch.no_grad():
+                pred = int(model(x).argmax(-1))
+            names = label_names(model)
+            title = f'{model.aggregation}: {names[pred] if names else pred}'
+            with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+                gradcam = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
+            arrays = dict(gradcam=gradcam)
+            overlays = {'Grad-CAM': gradcam}
+            if model.attn is not None:
+                arrays.update(attention_maps(model, x))
+                overlays['attention of the most attended position'] = upsample(arrays['attention_top'], (size, size))
+                overlays['mean attention over queries'] = upsample(arrays['attention_mean'], (size, size))
+                save_overlays(rgb, {k: v for k, v in overlays.items() if k != 'Grad-CAM'}, title,
+                              out / f'{stem}_attention.png')
+                written.append(out / f'{stem}_attention.png')
+            save_overlays(rgb, {'Grad-CAM': gradcam}, title, out / f'{stem}_gradcam.png')
+            np.savez(out / f'{stem}.npz', **arrays)
+            written += [out / f'{stem}_gradcam.png', out / f'{stem}.npz']
+            row.append(show_cam_on_image(rgb, gradcam, use_rgb=True))
+        grid_rows.append(row)
+    if len(models) > 1:
+        written.append(draw_grid(grid_rows, ['input'] + [m.aggregation for m in models], out / 'grid.png'))
+    return written
+
+
+def draw_grid(rows: List[List[np.ndarray]], columns: List[str], path: Path) -> Path:
+    """Paper Fig. 4 layout: one row per image, the input then one Grad-CAM column per model."""
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2 * len(columns), 2 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            axes[r, c].imshow(img)
+            axes[r, c].axis('off')
+            if r == 0:
+                axes[r, c].set_title(columns[c], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> List[Path]:
+    written = visualize(parse_args(argv))
+    print('\n'.join(str(p) for p in written))
+    return written
+
+
+if __name__ == '__main__':
+    main()
