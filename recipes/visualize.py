@@ -20,7 +20,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
@@ -94,7 +93,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
         rgb = np.asarray(image.resize((size, size)), dtype=np.float32) / 255
         x = transform(image).unsqueeze(0)
         row = [rgb]
-        for k, (spec, model) in enumerate(zip(args.model, models)):
+        for k, model in enumerate(models):
             stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
             with torch.no_grad():
                 pred = int(model(x).argmax(-1))

@@ -182,3 +182,15 @@ def test_torchscript_matches_eager():
     x = torch.randn(1, 3, 64, 64)
     scripted = torch.jit.script(model)
     torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_builder_on_a_body_without_hub_weights():
+    @timm.models.register_model
+    def ssa_test_body_without_weights(pretrained: bool = False, **kwargs):
+        return timm.create_model('test_resnet', pretrained=pretrained, **kwargs)
+
+    model = create_ssanet('ssa_test_body_without_weights', 'alpha', num_classes=4, img_size=64)
+    assert model.pretrained_cfg.get('hf_hub_id') is None and model.pretrained_cfg['input_size'] == (3, 64, 64)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    with pytest.raises(ValueError, match='timm has no Hub weights'):
+        create_ssanet('ssa_test_body_without_weights', pretrained=True)

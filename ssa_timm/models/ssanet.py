@@ -31,6 +31,8 @@ __all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'pars
 # Paper Table 2 rows: the four SSA aggregations plus the body-only baseline.
 VARIANTS = AGGREGATIONS + ('no_attention',)
 
+_PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
+
 # Registered bodies: timm name -> (ImageNet weights tag in timm's own Hub repos, pool size at 448 px).
 _BODIES = {
     'vgg16': ('tv_in1k', (14, 14)),
@@ -50,7 +52,8 @@ _BODY_CHECKPOINT_FILTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str
 
 def _is_resettable(module: nn.Module) -> bool:
     """True when re-initialising the module after ``to_empty`` restores every tensor it owns."""
-    owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False))
     return not owns_tensors or isinstance(module, (nn.Conv2d, nn.Linear)) or hasattr(module, 'reset_parameters')
 
 
@@ -371,7 +374,10 @@ def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: 
     if body_cfg is None or not body_cfg.hf_hub_id:
         raise ValueError(f'timm has no Hub weights for {body_tag!r}')
     first_conv = body_cfg.first_conv
-    first_conv = tuple(f'body.{c}' for c in first_conv) if isinstance(first_conv, (tuple, list)) else f'body.{first_conv}'
+    if isinstance(first_conv, (tuple, list)):
+        first_conv = tuple(f'body.{c}' for c in first_conv)
+    else:
+        first_conv = f'body.{first_conv}'
     classifier = 'head_fe.fc' if aggregation == 'no_attention' else ('head_ssa.fc', 'head_fe.fc')
     return {
         'hf_hub_id': body_cfg.hf_hub_id,
@@ -387,7 +393,7 @@ def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: 
         'classifier': classifier,
         'license': body_cfg.license,
         'paper_ids': 'doi:10.1016/j.jvcir.2021.103368',
-        'paper_name': 'Spatial self-attention network with self-attention distillation for fine-grained image recognition',
+        'paper_name': _PAPER,
         'notes': (f'Body weights from {body_cfg.hf_hub_id}; the SSA module and heads are freshly initialised.',),
         **kwargs,
     }
@@ -433,7 +439,13 @@ def create_ssanet(
         raise ValueError(f'unknown timm body {arch!r}')
     reduction = timm.create_model(arch, pretrained=False, device='meta').feature_info[-1]['reduction']
     pool = math.ceil(img_size / reduction)
-    cfg = _cfg(body, (pool, pool), aggregation, input_size=(3, img_size, img_size), architecture='ssanet')
+    try:
+        cfg = _cfg(body, (pool, pool), aggregation, input_size=(3, img_size, img_size), architecture='ssanet')
+    except ValueError:
+        if pretrained:
+            raise
+        cfg = dict(timm.models.get_pretrained_cfg('ssanet').to_dict(), input_size=(3, img_size, img_size),
+                   pool_size=(pool, pool), architecture='ssanet')
     return timm.create_model(
         'ssanet', pretrained=pretrained, pretrained_cfg=cfg, body=arch, aggregation=aggregation, **kwargs)
 
@@ -453,7 +465,10 @@ default_cfgs = generate_default_cfgs({
     },
     # generic entrypoint: body and aggregation come from its arguments, weights from create_ssanet
     # or from an exported config (hf-hub: / local-dir:), so it has no default weights of its own
-    'ssanet': {'input_size': (3, 448, 448), 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD},
+    'ssanet': {
+        'input_size': (3, 448, 448), 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'paper_ids': 'doi:10.1016/j.jvcir.2021.103368', 'paper_name': _PAPER,
+    },
 })
 
 
