@@ -5,7 +5,8 @@ heads vs Self-AD) by training each configuration with recipes/train.py.
     accelerate launch recipes/ablation.py --body vgg16 --dataset cub --data-dir /data/CUB_200_2011
 
 Writes ``<output-dir>/ablation.md`` (Markdown tables) and ``ablation.json``; every number is the
-best validation top-1 of a run, averaged over ``--seeds``.
+best validation top-1 of a run, averaged over ``--seeds``. Finished runs in ``--output-dir`` are
+reused, so an interrupted ablation goes on where it stopped.
 """
 import argparse
 import json
@@ -31,12 +32,23 @@ def parse_args(argv=None):
 
 
 def run(body: str, variant: str, loss: str, seed: int, out: Path, train_args: List[str]) -> Dict:
+    """Train one configuration, or reuse its finished run (so an interrupted ablation can go on)."""
     run_dir = out / f'{variant}_{loss}_seed{seed}'
-    result = train.main([*train_args, '--model', f'ssanet_{body}_{variant}', '--loss', loss, '--seed', str(seed),
-                         '--output-dir', str(run_dir)])
+    args = [*train_args, '--model', f'ssanet_{body}_{variant}', '--loss', loss, '--seed', str(seed),
+            '--output-dir', str(run_dir)]
+    if not finished(run_dir, train.parse_args(args).epochs):
+        train.main(args)
     best = json.loads((run_dir / 'best' / 'config.json').read_text())['metrics']
-    return dict(variant=variant, loss=loss, seed=seed, top1=result['best_top1'],
-                heads={k: v['top1'] for k, v in best.items() if isinstance(v, dict)})
+    heads = {k: v['top1'] for k, v in best.items() if isinstance(v, dict)}
+    return dict(variant=variant, loss=loss, seed=seed, top1=heads.get('mean', heads['fe']), heads=heads)
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    metrics = run_dir / 'metrics.jsonl'
+    if not metrics.is_file():
+        return False
+    lines = metrics.read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1])['epoch'] == epochs - 1
 
 
 def mean_over_seeds(rows: List[Dict], variant: str, loss: str) -> Dict:

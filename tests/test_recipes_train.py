@@ -147,3 +147,21 @@ def test_evaluate_refuses_other_architectures_and_class_counts(trained, tmp_path
 def _two_class_folder(root: Path) -> Path:
     from fixtures import make_image_folder
     return make_image_folder(root)
+
+
+def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
+    small = [a for a in TINY if a not in ('--model', 'ssanet_test_resnet_plus')]
+    args = ['--body', 'test_resnet', '--seeds', '0', '--output-dir', str(tmp_path), *small, '--epochs', '1']
+    run('ablation.py', *args)
+    result = json.loads((tmp_path / 'ablation.json').read_text())
+    assert sorted((r['variant'], r['loss']) for r in result['runs']) == sorted(
+        [(v, 'ad') for v in ('no_attention', 'no_alpha', 'alpha', 'multiply', 'plus')]
+        + [(v, 'ce') for v in ('alpha', 'multiply', 'plus')])
+    for r in result['runs']:
+        best = json.loads((tmp_path / f'{r["variant"]}_{r["loss"]}_seed0' / 'best' / 'config.json').read_text())
+        assert r['top1'] == best['metrics']['mean' if r['variant'] != 'no_attention' else 'fe']['top1']
+    table = (tmp_path / 'ablation.md').read_text()
+    assert '| plus |' in table and '| no_attention |' in table and '87.1 -> 88.4' in table
+    again = run('ablation.py', *args)
+    assert 'process 0/1' not in again.stdout  # every run was finished: nothing retrained
+    assert (tmp_path / 'ablation.md').read_text() == table
