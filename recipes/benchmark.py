@@ -88,15 +88,20 @@ def _rss_growth_mb(case: str, *args) -> float:
     return (_peak_rss_kib() - before) / 1024
 
 
-def ssa_case(path: str, batch: int, channels: int, side: int, device: str) -> Callable[[], None]:
-    """Forward + backward of the SSA layer through SDPA ('sdpa') or the plain matmul path ('reference')."""
+def ssa_case(path: str, batch: int, channels: int, side: int, device: str, backward: bool = True):
+    """SSA layer through SDPA ('sdpa') or the plain matmul path ('reference'): forward + backward,
+    or a no-grad forward (``backward=False``)."""
     torch.manual_seed(0)
     layer = ssa_timm.SpatialSelfAttention(channels, aggregation='plus').to(device)
-    x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
+    x = torch.randn(batch, channels, side, side, device=device, requires_grad=backward)
     forward = layer if path == 'sdpa' else (lambda t: layer.forward_with_attention(t)[0])
 
     def step() -> None:
-        forward(x).sum().backward()
+        if backward:
+            forward(x).sum().backward()
+        else:
+            with torch.no_grad():
+                forward(x)
     return step
 
 
@@ -162,13 +167,16 @@ def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
     rows = []
     for side in (int(s) for s in args.ssa_sizes.split(',')):
         case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device)) for p in ('sdpa', 'reference')}
-        times = run_interleaved({p: ssa_case(*a) for p, a in case_args.items()}, args.repeats, device)
-        median = {p: statistics.median(t) for p, t in times.items()}
+        cases = {f'{p}_{mode}': ssa_case(*a, backward=mode == 'train')
+                 for p, a in case_args.items() for mode in ('train', 'infer')}
+        median = {k: statistics.median(t) * 1e3 for k, t in run_interleaved(cases, args.repeats, device).items()}
         memory = {p: _peak_memory_mb('ssa', a, device) for p, a in case_args.items()}
         rows.append(dict(
             N=side * side, K=args.ssa_channels, batch=args.ssa_batch,
-            sdpa_ms=median['sdpa'] * 1e3, reference_ms=median['reference'] * 1e3,
-            speedup=median['reference'] / median['sdpa'],
+            sdpa_ms=median['sdpa_train'], reference_ms=median['reference_train'],
+            speedup=median['reference_train'] / median['sdpa_train'],
+            sdpa_infer_ms=median['sdpa_infer'], reference_infer_ms=median['reference_infer'],
+            infer_speedup=median['reference_infer'] / median['sdpa_infer'],
             sdpa_peak_mb=memory['sdpa'], reference_peak_mb=memory['reference'],
             kernel=sdpa_kernel(args.ssa_channels, side, device),
         ))
@@ -226,12 +234,14 @@ def main(argv=None) -> dict:
     result = dict(device=machine(device), torch=torch.__version__, repeats=args.repeats)
     if 'ssa' in sections:
         result['ssa'] = bench_ssa(args, device)
-        print(f'SSA layer, forward + backward, {args.repeats} repeats, median ({result["device"]})')
-        print('| N | K | batch | SDPA ms | reference ms | speedup | SDPA peak MB | reference peak MB | SDPA kernel |')
-        print('|---|---|---|---|---|---|---|---|---|')
+        print(f'SSA layer, {args.repeats} repeats, median ({result["device"]}); peak memory of forward + backward')
+        print('| N | K | batch | fwd+bwd SDPA ms | fwd+bwd reference ms | speedup | forward SDPA ms | '
+              'forward reference ms | speedup | SDPA peak MB | reference peak MB | SDPA kernel |')
+        print('|---|---|---|---|---|---|---|---|---|---|---|---|')
         for r in result['ssa']:
             print(f'| {r["N"]} | {r["K"]} | {r["batch"]} | {r["sdpa_ms"]:.1f} | {r["reference_ms"]:.1f} | '
-                  f'{r["speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
+                  f'{r["speedup"]:.2f}x | {r["sdpa_infer_ms"]:.1f} | {r["reference_infer_ms"]:.1f} | '
+                  f'{r["infer_speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
     if 'train' in sections:
         t = result['train'] = bench_train(args, device)
         print(f'\nTrain step, {t["model"]} vs bare body + GAP + linear, {t["img_size"]} px, batch {t["batch"]}')
