@@ -83,7 +83,7 @@ def test_predict_registered_name_random_weights(images):
 
 def test_visualize_maps_and_fig4_grid(trained, images, tmp_path):
     out = tmp_path / 'vis'
-    recipe('visualize.py', '--model', str(trained), 'ssanet_test_resnet_no_attention', '--img-size', '64',
+    recipe('visualize.py', '--model', str(trained), 'ssanet_vgg16_no_attention', '--img-size', '64',
            '--out-dir', str(out), str(images / 'bird_0.png'), str(images / 'bird_1.png'))
     for stem in ('bird_0', 'bird_1'):
         ssa = np.load(out / f'{stem}_m0.npz')
@@ -93,7 +93,8 @@ def test_visualize_maps_and_fig4_grid(trained, images, tmp_path):
         np.testing.assert_allclose(attn.sum(-1), np.ones(4), atol=1e-5)
         np.testing.assert_allclose(ssa['attention_mean'].ravel(), attn.mean(0), atol=1e-6)
         plain = np.load(out / f'{stem}_m1.npz')
-        assert set(plain.files) == {'gradcam'}  # no_attention: Grad-CAM on F only
+        assert set(plain.files) == {'gradcam'}  # no_attention (registered, random weights): Grad-CAM on F
+        assert plain['gradcam'].shape == (64, 64) and 0 <= plain['gradcam'].min() and plain['gradcam'].max() <= 1
         for png in (f'{stem}_m0_gradcam.png', f'{stem}_m0_attention.png', f'{stem}_m1_gradcam.png'):
             with Image.open(out / png) as img:
                 assert img.format == 'PNG' and img.width > 200 and img.height > 200
