@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight-decay', type=float, default=None, help='default: 0.05 on builtin, else 5e-4')
     p.add_argument('--plateau-patience', type=int, default=2)
+    p.add_argument('--scale-attn', action='store_true', help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
     p.add_argument('--loss', choices=('ad', 'ce'), default='ad', help='Self-AD (Eq. 5) or CE on both heads')
     p.add_argument('--gamma', type=float, default=0.5)
     p.add_argument('--temperature', type=float, default=1.0)
@@ -154,7 +155,8 @@ def training_function(args: argparse.Namespace) -> Dict:
     val_images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
                                samples_per_class=args.builtin_val_per_class)
     classes = train_images.classes
-    model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes))
+    model_kwargs = {'scale_attn': True} if args.scale_attn else {}
+    model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_kwargs)
     data_cfg = timm.data.resolve_data_config(model=model)
     transform = eval_transform(args.img_size, data_cfg['mean'], data_cfg['std'])
     train_flip = EpochFlip(Transformed(train_images, transform), seed=args.seed)
