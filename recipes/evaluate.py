@@ -15,8 +15,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import timm
-from ssa_timm.data import DATASETS, Transformed, build_dataset, eval_transform
+from ssa_timm.data import DATASETS, Transformed, build_dataset, model_transform
 from ssa_timm.hub import label_names, load_model
 from ssa_timm.metrics import classification_report
 
@@ -51,10 +50,8 @@ def main(argv=None) -> Dict:
     if names is not None and list(names) != list(images.classes):
         accelerator.print(f'warning: the model was trained with other class names than {args.dataset} has')
 
-    data_cfg = timm.data.resolve_data_config(model=model)
-    img_size = args.img_size or data_cfg['input_size'][-1]
-    loader = DataLoader(Transformed(images, eval_transform(img_size, data_cfg['mean'], data_cfg['std'])),
-                        batch_size=args.batch_size, num_workers=args.workers)
+    transform, img_size = model_transform(model, args.img_size)
+    loader = DataLoader(Transformed(images, transform), batch_size=args.batch_size, num_workers=args.workers)
     model, loader = accelerator.prepare(model, loader)
     net = accelerator.unwrap_model(model).eval()
 

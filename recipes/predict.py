@@ -17,8 +17,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-import timm
-from ssa_timm.data import CorruptImageError, eval_transform
+from ssa_timm.data import CorruptImageError, model_transform
 from ssa_timm.data.readers import load_rgb
 from ssa_timm.hub import label_names, load_model
 
@@ -72,8 +71,7 @@ def load_batches(paths: Sequence[Path], transform, batch_size: int, skipped: Lis
 def predict(args: argparse.Namespace) -> Tuple[List[Dict], List[str]]:
     model = load_model(args.model).to(args.device).eval()
     names = label_names(model) or [str(i) for i in range(model.num_classes)]
-    data_cfg = timm.data.resolve_data_config(model=model)
-    transform = eval_transform(args.img_size or data_cfg['input_size'][-1], data_cfg['mean'], data_cfg['std'])
+    transform, _ = model_transform(model, args.img_size)
     results, skipped = [], []
     k = min(args.top_k, model.num_classes)
     with torch.no_grad():

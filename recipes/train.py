@@ -24,9 +24,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import timm
 from ssa_timm import SelfADLoss, SSANet
-from ssa_timm.data import DATASETS, EpochFlip, Transformed, build_dataset, eval_transform
+from ssa_timm.data import DATASETS, EpochFlip, Transformed, build_dataset, model_transform
 from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
 from ssa_timm.hub import export_model, load_model
 from ssa_timm.metrics import classification_report
@@ -157,8 +156,7 @@ def training_function(args: argparse.Namespace) -> Dict:
     classes = train_images.classes
     model_kwargs = {'scale_attn': True} if args.scale_attn else {}
     model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_kwargs)
-    data_cfg = timm.data.resolve_data_config(model=model)
-    transform = eval_transform(args.img_size, data_cfg['mean'], data_cfg['std'])
+    transform, _ = model_transform(model, args.img_size)
     train_flip = EpochFlip(Transformed(train_images, transform), seed=args.seed)
     train_data, val_data = train_flip, Transformed(val_images, transform)
 

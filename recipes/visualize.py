@@ -24,10 +24,9 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-import timm  # noqa: E402
 from predict import expand_inputs  # noqa: E402
 from ssa_timm import SSANet  # noqa: E402
-from ssa_timm.data import eval_transform  # noqa: E402
+from ssa_timm.data import model_transform  # noqa: E402
 from ssa_timm.data.readers import load_rgb  # noqa: E402
 from ssa_timm.hub import label_names, load_model  # noqa: E402
 
@@ -83,9 +82,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = [load_model(spec).eval() for spec in args.model]
-    cfg = timm.data.resolve_data_config(model=models[0])
-    size = args.img_size or cfg['input_size'][-1]
-    transform = eval_transform(size, cfg['mean'], cfg['std'])
+    transform, size = model_transform(models[0], args.img_size)
     written: List[Path] = []
     grid_rows = []
     for path in expand_inputs(args.inputs):

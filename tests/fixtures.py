@@ -1,8 +1,34 @@
-"""Tiny on-disk fixtures in the real layouts of CUB-200-2011, Stanford Dogs, Stanford Cars and ImageFolder."""
+"""Test helpers: running the recipes in subprocesses, and tiny on-disk fixtures in the real layouts
+of CUB-200-2011, Stanford Dogs, Stanford Cars and ImageFolder."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# A train.py configuration that runs in seconds: timm's test_resnet body, 32 px, 80 + 50 images.
+TINY_TRAIN = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
+              '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
+TWO_CPU_PROCESSES = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+                     '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+                     '--main_process_port', '0')
+
+
+def run_python(*args: str, env=None, check: bool = True, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
+    """Run ``launcher *args`` from the repository root in a fresh process; fail with its output."""
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {})))
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def run_recipe(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``recipes/<script>`` with ``args`` (see ``run_python``)."""
+    return run_python(str(ROOT / 'recipes' / script), *args, **kwargs)
 
 
 def write_image(path: Path, seed: int, size=(40, 30)) -> None:

@@ -1,20 +1,14 @@
 """Publishing: push_to_hub dry run, model cards, and a real upload -> download round trip against a
 local Hub server (huggingface_hub's own client, pointed at it with HF_ENDPOINT)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
+from fixtures import ROOT, TINY_TRAIN, run_python, run_recipe
 from hub_server import serve
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
-        '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
 
 LOGITS = """
 import json, sys, torch, timm, ssa_timm
@@ -25,28 +19,20 @@ with torch.no_grad():
 """
 
 
-def python(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env=dict(os.environ, **(env or {})))
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
 def logits_of(spec: str, env=None) -> dict:
-    return json.loads(python('-c', LOGITS, spec, env=env).stdout.strip().splitlines()[-1])
+    return json.loads(run_python('-c', LOGITS, spec, env=env).stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope='module')
 def export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('run')
-    python('recipes/train.py', *TINY, '--epochs', '1', '--output-dir', str(out))
+    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(out))
     return out / 'best'
 
 
 def test_dry_run_folder_contents(export, tmp_path):
     out = tmp_path / 'dry'
-    python('recipes/push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny', '--dry-run', str(out))
+    run_recipe('push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny', '--dry-run', str(out))
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'ssanet' and config['num_classes'] == 10
@@ -84,14 +70,14 @@ def test_push_refuses_incomplete_checkpoints(export, tmp_path, remove, message):
         (broken / 'config.json').write_text(json.dumps(config))
     else:
         (broken / remove).unlink()
-    proc = python('recipes/push_to_hub.py', '--checkpoint', str(broken), '--repo-id', 'a/b', '--dry-run',
+    proc = run_recipe('push_to_hub.py', '--checkpoint', str(broken), '--repo-id', 'a/b', '--dry-run',
                   str(tmp_path / 'out'), check=False)
     assert proc.returncode != 0 and message in proc.stderr
 
 
 @pytest.mark.parametrize('repo_id', ['no-namespace', 'a/b/c', 'bad name/x', 'org/--double'])
 def test_push_refuses_invalid_repo_ids(export, tmp_path, repo_id):
-    proc = python('recipes/push_to_hub.py', '--checkpoint', str(export), '--repo-id', repo_id, '--dry-run',
+    proc = run_recipe('push_to_hub.py', '--checkpoint', str(export), '--repo-id', repo_id, '--dry-run',
                   str(tmp_path), check=False)
     assert proc.returncode != 0
     assert 'is not a valid Hub repo id' in proc.stderr or "must be 'ORG/NAME'" in proc.stderr
@@ -102,8 +88,8 @@ def test_push_then_load_in_fresh_processes(export, tmp_path):
     try:
         env = dict(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE='0', HF_TOKEN='hf_local_test_token',
                    HF_HUB_CACHE=str(tmp_path / 'cache'), HF_HUB_DISABLE_XET='1')
-        python('recipes/push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny', env=env)
-        python('recipes/push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny',
+        run_recipe('push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny', env=env)
+        run_recipe('push_to_hub.py', '--checkpoint', str(export), '--repo-id', 'someone/ssanet-tiny',
                '--revision', 'v1', env=env)  # a second push to a new branch of the existing repo
         repo = state.repos['someone/ssanet-tiny']
         assert set(repo.commits[repo.branches['main']]) >= {'config.json', 'model.safetensors', 'README.md'}
@@ -122,7 +108,7 @@ def test_push_then_load_in_fresh_processes(export, tmp_path):
 
 
 def test_model_cards_are_rendered_and_valid():
-    python('model_cards/render.py', '--check')
+    run_python('model_cards/render.py', '--check')
     cards = sorted((ROOT / 'model_cards').glob('ssanet_*.md'))
     assert len(cards) == 25
     for path in cards:

@@ -1,14 +1,13 @@
 """Pretrained bodies load from a real HF cache layout, offline, in a fresh process."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import save_file
+
+from fixtures import run_python
 
 COMMIT = 'a' * 40
 
@@ -24,10 +23,7 @@ def write_hub_cache(cache: Path, repo_id: str, state_dict: dict) -> None:
 
 
 def run_offline(cache: Path, code: str) -> dict:
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1')
-    proc = subprocess.run(
-        [sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python('-c', textwrap.dedent(code), env=dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1'))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -71,9 +67,8 @@ def test_builder_body_loads_its_default_tag_offline(tmp_path):
 
 def test_checkpoint_of_another_body_is_refused(tmp_path):
     write_hub_cache(tmp_path, 'timm/densenet121.tv_in1k', timm.create_model('resnet18').state_dict())
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='1')
     code = "import timm, ssa_timm; timm.create_model('ssanet_densenet121_plus', pretrained=True)"
-    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python('-c', code, env=dict(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='1'), check=False)
     assert proc.returncode != 0
     assert 'do not fit the DenseNet body' in proc.stderr
 

@@ -2,9 +2,6 @@
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +9,14 @@ import onnx
 import pytest
 from PIL import Image
 
+from fixtures import TINY_TRAIN, run_recipe
 from ssa_timm.data import BuiltinFineGrained
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
-        '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
-
-
-def recipe(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / 'recipes' / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='2'))
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('run')
-    recipe('train.py', *TINY, '--epochs', '1', '--output-dir', str(out))
+    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(out))
     return out / 'best'
 
 
@@ -47,7 +33,7 @@ def images(tmp_path_factory) -> Path:
 
 def test_predict_files_folders_globs_and_formats(trained, images, tmp_path):
     out = tmp_path / 'p.json'
-    recipe('predict.py', '--model', str(trained), str(images / 'bird_0.png'), str(images / 'sub'),
+    run_recipe('predict.py', '--model', str(trained), str(images / 'bird_0.png'), str(images / 'sub'),
            str(images / 'bird_[12].png'), '--top-k', '3', '--batch-size', '2', '--format', 'json', '--output', str(out))
     results = json.loads(out.read_text())
     assert [Path(r['image']).name for r in results] == ['bird_0.png', 'bird_3.jpg', 'bird_1.png', 'bird_2.png']
@@ -57,25 +43,25 @@ def test_predict_files_folders_globs_and_formats(trained, images, tmp_path):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
     rows = list(csv.DictReader(io.StringIO(
-        recipe('predict.py', '--model', str(trained), str(images), '--top-k', '2', '--format', 'csv').stdout)))
+        run_recipe('predict.py', '--model', str(trained), str(images), '--top-k', '2', '--format', 'csv').stdout)))
     assert len(rows) == 4 * 2 and rows[0]['rank'] == '1' and rows[0]['label'].startswith('glyph_')
-    table = recipe('predict.py', '--model', str(trained), str(images / 'bird_0.png')).stdout
+    table = run_recipe('predict.py', '--model', str(trained), str(images / 'bird_0.png')).stdout
     assert table.splitlines()[0].endswith('bird_0.png') and '1. glyph_' in table
 
 
 def test_predict_skips_unreadable_images_and_lists_them(trained, images, tmp_path):
     bad = tmp_path / 'broken.jpg'
     bad.write_bytes(b'\xff\xd8 not a jpeg')
-    proc = recipe('predict.py', '--model', str(trained), str(bad), str(images / 'bird_0.png'), '--format', 'json')
+    proc = run_recipe('predict.py', '--model', str(trained), str(bad), str(images / 'bird_0.png'), '--format', 'json')
     assert [Path(r['image']).name for r in json.loads(proc.stdout)] == ['bird_0.png']
     assert f'warning: skipping cannot read image {bad}' in proc.stderr
     assert f'skipped 1 unreadable image(s): {bad}' in proc.stderr
-    missing = recipe('predict.py', '--model', str(trained), str(tmp_path / 'nope*.png'), check=False)
+    missing = run_recipe('predict.py', '--model', str(trained), str(tmp_path / 'nope*.png'), check=False)
     assert missing.returncode != 0 and 'no image, folder or glob match' in missing.stderr
 
 
 def test_predict_registered_name_random_weights(images):
-    proc = recipe('predict.py', '--model', 'ssanet_vgg16_no_attention', '--img-size', '64', str(images / 'bird_0.png'),
+    proc = run_recipe('predict.py', '--model', 'ssanet_vgg16_no_attention', '--img-size', '64', str(images / 'bird_0.png'),
                   '--format', 'json')
     top = json.loads(proc.stdout)[0]['top']
     assert len(top) == 5 and top[0]['label'].isdigit()  # no label names: class indices
@@ -83,7 +69,7 @@ def test_predict_registered_name_random_weights(images):
 
 def test_visualize_maps_and_fig4_grid(trained, images, tmp_path):
     out = tmp_path / 'vis'
-    recipe('visualize.py', '--model', str(trained), 'ssanet_vgg16_no_attention', '--img-size', '64',
+    run_recipe('visualize.py', '--model', str(trained), 'ssanet_vgg16_no_attention', '--img-size', '64',
            '--out-dir', str(out), str(images / 'bird_0.png'), str(images / 'bird_1.png'))
     for stem in ('bird_0', 'bird_1'):
         ssa = np.load(out / f'{stem}_m0.npz')
@@ -104,7 +90,7 @@ def test_visualize_maps_and_fig4_grid(trained, images, tmp_path):
 
 
 def test_export_onnx_torchscript_compile(trained, tmp_path):
-    recipe('export.py', '--model', str(trained), '--onnx', str(tmp_path / 'm.onnx'), '--torchscript',
+    run_recipe('export.py', '--model', str(trained), '--onnx', str(tmp_path / 'm.onnx'), '--torchscript',
            str(tmp_path / 'm.pt'), '--compile', '--report', str(tmp_path / 'report.json'))
     report = json.loads((tmp_path / 'report.json').read_text())
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['onnx']['batch_sizes'] == [1, 3]
@@ -117,7 +103,7 @@ def test_export_onnx_torchscript_compile(trained, tmp_path):
 
 
 def test_export_registered_name_random_weights(tmp_path):
-    recipe('export.py', '--model', 'ssanet_resnet50_multiply', '--img-size', '64', '--onnx', str(tmp_path / 'r.onnx'),
+    run_recipe('export.py', '--model', 'ssanet_resnet50_multiply', '--img-size', '64', '--onnx', str(tmp_path / 'r.onnx'),
            '--torchscript', str(tmp_path / 'r.pt'), '--report', str(tmp_path / 'report.json'))
     report = json.loads((tmp_path / 'report.json').read_text())
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['torchscript']['max_abs_diff'] <= 1e-4

@@ -1,8 +1,5 @@
 """End-to-end runs of recipes/train.py and recipes/evaluate.py on the built-in dataset (CPU)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +9,9 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 import ssa_timm  # noqa: F401  (registers the models for local-dir: loading)
+from fixtures import TINY_TRAIN, TWO_CPU_PROCESSES, make_image_folder, run_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
-        '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
 VAL_SIZE = 50
-
-
-def run(script: str, *args: str, launcher=(sys.executable,), check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    proc = subprocess.run([*launcher, str(ROOT / 'recipes' / script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def metrics(out: Path) -> list:
@@ -40,14 +26,12 @@ def latest_weights(out: Path) -> dict:
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('run')
-    run('train.py', *TINY, '--epochs', '2', '--output-dir', str(out))
+    run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', '--output-dir', str(out))
     return out
 
 
 def test_two_process_cpu_run(tmp_path):
-    launcher = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0')
-    proc = run('train.py', '--cpu', *TINY, '--epochs', '1', '--output-dir', str(tmp_path), launcher=launcher)
+    proc = run_recipe('train.py', '--cpu', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(tmp_path), launcher=TWO_CPU_PROCESSES)
     assert 'process 0/2 on cpu' in proc.stdout and 'process 1/2 on cpu' in proc.stdout
     lines = metrics(tmp_path)
     assert len(lines) == 1 and lines[0]['val']['count'] == VAL_SIZE  # gathered without the padding duplicates
@@ -67,10 +51,10 @@ def test_run_writes_metrics_checkpoints_and_export(trained):
 
 
 def test_resume_reaches_the_uninterrupted_weights(trained, tmp_path):
-    stopped = run('train.py', *TINY, '--epochs', '2', '--max-steps', '13', '--output-dir', str(tmp_path))
+    stopped = run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', '--max-steps', '13', '--output-dir', str(tmp_path))
     assert len(metrics(tmp_path)) == 1  # stopped in the second epoch, before its evaluation
     assert 'best val top-1' in stopped.stdout
-    resumed = run('train.py', *TINY, '--epochs', '2', '--resume', 'latest', '--output-dir', str(tmp_path))
+    resumed = run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', '--resume', 'latest', '--output-dir', str(tmp_path))
     assert 'resumed from' in resumed.stdout and 'step 13' in resumed.stdout
     expected, got = latest_weights(trained), latest_weights(tmp_path)
     assert expected.keys() == got.keys()
@@ -80,9 +64,9 @@ def test_resume_reaches_the_uninterrupted_weights(trained, tmp_path):
 
 
 def test_cached_features_match_uncached_frozen_run(tmp_path):
-    frozen = [*TINY, '--epochs', '2', '--freeze-backbone']
-    run('train.py', *frozen, '--output-dir', str(tmp_path / 'plain'))
-    run('train.py', *frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached'))
+    frozen = [*TINY_TRAIN, '--epochs', '2', '--freeze-backbone']
+    run_recipe('train.py', *frozen, '--output-dir', str(tmp_path / 'plain'))
+    run_recipe('train.py', *frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached'))
     plain, cached = metrics(tmp_path / 'plain'), metrics(tmp_path / 'cached')
     for a, b in zip(plain, cached):
         assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
@@ -94,24 +78,24 @@ def test_cached_features_match_uncached_frozen_run(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(trained, tmp_path):
     ckpt = trained / 'checkpoints' / 'checkpoint_0'
-    other = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_multiply' for a in TINY]
-    proc = run('train.py', *other, '--resume', str(ckpt), '--output-dir', str(tmp_path), check=False)
+    other = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_multiply' for a in TINY_TRAIN]
+    proc = run_recipe('train.py', *other, '--resume', str(ckpt), '--output-dir', str(tmp_path), check=False)
     assert proc.returncode != 0
     assert 'was saved by a run of ssanet_test_resnet_plus, this run trains ssanet_test_resnet_multiply' in proc.stderr
-    proc = run('train.py', *TINY, '--resume', 'latest', '--output-dir', str(tmp_path), check=False)
+    proc = run_recipe('train.py', *TINY_TRAIN, '--resume', 'latest', '--output-dir', str(tmp_path), check=False)
     assert proc.returncode != 0 and 'no checkpoint under' in proc.stderr
 
 
 def test_bad_dataset_and_flags(tmp_path):
-    proc = run('train.py', *TINY, '--dataset', 'cub', '--data-dir', str(tmp_path), check=False)
+    proc = run_recipe('train.py', *TINY_TRAIN, '--dataset', 'cub', '--data-dir', str(tmp_path), check=False)
     assert proc.returncode != 0 and 'images.txt' in proc.stderr
-    proc = run('train.py', *TINY, '--cache-features', check=False)
+    proc = run_recipe('train.py', *TINY_TRAIN, '--cache-features', check=False)
     assert proc.returncode != 0 and '--cache-features needs --freeze-backbone' in proc.stderr
 
 
 def test_evaluate_reports_heads_per_class_and_confusion(trained, tmp_path):
     out = tmp_path / 'eval.json'
-    run('evaluate.py', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
+    run_recipe('evaluate.py', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
         '--output', str(out))
     report = json.loads(out.read_text())
     assert report['count'] == VAL_SIZE and report['img_size'] == 32
@@ -126,33 +110,27 @@ def test_evaluate_reports_heads_per_class_and_confusion(trained, tmp_path):
 
 def test_evaluate_two_processes_gathers_every_image(trained, tmp_path):
     out = tmp_path / 'eval.json'
-    launcher = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0')
-    run('evaluate.py', '--cpu', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
-        '--batch-size', '8', '--output', str(out), launcher=launcher)
+    run_recipe('evaluate.py', '--cpu', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
+        '--batch-size', '8', '--output', str(out), launcher=TWO_CPU_PROCESSES)
     assert json.loads(out.read_text())['count'] == VAL_SIZE
 
 
 def test_evaluate_refuses_other_architectures_and_class_counts(trained, tmp_path):
     save_for_hf(timm.create_model('test_resnet', num_classes=10), str(tmp_path / 'resnet'), safe_serialization=True)
-    proc = run('evaluate.py', '--model', str(tmp_path / 'resnet'), '--workers', '0', check=False)
+    proc = run_recipe('evaluate.py', '--model', str(tmp_path / 'resnet'), '--workers', '0', check=False)
     assert proc.returncode != 0 and 'is a ResNet, not an SSANet' in proc.stderr
-    proc = run('evaluate.py', '--model', str(tmp_path), '--workers', '0', check=False)
+    proc = run_recipe('evaluate.py', '--model', str(tmp_path), '--workers', '0', check=False)
     assert proc.returncode != 0 and 'has no config.json' in proc.stderr
-    proc = run('evaluate.py', '--model', str(trained / 'best'), '--dataset', 'imagefolder', '--data-dir',
-               str(_two_class_folder(tmp_path / 'folder')), '--workers', '0', check=False)
+    proc = run_recipe('evaluate.py', '--model', str(trained / 'best'), '--dataset', 'imagefolder', '--data-dir',
+               str(make_image_folder(tmp_path / 'folder')), '--workers', '0', check=False)
     assert proc.returncode != 0 and 'predicts 10 classes' in proc.stderr
 
 
-def _two_class_folder(root: Path) -> Path:
-    from fixtures import make_image_folder
-    return make_image_folder(root)
-
 
 def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
-    small = [a for a in TINY if a not in ('--model', 'ssanet_test_resnet_plus')]
+    small = [a for a in TINY_TRAIN if a not in ('--model', 'ssanet_test_resnet_plus')]
     args = ['--body', 'test_resnet', '--seeds', '0', '--output-dir', str(tmp_path), *small, '--epochs', '1']
-    run('ablation.py', *args)
+    run_recipe('ablation.py', *args)
     result = json.loads((tmp_path / 'ablation.json').read_text())
     assert sorted((r['variant'], r['loss']) for r in result['runs']) == sorted(
         [(v, 'ad') for v in ('no_attention', 'no_alpha', 'alpha', 'multiply', 'plus')]
@@ -162,6 +140,6 @@ def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
         assert r['top1'] == best['metrics']['mean' if r['variant'] != 'no_attention' else 'fe']['top1']
     table = (tmp_path / 'ablation.md').read_text()
     assert '| plus |' in table and '| no_attention |' in table and '87.1 -> 88.4' in table
-    again = run('ablation.py', *args)
+    again = run_recipe('ablation.py', *args)
     assert 'process 0/1' not in again.stdout  # every run was finished: nothing retrained
     assert (tmp_path / 'ablation.md').read_text() == table

@@ -6,11 +6,11 @@ from torch.utils.data import Dataset
 from .builtin import BuiltinFineGrained
 from .readers import (
     CorruptImageError, DatasetLayoutError, LabeledImages, read_cars, read_cub, read_dogs, read_image_folder)
-from .transforms import EpochFlip, Transformed, eval_transform
+from .transforms import EpochFlip, Transformed, eval_transform, model_transform
 
 __all__ = [
     'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'LabeledImages',
-    'Transformed', 'build_dataset', 'eval_transform',
+    'Transformed', 'build_dataset', 'eval_transform', 'model_transform',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')

@@ -4,14 +4,15 @@ normalisation from the body's pretrained config.
 The flip is drawn from ``(seed, epoch, index)`` instead of a global RNG, so a run, its resumed
 twin and its feature-cached twin flip the same images in the same epochs.
 """
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.data import resolve_data_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['EpochFlip', 'Transformed', 'eval_transform']
+__all__ = ['EpochFlip', 'Transformed', 'eval_transform', 'model_transform']
 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
@@ -21,6 +22,13 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def model_transform(model: torch.nn.Module, img_size: Optional[int] = None) -> Tuple[T.Compose, int]:
+    """``eval_transform`` with the model's normalisation, at ``img_size`` or else the model's input size."""
+    cfg = resolve_data_config(model=model)
+    size = img_size or cfg['input_size'][-1]
+    return eval_transform(size, cfg['mean'], cfg['std']), size
 
 
 class Transformed(Dataset):
