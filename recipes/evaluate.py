@@ -70,6 +70,8 @@ def main(argv=None) -> Dict:
     if args.output and accelerator.is_main_process:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down before exit
     return report
 
 
