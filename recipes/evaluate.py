@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 from typing import Dict
 
-import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssa_timm.data import DATASETS, Transformed, build_dataset, model_transform
 from ssa_timm.hub import label_names, load_model
-from ssa_timm.metrics import classification_report
+from ssa_timm.metrics import evaluate_heads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,14 +54,8 @@ def main(argv=None) -> Dict:
     model, loader = accelerator.prepare(model, loader)
     net = accelerator.unwrap_model(model).eval()
 
-    logits, targets = {}, []
-    with torch.no_grad(), accelerator.autocast():
-        for inputs, labels in tqdm(loader, disable=not accelerator.is_local_main_process):
-            heads, labels = accelerator.gather_for_metrics((net.forward_heads(inputs), labels))
-            for name, z in heads.items():
-                logits.setdefault(name, []).append(z.float().cpu())
-            targets.append(labels.cpu())
-    report = classification_report({k: torch.cat(v) for k, v in logits.items()}, torch.cat(targets), per_class=True)
+    batches = tqdm(loader, disable=not accelerator.is_local_main_process)
+    report = evaluate_heads(net.forward_heads, batches, accelerator, per_class=True)
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes))
     accelerator.print(f'{args.model} on {args.dataset} ({report["count"]} images): ' + ', '.join(
         f'{k} top-1 {v["top1"]:.2f}% top-5 {v["top5"]:.2f}%' for k, v in report.items()

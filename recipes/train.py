@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -28,7 +28,7 @@ from ssa_timm import SelfADLoss, SSANet
 from ssa_timm.data import DATASETS, EpochFlip, Transformed, build_dataset, model_transform
 from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
 from ssa_timm.hub import export_model, load_model
-from ssa_timm.metrics import classification_report
+from ssa_timm.metrics import evaluate_heads
 
 # Defaults of the flags left unset. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
 # built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed.
@@ -120,18 +120,10 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, drop_last
 
 
 def evaluate(model: SSANet, loader, accelerator: Accelerator, from_features: bool) -> Dict:
-    """Per-head top-1/top-5 on the validation set, gathered over all processes."""
+    """Per-head top-1/top-5 on the validation set (of images, or of cached body maps)."""
     model.eval()
-    logits, targets = {}, []
-    with torch.no_grad(), accelerator.autocast():
-        for inputs, labels in loader:
-            features = model.attend(inputs) if from_features else model.forward_features(inputs)
-            heads = model.head_logits(features)
-            heads, labels = accelerator.gather_for_metrics((heads, labels))
-            for name, z in heads.items():
-                logits.setdefault(name, []).append(z.float().cpu())
-            targets.append(labels.cpu())
-    return classification_report({k: torch.cat(v) for k, v in logits.items()}, torch.cat(targets))
+    features = model.attend if from_features else model.forward_features
+    return evaluate_heads(lambda inputs: model.head_logits(features(inputs)), loader, accelerator)
 
 
 def training_function(args: argparse.Namespace) -> Dict:
@@ -276,7 +268,6 @@ def training_function(args: argparse.Namespace) -> Dict:
 
 def resume_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: TrainState) -> None:
     """Load ``--resume`` ('latest' or a folder), refusing a checkpoint of another model."""
-    folder: Optional[Path] = None
     if args.resume == 'latest':
         found = sorted((Path(args.output_dir) / 'checkpoints').glob('checkpoint_*'),
                        key=lambda p: int(p.name.split('_')[-1]))

@@ -1,9 +1,9 @@
 """Classification metrics per head: top-k accuracy, per-class accuracy, confusion matrix."""
-from typing import Dict
+from typing import Callable, Dict, Iterable
 
 import torch
 
-__all__ = ['classification_report', 'topk_accuracy']
+__all__ = ['classification_report', 'evaluate_heads', 'topk_accuracy']
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
@@ -42,3 +42,27 @@ def classification_report(
         report[name] = entry
     report['count'] = int(targets.numel())
     return report
+
+
+def evaluate_heads(
+        head_logits: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+        loader: Iterable,
+        accelerator,
+        per_class: bool = False,
+) -> Dict[str, Dict]:
+    """``classification_report`` over a (prepared) loader, gathered over all processes.
+
+    Args:
+        head_logits: Inputs of a batch -> ``{'ssa': ..., 'fe': ...}`` logits (the model in eval mode).
+        loader: Batches of ``(inputs, labels)``.
+        accelerator: The run's ``accelerate.Accelerator``; ``gather_for_metrics`` drops its padding.
+        per_class: Also report per-class accuracy and the confusion matrix.
+    """
+    logits, targets = {}, []
+    with torch.no_grad(), accelerator.autocast():
+        for inputs, labels in loader:
+            heads, labels = accelerator.gather_for_metrics((head_logits(inputs), labels))
+            for name, z in heads.items():
+                logits.setdefault(name, []).append(z.float().cpu())
+            targets.append(labels.cpu())
+    return classification_report({k: torch.cat(v) for k, v in logits.items()}, torch.cat(targets), per_class)
