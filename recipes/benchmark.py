@@ -8,6 +8,7 @@ growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
 
     python recipes/benchmark.py --out benchmark.json
     python recipes/benchmark.py --sections ssa --device cuda
+    python recipes/benchmark.py --sections ssa,train --device cuda --amp bf16
     python recipes/benchmark.py --sections cache
 """
 import argparse
@@ -23,7 +24,6 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-import timm
 import ssa_timm
 
 
@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--sections', default='ssa,train,cache', help='comma separated: ssa, train, cache')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none',
+                        help='run the ssa and train cases under torch.autocast with this dtype')
     parser.add_argument('--ssa-batch', type=int, default=4)
     parser.add_argument('--ssa-channels', type=int, default=512)
     parser.add_argument('--ssa-sizes', default='14,28,56', help='feature map sides: N = side^2')
@@ -56,6 +58,18 @@ def _time(fn: Callable[[], None], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def autocast_step(step: Callable[[], None], device: str, amp: str) -> Callable[[], None]:
+    """``step`` run under ``torch.autocast`` with ``amp`` ('bf16' / 'fp16'), or as is for 'none'."""
+    if amp == 'none':
+        return step
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+
+    def autocast() -> None:
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            step()
+    return autocast
 
 
 def _peak_memory_mb(case: str, args: tuple, device: torch.device) -> float:
@@ -88,11 +102,11 @@ def _rss_growth_mb(case: str, *args) -> float:
     return (_peak_rss_kib() - before) / 1024
 
 
-def ssa_case(path: str, batch: int, channels: int, side: int, device: str, backward: bool = True):
+def ssa_case(path: str, batch: int, channels: int, side: int, device: str, amp: str, backward: bool = True):
     """SSA layer through SDPA ('sdpa') or the plain matmul path ('reference'): forward + backward,
     or a no-grad forward (``backward=False``)."""
     torch.manual_seed(0)
-    layer = ssa_timm.SpatialSelfAttention(channels, aggregation='plus').to(device)
+    layer = ssa_timm.SpatialSelfAttention(channels, aggregation='plus', fused_attn=path == 'sdpa').to(device)
     x = torch.randn(batch, channels, side, side, device=device, requires_grad=backward)
     forward = layer if path == 'sdpa' else (lambda t: layer.forward_with_attention(t)[0])
 
@@ -102,15 +116,15 @@ def ssa_case(path: str, batch: int, channels: int, side: int, device: str, backw
         else:
             with torch.no_grad():
                 forward(x)
-    return step
+    return autocast_step(step, device, amp)
 
 
-def sdpa_kernel(channels: int, side: int, device: torch.device) -> str:
+def sdpa_kernel(channels: int, side: int, device: torch.device, amp: str) -> str:
     """Name of the attention kernel SDPA dispatched to, read off the profiler."""
-    layer = ssa_timm.SpatialSelfAttention(channels).to(device)
+    layer = ssa_timm.SpatialSelfAttention(channels, fused_attn=True).to(device)
     x = torch.randn(1, channels, side, side, device=device)
     with torch.profiler.profile() as prof, torch.no_grad():
-        layer(x)
+        autocast_step(lambda: layer(x), str(device), amp)()
     names = {e.key for e in prof.key_averages()}
     kernels = sorted(n for n in names if n.startswith('aten::_scaled_dot_product') or n.startswith('aten::_efficient')
                      or n.startswith('aten::_flash'))
@@ -129,10 +143,10 @@ class BareBody(nn.Module):
         return self.fc(self.body.forward_features(x).mean((2, 3)))
 
 
-def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str):
+def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
     """One SGD step (forward, loss, backward, update) of the SSANet or of its bare body."""
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=num_classes).to(device).train()
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes).to(device).train()
     if kind == 'bare':
         model = BareBody(model, num_classes).to(device).train()
         loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -145,7 +159,7 @@ def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classe
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        autocast_step(lambda: loss_fn(model(x), y).backward(), device, amp)()
         optimizer.step()
     return step
 
@@ -166,7 +180,7 @@ def run_interleaved(cases: Dict[str, Callable[[], None]], repeats: int, device: 
 def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
     rows = []
     for side in (int(s) for s in args.ssa_sizes.split(',')):
-        case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device)) for p in ('sdpa', 'reference')}
+        case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device), args.amp) for p in ('sdpa', 'reference')}
         cases = {f'{p}_{mode}': ssa_case(*a, backward=mode == 'train')
                  for p, a in case_args.items() for mode in ('train', 'infer')}
         median = {k: statistics.median(t) * 1e3 for k, t in run_interleaved(cases, args.repeats, device).items()}
@@ -178,13 +192,14 @@ def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
             sdpa_infer_ms=median['sdpa_infer'], reference_infer_ms=median['reference_infer'],
             infer_speedup=median['reference_infer'] / median['sdpa_infer'],
             sdpa_peak_mb=memory['sdpa'], reference_peak_mb=memory['reference'],
-            kernel=sdpa_kernel(args.ssa_channels, side, device),
+            kernel=sdpa_kernel(args.ssa_channels, side, device, args.amp),
         ))
     return rows
 
 
 def bench_train(args: argparse.Namespace, device: torch.device) -> dict:
-    case_args = {k: (k, args.model, args.img_size, args.batch_size, args.num_classes, str(device)) for k in ('ssanet', 'bare')}
+    case_args = {k: (k, args.model, args.img_size, args.batch_size, args.num_classes, str(device), args.amp)
+                 for k in ('ssanet', 'bare')}
     times = run_interleaved({k: train_case(*a) for k, a in case_args.items()}, args.repeats, device)
     median = {k: statistics.median(t) for k, t in times.items()}
     return dict(
@@ -231,10 +246,11 @@ def main(argv=None) -> dict:
         return {}
     device = torch.device(args.device)
     sections = args.sections.split(',')
-    result = dict(device=machine(device), torch=torch.__version__, repeats=args.repeats)
+    result = dict(device=machine(device), torch=torch.__version__, repeats=args.repeats, amp=args.amp)
     if 'ssa' in sections:
         result['ssa'] = bench_ssa(args, device)
-        print(f'SSA layer, {args.repeats} repeats, median ({result["device"]}); peak memory of forward + backward')
+        print(f'SSA layer, {args.repeats} repeats, median ({result["device"]}, autocast {args.amp}); '
+              'peak memory of forward + backward')
         print('| N | K | batch | fwd+bwd SDPA ms | fwd+bwd reference ms | speedup | forward SDPA ms | '
               'forward reference ms | speedup | SDPA peak MB | reference peak MB | SDPA kernel |')
         print('|---|---|---|---|---|---|---|---|---|---|---|---|')
@@ -244,10 +260,11 @@ def main(argv=None) -> dict:
                   f'{r["infer_speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
     if 'train' in sections:
         t = result['train'] = bench_train(args, device)
-        print(f'\nTrain step, {t["model"]} vs bare body + GAP + linear, {t["img_size"]} px, batch {t["batch"]}')
-        print('| model | step s | peak MB |\n|---|---|---|')
-        print(f'| {t["model"]} | {t["ssanet_s"]:.2f} | {t["ssanet_peak_mb"]:.0f} |')
-        print(f'| bare body | {t["bare_s"]:.2f} | {t["bare_peak_mb"]:.0f} |')
+        print(f'\nTrain step, {t["model"]} vs bare body + GAP + linear, {t["img_size"]} px, batch {t["batch"]}, '
+              f'autocast {args.amp}')
+        print('| model | step ms | peak MB |\n|---|---|---|')
+        print(f'| {t["model"]} | {t["ssanet_s"] * 1e3:.1f} | {t["ssanet_peak_mb"]:.0f} |')
+        print(f'| bare body | {t["bare_s"] * 1e3:.1f} | {t["bare_peak_mb"]:.0f} |')
         print(f'SSA + heads overhead: {t["overhead_pct"]:+.1f}%')
     if 'cache' in sections:
         c = result['cache'] = bench_cache(args, device)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, use_fused_attn
 
 __all__ = ['AGGREGATIONS', 'SpatialSelfAttention', 'SSAHead']
 
@@ -36,9 +36,12 @@ class SpatialSelfAttention(nn.Module):
     * ``alpha``: ``alpha * O``
     * ``no_alpha``: ``O``
 
-    ``alpha`` is a learnable scalar initialised to 0. The attention runs through
-    ``F.scaled_dot_product_attention`` (fused kernels on GPU); ``forward_with_attention`` takes the
-    plain path because it must return S.
+    ``alpha`` is a learnable scalar initialised to 0. The attention runs either through
+    ``F.scaled_dot_product_attention`` (fused kernels) or through the plain matmul-softmax path,
+    which ``forward_with_attention`` always takes because it must return S. By default the fused
+    path serves eval mode (same speed or faster, and no N x N map in memory) and the plain path
+    serves training: with A and B as wide as the paper's (K = 512 channels) no flash kernel applies,
+    and the fused backward runs slower than the plain one on CPU and on GPU (README, Benchmarks).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class SpatialSelfAttention(nn.Module):
             aggregation: str = 'plus',
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
+            fused_attn: Optional[bool] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -56,6 +60,9 @@ class SpatialSelfAttention(nn.Module):
             aggregation: One of ``AGGREGATIONS``.
             qk_ratio: Channels of A and B as a fraction of ``dim`` (the paper uses 1.0).
             scale_attn: Scale the logits by 1/sqrt(channels of A); the paper does not.
+            fused_attn: True: always ``scaled_dot_product_attention``; False: always the plain path;
+                None: fused in eval mode (unless timm's ``TIMM_FUSED_ATTN=0`` or exportable
+                layer config turns it off), plain in training.
         """
         super().__init__()
         if aggregation not in AGGREGATIONS:
@@ -67,6 +74,8 @@ class SpatialSelfAttention(nn.Module):
         self.dim = dim
         self.aggregation = aggregation
         self.scale = qk_dim ** -0.5 if scale_attn else 1.0
+        self.fused_attn_train = bool(fused_attn)
+        self.fused_attn_eval = use_fused_attn() if fused_attn is None else fused_attn
         self.conv_a = nn.Conv2d(dim, qk_dim, 1, **dd)
         self.conv_b = nn.Conv2d(dim, qk_dim, 1, **dd)
         self.conv_c = nn.Conv2d(dim, dim, 1, **dd)
@@ -97,15 +106,22 @@ class SpatialSelfAttention(nn.Module):
         """Return the aggregated map H, same shape as ``x``."""
         _check_feature_map(x, self.dim)
         q, k, v = self._qkv(x)
-        attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if self.fused_attn_train if self.training else self.fused_attn_eval:
+            attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            attended = self._attention(q, k) @ v
         return self._aggregate(attended, x)
 
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return H and the attention map S of shape ``(B, N, N)`` (row j: query position j)."""
         _check_feature_map(x, self.dim)
         q, k, v = self._qkv(x)
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        attn = self._attention(q, k)
         return self._aggregate(attn @ v, x), attn.squeeze(1)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The attention map S, ``(B, 1, N, N)``, of the plain path."""
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
 
 class SSAHead(nn.Module):

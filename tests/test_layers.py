@@ -1,5 +1,6 @@
 """SpatialSelfAttention and SSAHead against the paper's formulas."""
 import pytest
+import timm.layers.config
 import torch
 
 from ssa_timm import AGGREGATIONS, SpatialSelfAttention, SSAHead
@@ -23,25 +24,50 @@ def reference_ssa(layer: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
     }[layer.aggregation]
 
 
-@pytest.mark.parametrize('aggregation', AGGREGATIONS)
-@pytest.mark.parametrize('batch,k,hw,scale', [(1, 8, (3, 5), False), (2, 16, (7, 7), False), (3, 32, (14, 14), True)])
-def test_sdpa_matches_reference(aggregation, batch, k, hw, scale):
-    torch.manual_seed(0)
-    layer = SpatialSelfAttention(k, aggregation=aggregation, scale_attn=scale)
-    if layer.alpha is not None:
-        layer.alpha.data.fill_(0.7)  # alpha starts at 0, which would hide O
-    x = torch.randn(batch, k, *hw, requires_grad=True)
-
+def assert_matches_reference(layer: SpatialSelfAttention, x: torch.Tensor, tol: float = 1e-5,
+                             grad_tol: float = 1e-4) -> torch.Tensor:
+    """Check ``layer(x)`` and the gradients of a loss on it against ``reference_ssa``; return the reference."""
     out = layer(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     ref = reference_ssa(layer, x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
-
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g, rg, atol=tol, rtol=grad_tol)
+    return ref
+
+
+@pytest.mark.parametrize('aggregation', AGGREGATIONS)
+@pytest.mark.parametrize('batch,k,hw,scale', [(1, 8, (3, 5), False), (2, 16, (7, 7), False), (3, 32, (14, 14), True)])
+def test_sdpa_matches_reference(aggregation, batch, k, hw, scale):
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(k, aggregation=aggregation, scale_attn=scale, fused_attn=True)
+    if layer.alpha is not None:
+        layer.alpha.data.fill_(0.7)  # alpha starts at 0, which would hide O
+    x = torch.randn(batch, k, *hw, requires_grad=True)
+    ref = assert_matches_reference(layer, x)
     plain, _ = layer.forward_with_attention(x)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=1e-5)
+
+
+def _runs_sdpa(layer: SpatialSelfAttention) -> bool:
+    with torch.profiler.profile() as prof:
+        layer(torch.randn(1, layer.dim, 3, 3))
+    return any(e.key == 'aten::scaled_dot_product_attention' for e in prof.key_averages())
+
+
+def test_fused_attention_serves_eval_and_plain_path_serves_training(monkeypatch):
+    layer = SpatialSelfAttention(8)
+    assert not _runs_sdpa(layer.train()) and _runs_sdpa(layer.eval())
+    assert _runs_sdpa(SpatialSelfAttention(8, fused_attn=True).train())
+    assert not _runs_sdpa(SpatialSelfAttention(8, fused_attn=False).eval())
+    monkeypatch.setattr(timm.layers.config, '_USE_FUSED_ATTN', 0)  # what TIMM_FUSED_ATTN=0 does
+    assert not _runs_sdpa(SpatialSelfAttention(8).eval())
+    torch.manual_seed(0)
+    layer.alpha.data.fill_(0.5)
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(layer.train()(x), reference_ssa(layer, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.eval()(x), reference_ssa(layer, x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_map_is_row_stochastic_and_matches_output():

@@ -167,6 +167,9 @@ def test_head_options():
     model = small(num_classes=3, head_width=64, head_act_layer='relu', drop_rate=0.2)
     assert model.head_fe.fc_hidden.out_features == 64 and isinstance(model.head_ssa.act, torch.nn.ReLU)
     assert model.head_hidden_size == 128
+    forced = timm.create_model('ssanet', body='test_resnet', num_classes=3, fused_attn=True)
+    assert forced.attn.fused_attn_train and forced.attn.fused_attn_eval
+    assert not small(num_classes=3, fused_attn=False).attn.fused_attn_eval
 
 
 def test_bf16_and_meta_device():

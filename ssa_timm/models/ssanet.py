@@ -145,6 +145,7 @@ class SSANet(nn.Module):
             head_act_layer: Optional[str] = None,
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
+            fused_attn: Optional[bool] = None,
             body_kwargs: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
@@ -161,6 +162,8 @@ class SSANet(nn.Module):
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
             qk_ratio: Channel fraction of the attention's A and B maps (paper: 1.0).
             scale_attn: Scale attention logits by 1/sqrt(d) (paper: unscaled).
+            fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
+                (False) or in eval mode only (None; see ``SpatialSelfAttention``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.
         """
         super().__init__()
@@ -186,7 +189,8 @@ class SSANet(nn.Module):
             self.head_ssa = None
         else:
             self.attn = SpatialSelfAttention(
-                self.body_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, **dd)
+                self.body_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn,
+                fused_attn=fused_attn, **dd)
             self.head_ssa = SSAHead(self.body_channels, num_classes, **head_args)
         self.head_fe = SSAHead(self.body_channels, num_classes, **head_args)
         num_heads = 1 if self.attn is None else 2
