@@ -25,7 +25,7 @@ def reference_ssa(layer: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_matches_reference(layer: SpatialSelfAttention, x: torch.Tensor, tol: float = 1e-5,
-                             grad_tol: float = 1e-4) -> torch.Tensor:
+                             grad_atol: float = 1e-5, grad_rtol: float = 1e-4) -> torch.Tensor:
     """Check ``layer(x)`` and the gradients of a loss on it against ``reference_ssa``; return the reference."""
     out = layer(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
@@ -33,7 +33,7 @@ def assert_matches_reference(layer: SpatialSelfAttention, x: torch.Tensor, tol: 
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, atol=tol, rtol=grad_tol)
+        torch.testing.assert_close(g, rg, atol=grad_atol, rtol=grad_rtol)
     return ref
 
 
