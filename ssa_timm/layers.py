@@ -81,19 +81,29 @@ class SpatialSelfAttention(nn.Module):
         self.conv_c = nn.Conv2d(dim, dim, 1, **dd)
         self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
 
-    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flatten B (queries, index j), A (keys, index i) and C (values) to ``(B, 1, N, ch)``.
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """O through ``F.scaled_dot_product_attention``, shaped like ``x``.
 
-        Contiguous, as the fused SDPA kernels need a unit stride on the channel axis.
+        B (queries, index j), A (keys, index i) and C (values) go in as contiguous
+        ``(B, 1, N, ch)``: the fused kernels need a unit stride on the channel axis.
         """
         q = self.conv_b(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         k = self.conv_a(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         v = self.conv_c(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
-        return q, k, v
+        attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return attended.squeeze(1).transpose(1, 2).reshape(x.shape)
 
-    def _aggregate(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Reshape O back to ``(B, K, H, W)`` and combine it with F."""
-        out = attended.squeeze(1).transpose(1, 2).reshape(x.shape)
+    def _plain(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """O (shaped like ``x``) and S ``(B, N, N)`` through matmul + softmax, channels first."""
+        q = self.conv_b(x).flatten(2)  # (B, d, N)
+        k = self.conv_a(x).flatten(2)
+        v = self.conv_c(x).flatten(2)  # (B, K, N)
+        attn = (q.transpose(1, 2) @ k * self.scale).softmax(dim=-1)  # S[j, i]
+        return (v @ attn.transpose(1, 2)).reshape(x.shape), attn
+
+    def _combine(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Combine O with F as the aggregation says."""
+        out = attended
         if self.alpha is not None:
             out = self.alpha * out
         if self.aggregation == 'plus':
@@ -105,23 +115,15 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the aggregated map H, same shape as ``x``."""
         _check_feature_map(x, self.dim)
-        q, k, v = self._qkv(x)
-        if self.fused_attn_train if self.training else self.fused_attn_eval:
-            attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            attended = self._attention(q, k) @ v
-        return self._aggregate(attended, x)
+        fused = self.fused_attn_train if self.training else self.fused_attn_eval
+        attended = self._fused(x) if fused else self._plain(x)[0]
+        return self._combine(attended, x)
 
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return H and the attention map S of shape ``(B, N, N)`` (row j: query position j)."""
         _check_feature_map(x, self.dim)
-        q, k, v = self._qkv(x)
-        attn = self._attention(q, k)
-        return self._aggregate(attn @ v, x), attn.squeeze(1)
-
-    def _attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The attention map S, ``(B, 1, N, N)``, of the plain path."""
-        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        attended, attn = self._plain(x)
+        return self._combine(attended, x), attn
 
 
 class SSAHead(nn.Module):

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import ssa_timm
-from fixtures import TINY_TRAIN, run_recipe
+from fixtures import TINY_TRAIN, run_python, run_recipe
 from test_layers import assert_matches_reference, reference_ssa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -64,6 +64,26 @@ def test_ssanet_gpu_eval_matches_cpu_and_trains_under_bf16(exact_fp32):
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.attn.alpha.grad is not None and model.attn.alpha.grad.abs() > 0
+
+
+def test_self_ad_loss_on_gpu_matches_cpu_without_a_host_sync():
+    torch.manual_seed(0)
+    z_ssa, z_fe, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 4, 2, 1])
+    loss_fn = ssa_timm.SelfADLoss(label_smoothing=0.1)
+    expected = loss_fn((z_ssa, z_fe), y)
+    torch.cuda.synchronize()
+    with torch.profiler.profile() as prof:
+        got = loss_fn((z_ssa.cuda(), z_fe.cuda()), y.cuda())
+    assert not any(e.key in ('aten::item', 'aten::_local_scalar_dense') for e in prof.key_averages())
+    torch.testing.assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize('label', [3, -1, -100])
+def test_out_of_range_gpu_labels_fail_instead_of_being_ignored(label):
+    code = ('import torch, ssa_timm; z = torch.randn(2, 3, device="cuda"); '
+            f'print(ssa_timm.SelfADLoss()((z, z.clone()), torch.tensor([{label}, 0], device="cuda")).item())')
+    proc = run_python('-c', code, check=False)
+    assert proc.returncode != 0 and 'device-side assert' in proc.stderr, proc.stdout + proc.stderr[-2000:]
 
 
 def test_train_recipe_on_one_gpu_with_bf16(tmp_path):
