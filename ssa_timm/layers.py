@@ -99,7 +99,8 @@ class SpatialSelfAttention(nn.Module):
         k = self.conv_a(x).flatten(2)
         v = self.conv_c(x).flatten(2)  # (B, K, N)
         attn = (q.transpose(1, 2) @ k * self.scale).softmax(dim=-1)  # S[j, i]
-        return (v @ attn.transpose(1, 2)).reshape(x.shape), attn
+        # S @ C^T rather than C @ S^T: the gradient of S then comes out contiguous, with no N x N copy
+        return (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(x.shape), attn
 
     def _combine(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Combine O with F as the aggregation says."""
