@@ -156,10 +156,11 @@ def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classe
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
+    forward_backward = autocast_step(lambda: loss_fn(model(x), y).backward(), device, amp)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        autocast_step(lambda: loss_fn(model(x), y).backward(), device, amp)()
+        forward_backward()
         optimizer.step()
     return step
 

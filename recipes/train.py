@@ -266,11 +266,15 @@ def training_function(args: argparse.Namespace) -> Dict:
     return result
 
 
+def checkpoint_index(folder: Path) -> int:
+    """N of an accelerate ``checkpoint_N`` folder (automatic checkpoint naming)."""
+    return int(folder.name.split('_')[-1])
+
+
 def resume_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: TrainState) -> None:
     """Load ``--resume`` ('latest' or a folder), refusing a checkpoint of another model."""
     if args.resume == 'latest':
-        found = sorted((Path(args.output_dir) / 'checkpoints').glob('checkpoint_*'),
-                       key=lambda p: int(p.name.split('_')[-1]))
+        found = sorted((Path(args.output_dir) / 'checkpoints').glob('checkpoint_*'), key=checkpoint_index)
         if not found:
             raise FileNotFoundError(f'--resume latest: no checkpoint under {Path(args.output_dir) / "checkpoints"}')
         folder = found[-1]
@@ -289,7 +293,7 @@ def resume_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state:
         accelerator.load_state(str(folder))
     except RuntimeError as e:
         raise ValueError(f'checkpoint {folder} does not fit {args.model}: {e}') from e
-    accelerator.project_configuration.iteration = int(folder.name.split('_')[-1]) + 1
+    accelerator.project_configuration.iteration = checkpoint_index(folder) + 1
     accelerator.print(f'resumed from {folder}: epoch {state.epoch}, step {state.global_step}')
 
 

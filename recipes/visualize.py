@@ -45,10 +45,9 @@ def target_layer(model: SSANet) -> torch.nn.Module:
     return model.attn if model.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
 
 
-def attention_maps(model: SSANet, x: torch.Tensor) -> Dict[str, np.ndarray]:
-    """The SSA attention S (N x N, row j = query position j) and two (h, w) views of it."""
+def attention_maps(model: SSANet, body_map: torch.Tensor) -> Dict[str, np.ndarray]:
+    """The SSA attention S (N x N, row j = query position j) of a body map F and two (h, w) views of it."""
     with torch.no_grad():
-        body_map = model.body.forward_features(x)
         _, attn = model.attn.forward_with_attention(body_map)
     h, w = body_map.shape[-2:]
     attn = attn[0].float().numpy()
@@ -92,8 +91,9 @@ def visualize(args: argparse.Namespace) -> List[Path]:
         row = [rgb]
         for k, model in enumerate(models):
             stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
-            with torch.no_grad():
-                pred = int(model(x).argmax(-1))
+            with torch.no_grad():  # one body pass gives the prediction and the attention's input
+                body_map = model.body.forward_features(x)
+                pred = int(model.forward_head(model.attend(body_map)).argmax(-1))
             names = label_names(model)
             title = f'{model.aggregation}: {names[pred] if names else pred}'
             with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
@@ -101,7 +101,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             arrays = dict(gradcam=gradcam)
             overlays = {'Grad-CAM': gradcam}
             if model.attn is not None:
-                arrays.update(attention_maps(model, x))
+                arrays.update(attention_maps(model, body_map))
                 overlays['attention of the most attended position'] = upsample(arrays['attention_top'], (size, size))
                 overlays['mean attention over queries'] = upsample(arrays['attention_mean'], (size, size))
                 save_overlays(rgb, {k: v for k, v in overlays.items() if k != 'Grad-CAM'}, title,

@@ -32,6 +32,7 @@ __all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'pars
 VARIANTS = AGGREGATIONS + ('no_attention',)
 
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
+_PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
 
 # Registered bodies: timm name -> (ImageNet weights tag in timm's own Hub repos, pool size at 448 px).
 _BODIES = {
@@ -396,7 +397,7 @@ def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: 
         'first_conv': first_conv,
         'classifier': classifier,
         'license': body_cfg.license,
-        'paper_ids': 'doi:10.1016/j.jvcir.2021.103368',
+        'paper_ids': _PAPER_ID,
         'paper_name': _PAPER,
         'notes': (f'Body weights from {body_cfg.hf_hub_id}; the SSA module and heads are freshly initialised.',),
         **kwargs,
@@ -471,7 +472,7 @@ default_cfgs = generate_default_cfgs({
     # or from an exported config (hf-hub: / local-dir:), so it has no default weights of its own
     'ssanet': {
         'input_size': (3, 448, 448), 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'paper_ids': 'doi:10.1016/j.jvcir.2021.103368', 'paper_name': _PAPER,
+        'paper_ids': _PAPER_ID, 'paper_name': _PAPER,
     },
 })
 
