@@ -137,10 +137,11 @@ class BareBody(nn.Module):
     def __init__(self, ssanet: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.body = ssanet.body
+        self.read_map = ssanet.forward_body  # reads self.body's map as (B, K, H, W), token bodies included
         self.fc = nn.Linear(ssanet.body_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body.forward_features(x).mean((2, 3)))
+        return self.fc(self.read_map(x).mean((2, 3)))
 
 
 def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):

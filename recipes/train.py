@@ -163,9 +163,9 @@ def training_function(args: argparse.Namespace) -> Dict:
                     data_dir=args.data_dir, crop_bbox=args.crop_bbox, seed=args.seed,
                     builtin=(args.builtin_train_per_class, args.builtin_val_per_class))
         common = dict(accelerator=accelerator, batch_size=args.batch_size, num_workers=args.workers)
-        train_path = build_feature_cache(model.body, train_data.dataset, cache_dir / 'train.npy', True,
+        train_path = build_feature_cache(model, train_data.dataset, cache_dir / 'train.npy', True,
                                          meta=dict(meta, split='train'), **common)
-        val_path = build_feature_cache(model.body, val_data, cache_dir / 'val.npy', False,
+        val_path = build_feature_cache(model, val_data, cache_dir / 'val.npy', False,
                                        meta=dict(meta, split='val'), **common)
         train_data = CachedFeatures(train_path, train_images.targets, flip=train_flip)
         val_data = CachedFeatures(val_path, val_images.targets)

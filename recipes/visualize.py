@@ -42,13 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def target_layer(model: SSANet) -> torch.nn.Module:
     """The module whose output Grad-CAM explains: the SSA layer (H), or the body's last stage (F)."""
-    return model.attn if model.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
+    return model.head.attn if model.head.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
 
 
 def attention_maps(model: SSANet, body_map: torch.Tensor) -> Dict[str, np.ndarray]:
     """The SSA attention S (N x N, row j = query position j) of a body map F and two (h, w) views of it."""
     with torch.no_grad():
-        _, attn = model.attn.forward_with_attention(body_map)
+        _, attn = model.head.attn.forward_with_attention(body_map)
     h, w = body_map.shape[-2:]
     attn = attn[0].float().numpy()
     mean = attn.mean(0)  # how much each position is attended, averaged over queries
@@ -92,7 +92,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
         for k, model in enumerate(models):
             stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
             with torch.no_grad():  # one body pass gives the prediction and the attention's input
-                body_map = model.body.forward_features(x)
+                body_map = model.forward_body(x)
                 pred = int(model.forward_head(model.attend(body_map)).argmax(-1))
             names = label_names(model)
             title = f'{model.aggregation}: {names[pred] if names else pred}'
@@ -100,7 +100,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
                 gradcam = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
             arrays = dict(gradcam=gradcam)
             overlays = {'Grad-CAM': gradcam}
-            if model.attn is not None:
+            if model.head.attn is not None:
                 arrays.update(attention_maps(model, body_map))
                 overlays['attention of the most attended position'] = upsample(arrays['attention_top'], (size, size))
                 overlays['mean attention over queries'] = upsample(arrays['attention_mean'], (size, size))

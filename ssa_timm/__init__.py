@@ -1,14 +1,16 @@
 """ssa_timm: SSANet (Baffour et al., JVCIR 2021) as a timm plugin.
 
-``import ssa_timm`` registers the ``ssanet_*`` models with timm.
+``import ssa_timm`` registers the ``ssanet*`` models with timm. ``SSAHeads`` (the SSA module and
+both classifier heads) goes on any ``(B, C, H, W)`` map, ``SelfADLoss`` trains it.
 """
-from .layers import AGGREGATIONS, SpatialSelfAttention, SSAHead
+from .heads import SSAHeads, VARIANTS
+from .layers import AGGREGATIONS, BottleneckHead, SpatialSelfAttention, SSAHead
 from .loss import SelfADLoss
-from .models import SSANet, VARIANTS, create_ssanet, create_ssanet_by_name, parse_ssanet_name
+from .models import SSANet, create_ssanet, create_ssanet_by_name, parse_ssanet_name
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
-    'AGGREGATIONS', 'SSAHead', 'SSANet', 'SelfADLoss', 'SpatialSelfAttention', 'VARIANTS', 'create_ssanet',
-    'create_ssanet_by_name', 'parse_ssanet_name',
+    'AGGREGATIONS', 'BottleneckHead', 'SSAHead', 'SSAHeads', 'SSANet', 'SelfADLoss', 'SpatialSelfAttention',
+    'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name',
 ]

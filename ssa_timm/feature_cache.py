@@ -20,7 +20,7 @@ __all__ = ['CachedFeatures', 'build_feature_cache']
 
 
 def build_feature_cache(
-        body: torch.nn.Module,
+        model: torch.nn.Module,
         dataset: Dataset,
         path: Path,
         with_flips: bool,
@@ -29,13 +29,13 @@ def build_feature_cache(
         batch_size: int = 32,
         num_workers: int = 0,
 ) -> Path:
-    """Compute ``body.forward_features`` of every image of ``dataset`` into ``path`` (``.npy``).
+    """Compute the body map F (``model.forward_body``) of every image of ``dataset`` into ``path`` (``.npy``).
 
     The array has shape ``(N, V, K, h, w)`` with V = 2 (original, flipped) when ``with_flips``.
     A cache whose recorded ``meta`` matches is reused.
 
     Args:
-        body: Frozen body, already on ``accelerator.device``.
+        model: SSANet with a frozen body, already on ``accelerator.device``.
         dataset: ``(tensor image, label)`` pairs, no random augmentation.
         path: The ``.npy`` file; ``path.with_suffix('.json')`` records ``meta`` once complete.
         with_flips: Also cache the horizontally flipped view.
@@ -43,13 +43,13 @@ def build_feature_cache(
         meta: What the features depend on (model, weights, image size, dataset); a mismatch rebuilds.
     """
     marker = path.with_suffix('.json')
-    if marker.is_file() and json.loads(marker.read_text()) == meta:
+    if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(meta)):  # tuples -> lists
         return path
     views = 2 if with_flips else 1
-    body.eval()
+    model.body.eval()
     sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
     with torch.no_grad(), accelerator.autocast():
-        shape = body.forward_features(sample).shape[1:]
+        shape = model.forward_body(sample).shape[1:]
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
@@ -67,7 +67,7 @@ def build_feature_cache(
             start += len(images)
             for view in range(views):
                 batch = images.flip(-1) if view else images
-                out[rows, view] = body.forward_features(batch).float().cpu().numpy()
+                out[rows, view] = model.forward_body(batch).float().cpu().numpy()
     out.flush()
     del out
     accelerator.wait_for_everyone()

@@ -71,7 +71,7 @@ def export_model(
         raise ValueError(f'{len(labels)} label names for a model with {model.num_classes} classes')
     config = {'label_names': list(labels), **(extra_config or {})}
     save_for_hf(model, out_dir, model_config=config, safe_serialization=True,
-                data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0})
+                data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0, 'crop_mode': 'squash'})
     return Path(out_dir)
 
 
@@ -85,11 +85,8 @@ def model_complexity(model: SSANet, img_size: int) -> Dict[str, float]:
 
 
 def body_weights_repo(model: SSANet) -> Optional[str]:
-    """The timm Hub repo of the ImageNet body weights the model starts from."""
-    arch = model.pretrained_cfg.get('architecture')
-    cfg = timm.models.get_pretrained_cfg(arch) if arch and arch != 'ssanet' else None
-    if cfg is None or not cfg.hf_hub_id:
-        cfg = timm.models.get_pretrained_cfg(model.body_name)
+    """The timm Hub repo of the body weights the model's body tag names (its default tag when it names none)."""
+    cfg = timm.models.get_pretrained_cfg(model.body_name)
     return cfg.hf_hub_id if cfg is not None else None
 
 

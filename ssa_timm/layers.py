@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from timm.layers import SelectAdaptivePool2d, use_fused_attn
 
-__all__ = ['AGGREGATIONS', 'SpatialSelfAttention', 'SSAHead']
+__all__ = ['AGGREGATIONS', 'BottleneckHead', 'SSAHead', 'SpatialSelfAttention']
 
 # How the attended map O is combined with the body map F (paper Table 2 rows); the fifth
 # variant, 'no_attention', has no SSA module at all and lives in the model.
@@ -127,8 +127,10 @@ class SpatialSelfAttention(nn.Module):
         return self._combine(attended, x), attn
 
 
-class SSAHead(nn.Module):
+class BottleneckHead(nn.Module):
     """Classifier head of paper section 3.4: GAP -> Linear(K, width) -> BatchNorm1d -> Linear.
+
+    SSANet has two: the SSA head on H and the FE head on F.
 
     ``pre_logits`` output is the normalised hidden vector. With ``num_classes=0`` the last Linear is
     absent (``None``); with ``pool_type=''`` and ``num_classes=0`` the head is a pass-through that
@@ -197,3 +199,7 @@ class SSAHead(nn.Module):
         if pre_logits or self.fc is None:
             return x
         return self.fc(x)
+
+
+# name before 0.2 (it is the classifier of both heads, not only of the SSA head)
+SSAHead = BottleneckHead

@@ -8,6 +8,12 @@ from ssa_timm import SSANet, VARIANTS, create_ssanet
 
 BODIES = ('vgg16', 'resnet50', 'inception_v3', 'densenet121', 'densenet161')
 NAMES = [f'ssanet_{b}_{v}' for b in BODIES for v in VARIANTS]
+CURATED = {
+    'resnet18': 'a1_in1k', 'convnext_tiny': 'in12k_ft_in1k', 'efficientnet_b0': 'ra_in1k',
+    'vit_small_patch16_384': 'augreg_in21k_ft_in1k', 'eva02_tiny_patch14_336': 'mim_in22k_ft_in1k',
+    'swin_tiny_patch4_window7_224': 'ms_in1k',
+}
+CURATED_NAMES = [f'ssanet_{b}_{v}' for b in CURATED for v in ('plus', 'no_attention')]
 
 
 def small(body='resnet18', aggregation='plus', **kwargs):
@@ -15,14 +21,20 @@ def small(body='resnet18', aggregation='plus', **kwargs):
     return create_ssanet(body, aggregation, **kwargs)
 
 
-def test_registry_lists_the_25_names():
-    assert sorted(timm.list_models('ssanet_*')) == sorted(NAMES)
+def test_registry_lists_the_paper_and_curated_names():
+    assert sorted(timm.list_models('ssanet_*')) == sorted(NAMES + CURATED_NAMES)
     assert 'ssanet' in timm.list_models('ssanet')  # the generic entrypoint of create_ssanet
-    assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted(f'{n}.tv_in1k' for n in NAMES)
+    curated_tags = [f'ssanet_{b}_{v}.{t}' for b, t in CURATED.items() for v in ('plus', 'no_attention')]
+    assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted([f'{n}.tv_in1k' for n in NAMES] + curated_tags)
+    for name in curated_tags:  # every tag names body weights that exist in timm's own Hub repos
+        body = name.split('.')[0][len('ssanet_'):].rsplit('_plus', 1)[0].rsplit('_no_attention', 1)[0]
+        assert timm.models.get_pretrained_cfg(name).hf_hub_id == f'timm/{body}.{name.split(".")[1]}'
     cfg = timm.models.get_pretrained_cfg('ssanet_vgg16_plus')
     assert cfg.hf_hub_id == 'timm/vgg16.tv_in1k' and cfg.input_size == (3, 448, 448) and cfg.pool_size == (14, 14)
-    assert cfg.classifier == ('head_ssa.fc', 'head_fe.fc')
-    assert timm.models.get_pretrained_cfg('ssanet_vgg16_no_attention').classifier == 'head_fe.fc'
+    assert cfg.classifier == ('head.ssa.fc', 'head.fe.fc') and cfg.crop_mode == 'squash' and cfg.crop_pct == 1.0
+    assert timm.models.get_pretrained_cfg('ssanet_vgg16_no_attention').classifier == 'head.fe.fc'
+    generic = timm.models.get_pretrained_cfg('ssanet')
+    assert generic.pool_size == (14, 14) and generic.first_conv == 'body.conv1' and generic.crop_mode == 'squash'
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -48,14 +60,22 @@ def test_vgg_body_has_no_fc_layers():
     assert feats.shape == (1, 1024, 2, 2)
 
 
-def test_body_is_initialised_after_meta_build():
-    model = small('resnet18')
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        assert torch.isfinite(t).all(), name
-    bn = model.body.bn1
-    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var)) and bn.running_mean.abs().sum() == 0
-    conv = model.body.conv1.weight
-    assert 0.5 < conv.std().item() / (2 / (conv.shape[0] * 49)) ** 0.5 < 1.5  # kaiming fan_out
+@pytest.mark.parametrize('body', ['resnet18', 'regnety_002', 'vit_tiny_patch16_224'])
+def test_body_without_weights_has_the_bare_timm_init(body):
+    model = small(body, img_size=224)
+    torch.manual_seed(0)
+    bare = timm.create_model(body, num_classes=0)
+    bare_state = bare.state_dict()
+    for name, t in model.body.state_dict().items():
+        ref = bare_state[name]
+        # same init as the bare model: every zero-initialised tensor (last norm of a residual
+        # block, biases, ...) and every one-initialised tensor stays so, the rest has its spread
+        assert torch.equal(t == 0, ref == 0) or t.numel() == 1, name
+        assert torch.equal(t == 1, ref == 1) or t.numel() == 1, name
+        if t.is_floating_point() and t.numel() > 100 and ref.std() > 0:
+            assert 0.8 < t.std().item() / ref.std().item() < 1.25, name
+    if body == 'resnet18':  # timm zero-inits the last BN of each residual block
+        assert sum(1 for n, t in model.body.state_dict().items() if n.endswith('bn2.weight') and not t.any()) == 8
 
 
 def test_eval_returns_mean_of_heads_train_returns_pair():
@@ -77,7 +97,7 @@ def test_forward_features_carries_body_map_then_attended_map():
     feats = model.forward_features(x)
     k = model.body_channels
     torch.testing.assert_close(feats[:, :k], body_map)
-    torch.testing.assert_close(feats[:, k:], model.attn(body_map))
+    torch.testing.assert_close(feats[:, k:], model.head.attn(body_map))
     # alpha starts at 0, so a fresh plus model attends to exactly F
     torch.testing.assert_close(feats[:, k:], body_map)
 
@@ -88,7 +108,7 @@ def test_pre_logits_determine_eval_logits():
     pre = model.forward_head(model.forward_features(x), pre_logits=True)
     assert pre.shape == (2, model.head_hidden_size)
     w = model.head_hidden_size // 2
-    expected = (model.head_fe.fc(pre[:, :w]) + model.head_ssa.fc(pre[:, w:])) / 2
+    expected = (model.head.fe.fc(pre[:, :w]) + model.head.ssa.fc(pre[:, w:])) / 2
     torch.testing.assert_close(model(x), expected)
 
 
@@ -101,16 +121,16 @@ def test_reset_classifier_keeps_frozen_model_frozen_and_pool():
     assert out.shape == (1, model.num_features, 2, 2)
     model.reset_classifier(10, 'max')
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
-    assert all(h.global_pool.pool_type == 'max' for h in (model.head_fe, model.head_ssa))
+    assert all(h.global_pool.pool_type == 'max' for h in (model.head.fe, model.head.ssa))
 
 
 def test_alpha_is_excluded_from_weight_decay_and_groups_split():
     model = small()
-    assert model.no_weight_decay() == {'attn.alpha'}
+    assert model.no_weight_decay() == {'head.attn.alpha'}
     assert small(aggregation='no_alpha').no_weight_decay() == set()
     groups = timm.models.group_parameters(model, model.group_matcher())
     head_group = max(groups)
-    assert {n for n in groups[head_group]} >= {'attn.alpha', 'head_ssa.fc.weight', 'head_fe.fc.weight'}
+    assert {n for n in groups[head_group]} >= {'head.attn.alpha', 'head.ssa.fc.weight', 'head.fe.fc.weight'}
     assert len(groups) > 2
 
 
@@ -119,7 +139,7 @@ def test_prune_removes_attention_and_heads():
     x = torch.randn(1, 3, 64, 64)
     body_map = model.body.forward_features(x)
     model.prune_intermediate_layers(len(model.feature_info), prune_head=True)
-    assert model.attn is None and model.head_ssa is None and model.head_fe is None
+    assert model.head is None
     torch.testing.assert_close(model.forward_features(x), body_map)
     assert model.num_features == body_map.shape[1]
     with pytest.raises(RuntimeError, match='removed by prune_intermediate_layers'):
@@ -147,7 +167,7 @@ def test_names_parse_into_body_and_aggregation():
     assert ssa_timm.parse_ssanet_name('ssanet_inception_v3_no_alpha') == ('inception_v3', 'no_alpha')
     assert ssa_timm.parse_ssanet_name('ssanet_resnet18_alpha') == ('resnet18', 'alpha')
     model = ssa_timm.create_ssanet_by_name('ssanet_resnet18_no_attention', num_classes=2)
-    assert model.attn is None and model.body.__class__.__name__ == 'ResNet'
+    assert model.head.attn is None and model.body.__class__.__name__ == 'ResNet'
     for bad in ('resnet18_plus', 'ssanet_plus', 'ssanet_resnet18_sum'):
         with pytest.raises(ValueError, match='ssanet_<timm body>_<aggregation>'):
             ssa_timm.parse_ssanet_name(bad)
@@ -157,7 +177,7 @@ def test_registered_body_through_builder_and_bad_arguments():
     assert create_ssanet('densenet121', 'alpha', num_classes=2).pretrained_cfg['architecture'] == 'ssanet_densenet121_alpha'
     with pytest.raises(ValueError, match='aggregation must be one of'):
         create_ssanet('resnet18', 'sum')
-    with pytest.raises(ValueError, match="unknown timm body 'not_a_net'"):
+    with pytest.raises(ValueError, match="unknown timm model 'not_a_net'"):
         create_ssanet('not_a_net')
     with pytest.raises(TypeError):
         timm.create_model('ssanet_vgg16_plus', not_a_model_arg=1)
@@ -165,11 +185,11 @@ def test_registered_body_through_builder_and_bad_arguments():
 
 def test_head_options():
     model = small(num_classes=3, head_width=64, head_act_layer='relu', drop_rate=0.2)
-    assert model.head_fe.fc_hidden.out_features == 64 and isinstance(model.head_ssa.act, torch.nn.ReLU)
+    assert model.head.fe.fc_hidden.out_features == 64 and isinstance(model.head.ssa.act, torch.nn.ReLU)
     assert model.head_hidden_size == 128
     forced = timm.create_model('ssanet', body='test_resnet', num_classes=3, fused_attn=True)
-    assert forced.attn.fused_attn_train and forced.attn.fused_attn_eval
-    assert not small(num_classes=3, fused_attn=False).attn.fused_attn_eval
+    assert forced.head.attn.fused_attn_train and forced.head.attn.fused_attn_eval
+    assert not small(num_classes=3, fused_attn=False).head.attn.fused_attn_eval
 
 
 def test_bf16_and_meta_device():
@@ -181,7 +201,7 @@ def test_bf16_and_meta_device():
 
 def test_torchscript_matches_eager():
     model = small(num_classes=3).eval()
-    model.attn.alpha.data.fill_(0.5)
+    model.head.attn.alpha.data.fill_(0.5)
     x = torch.randn(1, 3, 64, 64)
     scripted = torch.jit.script(model)
     torch.testing.assert_close(scripted(x), model(x))
@@ -195,5 +215,5 @@ def test_builder_on_a_body_without_hub_weights():
     model = create_ssanet('ssa_test_body_without_weights', 'alpha', num_classes=4, img_size=64)
     assert model.pretrained_cfg.get('hf_hub_id') is None and model.pretrained_cfg['input_size'] == (3, 64, 64)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
-    with pytest.raises(ValueError, match='timm has no Hub weights'):
+    with pytest.raises(RuntimeError, match='has no pretrained weights'):
         create_ssanet('ssa_test_body_without_weights', pretrained=True)

@@ -1,5 +1,5 @@
-"""Transforms of paper section 4.1: resize to a square, random horizontal flip for training,
-normalisation from the body's pretrained config.
+"""Transforms of paper section 4.1: resize to a square (squash, no crop), random horizontal flip for
+training, normalisation from the body's pretrained config; made by timm from the model's data config.
 
 The flip is drawn from ``(seed, epoch, index)`` instead of a global RNG, so a run, its resumed
 twin and its feature-cached twin flip the same images in the same epochs.
@@ -8,27 +8,32 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from timm.data import resolve_data_config
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 __all__ = ['EpochFlip', 'Transformed', 'eval_transform', 'model_transform']
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """Resize to ``img_size`` x ``img_size`` (no crop, as the paper), to tensor, normalise."""
-    return T.Compose([
-        T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BILINEAR),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+def eval_transform(
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = 'bilinear',
+) -> T.Compose:
+    """Squash to ``img_size`` x ``img_size`` (no crop, as the paper), to tensor, normalise: timm's
+    ``create_transform`` with ``crop_mode='squash'``, ``crop_pct=1``."""
+    return create_transform(
+        img_size, interpolation=interpolation, mean=tuple(mean), std=tuple(std), crop_pct=1.0, crop_mode='squash')
 
 
 def model_transform(model: torch.nn.Module, img_size: Optional[int] = None) -> Tuple[T.Compose, int]:
-    """``eval_transform`` with the model's normalisation, at ``img_size`` or else the model's input size."""
+    """The model's eval transform from its data config (timm's ``resolve_data_config`` +
+    ``create_transform``), at ``img_size`` or else the model's input size."""
     cfg = resolve_data_config(model=model)
-    size = img_size or cfg['input_size'][-1]
-    return eval_transform(size, cfg['mean'], cfg['std']), size
+    if img_size:
+        cfg['input_size'] = (cfg['input_size'][0], img_size, img_size)
+    return create_transform(**cfg), cfg['input_size'][-1]
 
 
 class Transformed(Dataset):

@@ -1,7 +1,8 @@
 """SSANet: spatial self-attention network with self-attention distillation
 
-A timm CNN body with its classifier removed gives the feature map F; a spatial self-attention
-module turns it into H; one classifier head reads H (the SSA head), another reads F (the FE head).
+Any timm image model with its classifier removed gives the feature map F (``models/body.py``:
+CNN maps, NHWC maps and ViT-style patch tokens are all read as ``(B, K, H, W)``); the SSA head
+module (``ssa_timm.SSAHeads``) turns F into H and classifies H (the SSA head) and F (the FE head).
 In eval mode ``forward`` returns the mean of the two heads' logits (timm's DeiT-distilled
 precedent); in train mode with ``set_distilled_training(True)`` it returns ``(z_ssa, z_fe)`` for
 ``SelfADLoss``.
@@ -9,99 +10,63 @@ precedent); in train mode with ``set_distilled_training(True)`` it returns ``(z_
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` - Baffour et al., JVCIR 81 (2021), https://doi.org/10.1016/j.jvcir.2021.103368
 """
-import math
 import re
+import sys
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import get_act_layer
+from timm.layers import get_act_layer, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
-from timm.models.densenet import _filter_torchvision_pretrained as _densenet_filter
-from timm.models.vgg import _filter_fn as _vgg_filter
+from timm.models._pretrained import PretrainedCfg
 
-from ..layers import AGGREGATIONS, SpatialSelfAttention, SSAHead
+from ..heads import SSAHeads, VARIANTS
+from .body import create_body, probe_body, tokens_to_map
 
 __all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']
 
-# Paper Table 2 rows: the four SSA aggregations plus the body-only baseline.
-VARIANTS = AGGREGATIONS + ('no_attention',)
-
+PAPER_DOI = '10.1016/j.jvcir.2021.103368'
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
-_PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
+_PAPER_ID = f'doi:{PAPER_DOI}'
 
-# Registered bodies: timm name -> (ImageNet weights tag in timm's own Hub repos, pool size at 448 px).
-_BODIES = {
-    'vgg16': ('tv_in1k', (14, 14)),
-    'resnet50': ('tv_in1k', (14, 14)),
-    'inception_v3': ('tv_in1k', (12, 12)),
-    'densenet121': ('tv_in1k', (14, 14)),
-    'densenet161': ('tv_in1k', (14, 14)),
+# Registered bodies: timm name -> (weights tag in timm's own Hub repos, input size, map size at that
+# input, fixed input size).
+# The paper's five bodies at the paper's 448 px, then a curated set of modern bodies, each at the
+# input size it was trained for or 448 where that fits.
+_PAPER_BODIES = {
+    'vgg16': ('tv_in1k', 448, 14, False),
+    'resnet50': ('tv_in1k', 448, 14, False),
+    'inception_v3': ('tv_in1k', 448, 12, False),
+    'densenet121': ('tv_in1k', 448, 14, False),
+    'densenet161': ('tv_in1k', 448, 14, False),
 }
-_MODEL_DEFS = {f'ssanet_{b}_{a}': (b, a) for b in _BODIES for a in VARIANTS}
-
-# timm's own checkpoint filters for bodies whose ImageNet weights may be in torchvision's layout.
-_BODY_CHECKPOINT_FILTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {
-    'timm.models.vgg': _vgg_filter,
-    'timm.models.densenet': _densenet_filter,
+_CURATED_BODIES = {
+    'resnet18': ('a1_in1k', 448, 14, False),
+    'convnext_tiny': ('in12k_ft_in1k', 448, 14, False),
+    'efficientnet_b0': ('ra_in1k', 448, 14, False),
+    'vit_small_patch16_384': ('augreg_in21k_ft_in1k', 384, 24, False),
+    'eva02_tiny_patch14_336': ('mim_in22k_ft_in1k', 336, 24, False),
+    'swin_tiny_patch4_window7_224': ('ms_in1k', 224, 7, True),
 }
+_CURATED_VARIANTS = ('plus', 'no_attention')
+_MODEL_DEFS = {
+    **{f'ssanet_{b}_{a}': (b, a) for b in _PAPER_BODIES for a in VARIANTS},
+    **{f'ssanet_{b}_{a}': (b, a) for b in _CURATED_BODIES for a in _CURATED_VARIANTS},
+}
+_BODIES = {**_PAPER_BODIES, **_CURATED_BODIES}
+_GENERIC_BODY = 'resnet18'  # the generic entrypoint's default body (body= picks another)
+# key prefixes of checkpoints written before the SSA head module existed -> today's keys
+_LEGACY_KEYS = {'attn.': 'head.attn.', 'head_ssa.': 'head.ssa.', 'head_fe.': 'head.fe.'}
 
 
-def _is_resettable(module: nn.Module) -> bool:
-    """True when re-initialising the module after ``to_empty`` restores every tensor it owns."""
-    owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(
-        True for _ in module.buffers(recurse=False))
-    return not owns_tensors or isinstance(module, (nn.Conv2d, nn.Linear)) or hasattr(module, 'reset_parameters')
-
-
-def _init_body_weights(body: nn.Module) -> None:
-    """Standard CNN init: kaiming-normal (fan_out) convs, zero biases, norms reset."""
-    for module in body.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif hasattr(module, 'reset_parameters'):
-            module.reset_parameters()
-
-
-def _create_body(
-        name: str,
-        in_chans: int,
-        body_kwargs: Dict[str, Any],
-        device: torch.device,
-        dtype: Optional[torch.dtype],
-) -> nn.Module:
-    """Build a timm CNN without its classifier / pre-logits layers.
-
-    The body is built on the meta device and its head pruned before any memory is allocated, so the
-    120M parameters of VGG-16's fc6/fc7 are never initialised. Bodies owning tensors that a
-    re-init cannot restore (e.g. layer-scale parameters) are built eagerly instead.
-    """
-    def build(build_device: Union[str, torch.device]) -> nn.Module:
-        with torch.device(build_device):
-            body = timm.create_model(
-                name, pretrained=False, num_classes=0, in_chans=in_chans, device=build_device, dtype=dtype,
-                **body_kwargs)
-        body.prune_intermediate_layers(len(body.feature_info), prune_head=True)
-        return body
-
-    body = build('meta')
-    if device.type == 'meta':
-        return body
-    if not all(_is_resettable(m) for m in body.modules()):
-        return build(device)
-    body.to_empty(device=device)
-    _init_body_weights(body)
-    return body
+def _re_root(pattern: str, prefix: str) -> str:
+    """Anchor every alternative of a timm group regex under ``prefix`` ('^conv1|bn1' -> '^body\\.(?:conv1|bn1)')."""
+    alternatives = pattern.split('|')
+    return f'^{re.escape(prefix)}(?:' + '|'.join(a[1:] if a.startswith('^') else a for a in alternatives) + ')'
 
 
 def _prefixed_matcher(matcher: Union[Dict[str, Any], Callable], prefix: str) -> Union[Dict[str, Any], Callable]:
@@ -111,22 +76,17 @@ def _prefixed_matcher(matcher: Union[Dict[str, Any], Callable], prefix: str) -> 
             return matcher(name[len(prefix):]) if name.startswith(prefix) else float('inf')
         return _matcher
 
-    escaped = re.escape(prefix)
-
-    def _re_root(pattern: str) -> str:
-        return pattern.replace('^', '^' + escaped)
-
     out = {}
     for group, spec in matcher.items():
         if isinstance(spec, (list, tuple)):
-            out[group] = [(_re_root(p), suffix) for p, suffix in spec]
+            out[group] = [(_re_root(p, prefix), suffix) for p, suffix in spec]
         else:
-            out[group] = _re_root(spec)
+            out[group] = _re_root(spec, prefix)
     return out
 
 
 class SSANet(nn.Module):
-    """SSANet over any timm CNN body (paper Fig. 2).
+    """SSANet over any timm image model as body (paper Fig. 2): ``body`` + ``head`` (``SSAHeads``).
 
     ``forward_features`` returns the unpooled map: F for ``no_attention``, otherwise F and H
     concatenated on the channel axis (channels F then H). ``forward_head`` with
@@ -136,74 +96,70 @@ class SSANet(nn.Module):
 
     def __init__(
             self,
-            body: str = 'vgg16',
+            body: str = _GENERIC_BODY,
             aggregation: str = 'plus',
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            img_size: Union[int, Tuple[int, int]] = 448,
             head_width: int = 1024,
             head_act_layer: Optional[str] = None,
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
             fused_attn: Optional[bool] = None,
+            body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ) -> None:
         """
         Args:
-            body: timm model name of the CNN body, e.g. 'vgg16'.
+            body: timm model name of the body, e.g. 'vgg16', 'vit_small_patch16_384' (a pretrained tag
+                such as '.augreg_in21k_ft_in1k' picks the weights ``body_pretrained`` loads).
             aggregation: One of ``VARIANTS`` ('plus', 'multiply', 'alpha', 'no_alpha', 'no_attention').
             num_classes: Classes of both heads; 0 keeps the heads' hidden layers only.
             in_chans: Input image channels.
             global_pool: Pool of the heads ('avg', 'max', 'avgmax'; '' for unpooled output).
             drop_rate: Dropout before each head's final Linear.
+            img_size: Input size the body is built for (position embeddings, attention windows).
             head_width: Hidden width of each head (paper: 1024).
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
             qk_ratio: Channel fraction of the attention's A and B maps (paper: 1.0).
             scale_attn: Scale attention logits by 1/sqrt(d) (paper: unscaled).
             fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
+            body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.
         """
         super().__init__()
         if aggregation not in VARIANTS:
             raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
-        dd = {'device': device, 'dtype': dtype}
         target = torch.device(device) if device is not None else torch.get_default_device()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.body_name = body
         self.aggregation = aggregation
-        self.distilled_training = False
 
-        self.body = _create_body(body, in_chans, dict(body_kwargs or {}), target, dtype)
-        self.body_channels = self.body.num_features
+        self.body, layout = create_body(
+            body, in_chans, to_2tuple(img_size), body_pretrained, dict(body_kwargs or {}), target, dtype)
+        self.map_fmt = layout.fmt
+        self.map_reduction = layout.reduction
+        self.num_prefix_tokens = layout.num_prefix_tokens
+        self.map_pad = layout.pad
+        self.body_channels = layout.channels
         self.feature_info = [dict(info, module=f'body.{info["module"]}') for info in self.body.feature_info]
 
-        head_args = dict(
-            width=head_width, pool_type=global_pool, drop_rate=drop_rate,
-            act_layer=get_act_layer(head_act_layer) if head_act_layer else None, **dd)
-        if aggregation == 'no_attention':
-            self.attn = None
-            self.head_ssa = None
-        else:
-            self.attn = SpatialSelfAttention(
-                self.body_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn,
-                fused_attn=fused_attn, **dd)
-            self.head_ssa = SSAHead(self.body_channels, num_classes, **head_args)
-        self.head_fe = SSAHead(self.body_channels, num_classes, **head_args)
-        num_heads = 1 if self.attn is None else 2
-        self.num_features = self.body_channels * num_heads
-        self.head_hidden_size = head_width * num_heads
-
-    def _heads(self) -> List[SSAHead]:
-        return [h for h in (self.head_ssa, self.head_fe) if h is not None]
+        self.head: Optional[SSAHeads] = SSAHeads(
+            self.body_channels, num_classes, aggregation=aggregation, width=head_width, pool_type=global_pool,
+            drop_rate=drop_rate, act_layer=get_act_layer(head_act_layer) if head_act_layer else None,
+            qk_ratio=qk_ratio, scale_attn=scale_attn, fused_attn=fused_attn, device=device, dtype=dtype)
+        self.num_features = self.head.num_features
+        self.head_hidden_size = self.head.head_hidden_size
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Union[Dict[str, Any], Callable]:
-        # attention and heads match no body group, so timm puts them in the last group
+        # the SSA head module matches no body group, so timm puts it in the last group
         return _prefixed_matcher(self.body.group_matcher(coarse=coarse), 'body.')
 
     @torch.jit.ignore
@@ -213,20 +169,22 @@ class SSANet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         skip = {f'body.{n}' for n in getattr(self.body, 'no_weight_decay', lambda: set())()}
-        if self.attn is not None and self.attn.alpha is not None:
-            skip.add('attn.alpha')
+        if self.head is not None and self.head.attn is not None and self.head.attn.alpha is not None:
+            skip.add('head.attn.alpha')
         return skip
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
         """In train mode, make ``forward`` return ``(z_ssa, z_fe)`` for ``SelfADLoss``."""
-        self.distilled_training = enable
+        if self.head is not None:
+            self.head.set_distilled_training(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, ...]]:
-        if self.head_ssa is None:
-            return self.head_fe.fc
-        return self.head_ssa.fc, self.head_fe.fc
+        if self.head is None:
+            raise RuntimeError('the heads were removed by prune_intermediate_layers()')
+        heads = self.head.heads()
+        return heads[0].fc if len(heads) == 1 else tuple(h.fc for h in heads)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the final Linear of each head (new layers follow the model's device, dtype, mode).
@@ -234,21 +192,33 @@ class SSANet(nn.Module):
         The heads' hidden layers are kept, so a frozen model stays frozen after
         ``reset_classifier(0)`` or ``reset_classifier(0, '')``.
         """
-        if not self._heads():
+        if self.head is None:
             raise RuntimeError('the heads were removed by prune_intermediate_layers(); build a new model instead')
         self.num_classes = num_classes
-        for head in self._heads():
-            head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool)
+
+    def body_map(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The body's native ``forward_features`` output for an image ``height`` x ``width`` -> F (NCHW)."""
+        if self.map_fmt == 'NHWC':
+            return x.permute(0, 3, 1, 2)
+        if self.map_fmt == 'NLC':
+            return tokens_to_map(x, height, width, self.map_reduction, self.num_prefix_tokens, self.map_pad)
+        return x
+
+    def forward_body(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the body's map F ``(B, K, H, W)``."""
+        height, width = x.shape[-2], x.shape[-1]
+        return self.body_map(self.body.forward_features(x), height, width)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Body map F -> F, or [F, H] on the channel axis when the model has an SSA module.
+        """Body map F -> ``forward_features`` output: F, or [F, H] on the channel axis.
 
-        ``forward_features(x) == attend(body.forward_features(x))``: heads can be trained on cached
-        body maps with ``forward_head(attend(F))``.
+        ``forward_features(x) == attend(forward_body(x))``: the heads train on cached body maps with
+        ``forward_head(attend(F))``.
         """
-        if self.attn is None:
+        if self.head is None:
             return x
-        return torch.cat([x, self.attn(x)], dim=1)
+        return self.head.forward_features(x)
 
     def forward_intermediates(
             self,
@@ -262,6 +232,7 @@ class SSANet(nn.Module):
         """The body's intermediate taps; the final output is ``forward_features`` (SSA included)
         unless ``stop_early`` ends the body before its last tap.
         """
+        height, width = x.shape[-2], x.shape[-1]
         out = self.body.forward_intermediates(
             x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only)
@@ -271,7 +242,7 @@ class SSANet(nn.Module):
         _, max_index = feature_take_indices(len(self.feature_info), indices)
         if stop_early and max_index < len(self.feature_info) - 1:
             return x, intermediates
-        return self.attend(x), intermediates
+        return self.attend(self.body_map(x, height, width)), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -280,49 +251,33 @@ class SSANet(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Prune the body after the last wanted tap; with ``prune_head`` (or when the body's end is
-        pruned) the SSA module and heads go too, and ``forward_features`` returns the body map.
+        pruned) the SSA head module goes too, and ``forward_features`` returns the body map.
         """
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         self.body.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=True)
         prune_end = max_index < len(self.feature_info) - 1
         if prune_head or prune_end:
-            self.attn = None
-            self.head_ssa = None
-            self.head_fe = None
+            self.head = None
             self.num_classes = 0
             self.num_features = self.feature_info[max_index]['num_chs'] if prune_end else self.body_channels
             self.head_hidden_size = self.num_features
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(self.body.forward_features(x))
+        return self.attend(self.forward_body(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.head_fe is None:  # pruned
+        if self.head is None:  # pruned
             return x
-        if self.head_ssa is None:  # no_attention
-            return self.head_fe(x, pre_logits=pre_logits)
-        fe_map, ssa_map = x[:, :self.body_channels], x[:, self.body_channels:]
-        if pre_logits or self.num_classes == 0:
-            return torch.cat([self.head_fe(fe_map, pre_logits=True), self.head_ssa(ssa_map, pre_logits=True)], dim=1)
-        z_ssa, z_fe = self.head_ssa(ssa_map), self.head_fe(fe_map)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            # separate logits for the Self-AD loss only when training in distilled mode
-            return z_ssa, z_fe
-        return (z_ssa + z_fe) / 2
+        return self.head.forward_head(x, pre_logits=pre_logits)
 
     @torch.jit.ignore
     def head_logits(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits of each head from ``forward_features`` output, in any mode:
         ``{'ssa': z_ssa, 'fe': z_fe}`` (``no_attention``: ``'fe'`` only)."""
-        if self.num_classes == 0 or self.head_fe is None:
+        if self.head is None or self.num_classes == 0:
             raise RuntimeError('the model has no classifier (num_classes=0 or pruned heads)')
-        if self.head_ssa is None:
-            return {'fe': self.head_fe(features)}
-        return {
-            'ssa': self.head_ssa(features[:, self.body_channels:]),
-            'fe': self.head_fe(features[:, :self.body_channels]),
-        }
+        return self.head.logits_per_head(features)
 
     @torch.jit.ignore
     def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -335,17 +290,22 @@ class SSANet(nn.Module):
         return x
 
 
-def _filter_body_weights(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Dict[str, torch.Tensor]:
-    """Load a body's ImageNet checkpoint into an SSANet, or pass an SSANet checkpoint through.
+def _filter_checkpoint(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Dict[str, torch.Tensor]:
+    """Load an SSANet checkpoint (older key names converted), or a bare body checkpoint.
 
-    The body's classifier / pre-logits weights are dropped and the freshly initialised SSA module
-    and heads are kept, so the load stays strict for the body: a missing body key is an error.
+    A bare body checkpoint (e.g. ``pretrained_cfg_overlay=dict(file=...)``) goes through the body
+    module's own ``checkpoint_filter_fn`` where it has one; the freshly initialised SSA head module is
+    kept, so the load stays strict for the body: a missing body key is an error.
     """
     if any(k.startswith('body.') for k in state_dict):
-        return state_dict
-    checkpoint_filter = _BODY_CHECKPOINT_FILTERS.get(type(model.body).__module__)
+        out = {}
+        for key, value in state_dict.items():
+            prefix = next((p for p in _LEGACY_KEYS if key.startswith(p)), None)
+            out[_LEGACY_KEYS[prefix] + key[len(prefix):] if prefix else key] = value
+        return out
+    checkpoint_filter = getattr(sys.modules[type(model.body).__module__], 'checkpoint_filter_fn', None)
     if checkpoint_filter is not None:
-        state_dict = checkpoint_filter(state_dict)
+        state_dict = checkpoint_filter(state_dict, model.body)
     body_keys = model.body.state_dict().keys()
     missing = [k for k in body_keys if k not in state_dict]
     if missing:
@@ -357,41 +317,85 @@ def _filter_body_weights(state_dict: Dict[str, torch.Tensor], model: SSANet) -> 
     return out
 
 
-def _create_ssanet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
-    body, aggregation = _MODEL_DEFS[variant]
-    return _build(variant, pretrained, body=body, aggregation=aggregation, **kwargs)
+def _body_weights_tag(cfg: PretrainedCfg) -> Optional[str]:
+    """'<body>.<tag>' when the cfg points at a body's weights in timm's Hub repos, else None
+    (an SSANet export through hf-hub: / local-dir:, or a file / url / state_dict overlay)."""
+    if cfg.source in ('hf-hub', 'local-dir') or cfg.file or cfg.url or cfg.state_dict:
+        return None
+    if cfg.hf_hub_id and cfg.hf_hub_id.startswith('timm/'):
+        return cfg.hf_hub_id[len('timm/'):]
+    return None
 
 
 def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
-    return build_model_with_cfg(
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
+        pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
+    body_weights = _body_weights_tag(cfg) if pretrained else None
+    if pretrained and not body_weights and not (cfg.source or cfg.file or cfg.url or cfg.state_dict):
+        raise RuntimeError(f'{variant} has no pretrained weights: its config names no body weights in timm\'s Hub '
+                           f'repos and no SSANet export (hf_hub_id={cfg.hf_hub_id!r})')
+    if body_weights:
+        kwargs['body'] = body_weights
+        kwargs['body_pretrained'] = True
+    if not cfg.fixed_input_size:
+        kwargs.setdefault('img_size', cfg.input_size[-2:])
+    model = build_model_with_cfg(
         SSANet,
         variant,
-        pretrained,
-        pretrained_filter_fn=_filter_body_weights,
+        pretrained and not body_weights,
+        pretrained_cfg=cfg,
+        pretrained_filter_fn=_filter_checkpoint,
         feature_cfg=dict(feature_cls='getter'),
         **kwargs,
     )
+    # the config says what was loaded, not what could have been
+    if body_weights:
+        model.pretrained_cfg['notes'] = (
+            f'Body weights from {cfg.hf_hub_id}; the SSA module and heads are freshly initialised.',)
+    elif not pretrained:
+        model.pretrained_cfg['hf_hub_id'] = None
+        model.pretrained_cfg['notes'] = ('Built without pretrained weights: timm\'s init for the body, '
+                                         'fresh SSA module and heads.',)
+    return model
 
 
-def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: Any) -> Dict[str, Any]:
-    """Config of an SSANet whose body starts from timm's ImageNet weights ``body_tag``."""
-    body_cfg = get_pretrained_cfg(body_tag)
-    if body_cfg is None or not body_cfg.hf_hub_id:
-        raise ValueError(f'timm has no Hub weights for {body_tag!r}')
+def _create_ssanet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
+    body, aggregation = _MODEL_DEFS[variant]
+    kwargs.setdefault('body', f'{body}.{_BODIES[body][0]}')
+    return _build(variant, pretrained, aggregation=aggregation, **kwargs)
+
+
+def _cfg(
+        body_cfg: Optional[PretrainedCfg],
+        aggregation: str,
+        img_size: int,
+        pool_size: Tuple[int, int],
+        fixed_input_size: bool = False,
+        **kwargs: Any,
+) -> Dict[str, Any]:
+    """Config of an SSANet whose body starts from the timm weights ``body_cfg`` describes (if any).
+
+    Preprocessing is the paper's: squash to ``img_size`` (no crop) with the body's interpolation and
+    normalisation, which ``timm.data.resolve_data_config`` + ``create_transform`` reproduce.
+    """
+    body_cfg = body_cfg or PretrainedCfg(interpolation='bilinear')
     first_conv = body_cfg.first_conv
     if isinstance(first_conv, (tuple, list)):
         first_conv = tuple(f'body.{c}' for c in first_conv)
-    else:
+    elif first_conv:
         first_conv = f'body.{first_conv}'
-    classifier = 'head_fe.fc' if aggregation == 'no_attention' else ('head_ssa.fc', 'head_fe.fc')
+    classifier = 'head.fe.fc' if aggregation == 'no_attention' else ('head.ssa.fc', 'head.fe.fc')
+    hub = body_cfg.hf_hub_id
     return {
-        'hf_hub_id': body_cfg.hf_hub_id,
+        'hf_hub_id': hub,
         'num_classes': 1000,
-        'input_size': (3, 448, 448),
+        'input_size': (3, img_size, img_size),
+        'fixed_input_size': fixed_input_size,
         'pool_size': pool_size,
         'crop_pct': 1.0,
-        'crop_mode': 'center',
-        'interpolation': 'bilinear',
+        'crop_mode': 'squash',
+        'interpolation': body_cfg.interpolation,
         'mean': body_cfg.mean,
         'std': body_cfg.std,
         'first_conv': first_conv,
@@ -399,9 +403,30 @@ def _cfg(body_tag: str, pool_size: Tuple[int, int], aggregation: str, **kwargs: 
         'license': body_cfg.license,
         'paper_ids': _PAPER_ID,
         'paper_name': _PAPER,
-        'notes': (f'Body weights from {body_cfg.hf_hub_id}; the SSA module and heads are freshly initialised.',),
+        'notes': (f'Body weights from {hub}; the SSA module and heads are freshly initialised.',) if hub else None,
         **kwargs,
     }
+
+
+def _registered_cfg(body: str, aggregation: str, **kwargs: Any) -> Dict[str, Any]:
+    tag, img_size, pool, fixed = _BODIES[body]
+    if body == 'inception_v3':  # its last map collapses to 1x1 below 224 px
+        kwargs.setdefault('min_input_size', (3, 224, 224))
+    return _cfg(get_pretrained_cfg(f'{body}.{tag}'), aggregation, img_size, (pool, pool), fixed, **kwargs)
+
+
+def generic_cfg(body: str, aggregation: str, img_size: int, in_chans: int = 3,
+                body_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Config of the generic ``ssanet`` entrypoint over ``body`` ('<timm model>[.<tag>]') at ``img_size``."""
+    arch = body.partition('.')[0]
+    if not timm.is_model(arch):
+        raise ValueError(f'unknown timm model {arch!r} as SSANet body')
+    body_cfg = get_pretrained_cfg(body)
+    probe = probe_body(arch, in_chans, img_size, body_kwargs)
+    fixed = bool(body_cfg is not None and body_cfg.fixed_input_size and not probe.dynamic_img_size)
+    cfg = _cfg(body_cfg, aggregation, img_size, probe.map_size, fixed, architecture='ssanet')
+    cfg['input_size'] = (in_chans, img_size, img_size)
+    return cfg
 
 
 def parse_ssanet_name(name: str) -> Tuple[str, str]:
@@ -418,41 +443,31 @@ def create_ssanet(
         body: str,
         aggregation: str = 'plus',
         pretrained: bool = False,
-        img_size: int = 448,
+        img_size: Optional[int] = None,
         **kwargs: Any,
 ) -> SSANet:
-    """Build an SSANet over any timm CNN body, e.g. ``create_ssanet('convnext_tiny', 'plus')``.
+    """Build an SSANet over any timm image model, e.g. ``create_ssanet('convnext_tiny', 'plus')``.
 
-    Registered bodies go through ``timm.create_model('ssanet_<body>_<aggregation>')``. Other
-    bodies are built by the generic ``ssanet`` entrypoint (so ``hf-hub:`` / ``local-dir:`` exports
-    load back through timm), and ``pretrained=True`` loads the body's default ImageNet weights.
+    Registered bodies at their registered input size go through
+    ``timm.create_model('ssanet_<body>_<aggregation>')``; anything else through the generic
+    ``ssanet`` entrypoint (so ``hf-hub:`` / ``local-dir:`` exports load back through timm).
+    ``pretrained=True`` loads the body's timm weights for its tag (its default tag when none is given).
 
     Args:
-        body: timm model name (optionally with a pretrained tag, e.g. 'resnet18.a1_in1k').
+        body: timm model name, optionally with a pretrained tag, e.g. 'vit_small_patch14_dinov2.lvd142m'.
         aggregation: One of ``VARIANTS``.
-        pretrained: Load ImageNet weights into the body.
-        img_size: Default input size recorded in the config.
+        pretrained: Load the body's timm weights.
+        img_size: Input size (default: the registered size, else 448).
         **kwargs: ``SSANet`` arguments (num_classes, in_chans, global_pool, head_width, ...).
     """
-    name = f'ssanet_{body}_{aggregation}'
-    if name in _MODEL_DEFS:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
     if aggregation not in VARIANTS:
         raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
-    arch = body.partition('.')[0]
-    if not timm.is_model(arch):
-        raise ValueError(f'unknown timm body {arch!r}')
-    reduction = timm.create_model(arch, pretrained=False, device='meta').feature_info[-1]['reduction']
-    pool = math.ceil(img_size / reduction)
-    try:
-        cfg = _cfg(body, (pool, pool), aggregation, input_size=(3, img_size, img_size), architecture='ssanet')
-    except ValueError:
-        if pretrained:
-            raise
-        cfg = dict(timm.models.get_pretrained_cfg('ssanet').to_dict(), input_size=(3, img_size, img_size),
-                   pool_size=(pool, pool), architecture='ssanet')
+    arch, _, tag = body.partition('.')
+    name = f'ssanet_{arch}_{aggregation}'
+    if name in _MODEL_DEFS and (not tag or tag == _BODIES[arch][0]) and img_size in (None, _BODIES[arch][1]):
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     return timm.create_model(
-        'ssanet', pretrained=pretrained, pretrained_cfg=cfg, body=arch, aggregation=aggregation, **kwargs)
+        'ssanet', pretrained=pretrained, body=body, aggregation=aggregation, img_size=img_size or 448, **kwargs)
 
 
 def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
@@ -462,25 +477,95 @@ def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) ->
 
 
 default_cfgs = generate_default_cfgs({
-    **{
-        f'{name}.{_BODIES[b][0]}': _cfg(
-            f'{b}.{_BODIES[b][0]}', _BODIES[b][1], a,
-            **({'min_input_size': (3, 224, 224)} if b == 'inception_v3' else {}))
-        for name, (b, a) in _MODEL_DEFS.items()
-    },
-    # generic entrypoint: body and aggregation come from its arguments, weights from create_ssanet
-    # or from an exported config (hf-hub: / local-dir:), so it has no default weights of its own
-    'ssanet': {
-        'input_size': (3, 448, 448), 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'paper_ids': _PAPER_ID, 'paper_name': _PAPER,
-    },
+    **{f'{name}.{_BODIES[b][0]}': _registered_cfg(b, a) for name, (b, a) in _MODEL_DEFS.items()},
+    # generic entrypoint: body=, aggregation= and img_size= pick the model; this is its default
+    f'ssanet.{_BODIES[_GENERIC_BODY][0]}': _registered_cfg(_GENERIC_BODY, 'plus', architecture='ssanet'),
 })
 
 
 @register_model
 def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet over the timm body named by ``body=`` (default 'vgg16') with ``aggregation=`` (default 'plus')."""
+    """SSANet over the timm model named by ``body=`` (default 'resnet18', a tag picks its weights) with
+    ``aggregation=`` (default 'plus') at ``img_size=`` (default 448)."""
+    body = kwargs.setdefault('body', _GENERIC_BODY)
+    aggregation = kwargs.setdefault('aggregation', 'plus')
+    img_size = to_2tuple(kwargs.get('img_size', 448))[0]
+    if not kwargs.get('pretrained_cfg') and (body, aggregation, img_size) != (_GENERIC_BODY, 'plus', 448):
+        kwargs['pretrained_cfg'] = generic_cfg(
+            body, aggregation, img_size, kwargs.get('in_chans', 3), kwargs.get('body_kwargs'))
     return _build('ssanet', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_resnet18_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus (H = alpha*O + F) on ResNet-18 (the built-in demo's model)."""
+    return _create_ssanet('ssanet_resnet18_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_resnet18_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention (body + FE head) on ResNet-18."""
+    return _create_ssanet('ssanet_resnet18_no_attention', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_convnext_tiny_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus on ConvNeXt-Tiny (ImageNet-12k -> 1k body), 448 px."""
+    return _create_ssanet('ssanet_convnext_tiny_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_convnext_tiny_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention on ConvNeXt-Tiny, 448 px."""
+    return _create_ssanet('ssanet_convnext_tiny_no_attention', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_efficientnet_b0_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus on EfficientNet-B0, 448 px."""
+    return _create_ssanet('ssanet_efficientnet_b0_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_efficientnet_b0_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention on EfficientNet-B0, 448 px."""
+    return _create_ssanet('ssanet_efficientnet_b0_no_attention', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_vit_small_patch16_384_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus on ViT-S/16 (AugReg ImageNet-21k -> 1k), 384 px: a 24 x 24 patch grid."""
+    return _create_ssanet('ssanet_vit_small_patch16_384_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_vit_small_patch16_384_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention on ViT-S/16, 384 px."""
+    return _create_ssanet('ssanet_vit_small_patch16_384_no_attention', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_eva02_tiny_patch14_336_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus on EVA-02-Ti/14 (MIM ImageNet-22k -> 1k), 336 px: a 24 x 24 patch grid."""
+    return _create_ssanet('ssanet_eva02_tiny_patch14_336_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_eva02_tiny_patch14_336_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention on EVA-02-Ti/14, 336 px."""
+    return _create_ssanet('ssanet_eva02_tiny_patch14_336_no_attention', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_swin_tiny_patch4_window7_224_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet-plus on Swin-T, 224 px (fixed input size): a 7 x 7 map."""
+    return _create_ssanet('ssanet_swin_tiny_patch4_window7_224_plus', pretrained, **kwargs)
+
+
+@register_model
+def ssanet_swin_tiny_patch4_window7_224_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """SSANet without attention on Swin-T, 224 px (fixed input size)."""
+    return _create_ssanet('ssanet_swin_tiny_patch4_window7_224_no_attention', pretrained, **kwargs)
 
 
 @register_model

@@ -1,0 +1,198 @@
+"""How any timm image model becomes an SSANet body: classifier removed, final map read as NCHW.
+
+SSANet needs the body's final unpooled map F as ``(B, K, H, W)``. timm models give it in one of
+three layouts, decided once at construction by a forward pass on the meta device:
+
+* ``NCHW``: CNN maps (ResNet, VGG, DenseNet, ConvNeXt, EfficientNet, RegNet, MaxViT, FastViT, ...).
+* ``NHWC``: models whose ``output_fmt`` says so (Swin and its relatives); permuted.
+* ``NLC``: token models (ViT, DeiT, EVA / EVA-02, BEiT, DINOv2, CLIP ViTs); the prefix tokens
+  (class, register, distillation) are dropped and the patch grid is restored from the input size,
+  with ``dynamic_img_size`` switched on where the model has it, so any input size works.
+
+The classifier, pre-logits and pooling are removed with timm's own
+``prune_intermediate_layers(prune_head=True)``, unless that would also cut into
+``forward_features`` (FastViT's final conv), in which case only ``reset_classifier(0, '')`` is
+applied. A model whose ``forward_features`` has no spatial map is refused.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.layers import to_2tuple
+
+__all__ = ['BodyLayout', 'BodyProbe', 'create_body', 'probe_body', 'tokens_to_map']
+
+MAP_FORMATS = ('NCHW', 'NHWC', 'NLC')
+
+
+@dataclass(frozen=True)
+class BodyLayout:
+    """How the body's ``forward_features`` output becomes F."""
+    fmt: str  # one of MAP_FORMATS
+    channels: int  # K
+    reduction: int  # input pixels per map position (token models: the patch size)
+    num_prefix_tokens: int = 0  # NLC only
+    pad: bool = False  # NLC only: partial patches are padded (grid = ceil(size / reduction))
+
+
+@dataclass(frozen=True)
+class BodyProbe:
+    """What a meta-device build of a body tells before any memory is allocated."""
+    layout: BodyLayout
+    map_size: Tuple[int, int]  # (H, W) of F at the probed input size
+    prune_head: bool  # timm's prune_intermediate_layers(prune_head=True) keeps forward_features intact
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the body's constructor kwargs
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        return bool(self.kwargs.get('dynamic_img_size', False))
+
+
+def tokens_to_map(x: torch.Tensor, height: int, width: int, layout_reduction: int, num_prefix_tokens: int,
+                  pad: bool) -> torch.Tensor:
+    """Token sequence ``(B, prefix + H*W, C)`` of an image ``height`` x ``width`` -> ``(B, C, H, W)``."""
+    if pad:
+        grid_h = (height + layout_reduction - 1) // layout_reduction
+        grid_w = (width + layout_reduction - 1) // layout_reduction
+    else:
+        grid_h = height // layout_reduction
+        grid_w = width // layout_reduction
+    x = x[:, num_prefix_tokens:]
+    return x.reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _build(
+        name: str,
+        pretrained: bool,
+        in_chans: int,
+        kwargs: Dict[str, Any],
+        device: torch.device,
+        dtype: Optional[torch.dtype],
+) -> nn.Module:
+    with torch.device(device):
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=0, in_chans=in_chans, device=device, dtype=dtype, **kwargs)
+
+
+def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, ...]:
+    probe = torch.empty(1, in_chans, *img_size, device='meta')
+    with torch.no_grad():
+        return tuple(body.forward_features(probe).shape)
+
+
+def _probe_kwargs(arch: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The body's constructor kwargs: ``img_size`` where the model takes one (token models,
+    windowed models), ``dynamic_img_size=True`` where a token model has it."""
+    meta = torch.device('meta')
+    kwargs = dict(body_kwargs)
+    try:
+        body = _build(arch, False, in_chans, {'img_size': img_size, **kwargs}, meta, None)
+        kwargs.setdefault('img_size', img_size)
+    except TypeError:
+        body = _build(arch, False, in_chans, kwargs, meta, None)
+    if len(_output_shape(body, in_chans, img_size)) == 3 and 'dynamic_img_size' not in kwargs:
+        try:
+            _build(arch, False, in_chans, {'dynamic_img_size': True, **kwargs}, meta, None)
+            kwargs['dynamic_img_size'] = True
+        except TypeError:
+            pass
+    return kwargs
+
+
+def _strip_head(body: nn.Module, prune_head: bool) -> None:
+    if prune_head:
+        body.prune_intermediate_layers(len(body.feature_info), prune_head=True)
+    else:
+        body.reset_classifier(0, '')
+
+
+def _layout(body: nn.Module, name: str, in_chans: int, img_size: Tuple[int, int]) -> BodyLayout:
+    shape = _output_shape(body, in_chans, img_size)
+    reduction = int(body.feature_info[-1]['reduction'])
+    channels = int(body.num_features)
+    if len(shape) == 4:
+        nhwc = getattr(body, 'output_fmt', 'NCHW') == 'NHWC'
+        fmt, channels = ('NHWC', shape[-1]) if nhwc else ('NCHW', shape[1])
+        return BodyLayout(fmt, int(channels), reduction)
+    if len(shape) == 3 and hasattr(body, 'patch_embed'):
+        prefix = int(getattr(body, 'num_prefix_tokens', 0))
+        pad = bool(getattr(body, 'dynamic_img_pad', False))
+        grid = [(s + reduction - 1) // reduction if pad else s // reduction for s in img_size]
+        if shape[1] - prefix == grid[0] * grid[1]:
+            return BodyLayout('NLC', int(shape[-1]), reduction, prefix, pad)
+    raise ValueError(
+        f'timm model {name!r} has no spatial feature map: its forward_features gives shape {list(shape)} '
+        f'at {img_size[0]}x{img_size[1]} px, while SSANet needs a (B, C, H, W) map, an NHWC map or patch tokens '
+        'on a grid (ViT-style)')
+
+
+def probe_body(
+        name: str,
+        in_chans: int,
+        img_size: Union[int, Tuple[int, int]],
+        body_kwargs: Optional[Dict[str, Any]] = None,
+) -> BodyProbe:
+    """Build the body on the meta device and find how to strip its head and read its map."""
+    arch = name.partition('.')[0]
+    if not timm.is_model(arch):
+        raise ValueError(f'unknown timm model {arch!r} as SSANet body')
+    img_size = to_2tuple(img_size)
+    meta = torch.device('meta')
+    kwargs = _probe_kwargs(arch, in_chans, img_size, dict(body_kwargs or {}))
+    probe = _build(arch, False, in_chans, kwargs, meta, None)
+    full_shape = _output_shape(probe, in_chans, img_size)
+    probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
+    prune_head = _output_shape(probe, in_chans, img_size) == full_shape
+    if not prune_head:
+        probe = _build(arch, False, in_chans, kwargs, meta, None)
+        _strip_head(probe, prune_head=False)
+    layout = _layout(probe, name, in_chans, img_size)
+    shape = _output_shape(probe, in_chans, img_size)
+    if layout.fmt == 'NCHW':
+        map_hw = shape[2:]
+    elif layout.fmt == 'NHWC':
+        map_hw = shape[1:3]
+    else:
+        map_hw = tokens_to_map(torch.empty(shape, device=meta), *img_size, layout.reduction,
+                               layout.num_prefix_tokens, layout.pad).shape[2:]
+    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs)
+
+
+def create_body(
+        name: str,
+        in_chans: int,
+        img_size: Union[int, Tuple[int, int]],
+        pretrained: bool,
+        body_kwargs: Dict[str, Any],
+        device: torch.device,
+        dtype: Optional[torch.dtype],
+) -> Tuple[nn.Module, BodyLayout]:
+    """Build a timm model without its classifier / pre-logits / pooling, and say how to read its map.
+
+    A body built without weights is built eagerly, so it has exactly the init of the bare timm model
+    (zero-init residual norms, layer scale, ...); with ``pretrained`` timm loads the weights through
+    the body module's own checkpoint filter (position-embedding resampling, layout conversions,
+    ``in_chans`` adaptation). On the meta device nothing is allocated.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag ('vit_small_patch16_384.augreg_in21k_ft_in1k').
+        in_chans: Input image channels.
+        img_size: Input size the body is built for (position embeddings, attention windows).
+        pretrained: Load the body's weights for the tag (timm's default tag when none is given).
+        body_kwargs: Extra keyword arguments for the body's timm constructor.
+        device: Where the parameters live.
+        dtype: Parameter dtype.
+
+    Returns:
+        The body and its ``BodyLayout``.
+    """
+    probe = probe_body(name, in_chans, img_size, body_kwargs)
+    if device.type == 'meta':
+        body = _build(name.partition('.')[0], False, in_chans, probe.kwargs, device, dtype)
+    else:
+        body = _build(name, pretrained, in_chans, probe.kwargs, device, dtype)
+    _strip_head(body, probe.prune_head)
+    return body, probe.layout
