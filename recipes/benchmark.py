@@ -10,6 +10,7 @@ growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
     python recipes/benchmark.py --sections ssa --device cuda
     python recipes/benchmark.py --sections ssa,train --device cuda --amp bf16
     python recipes/benchmark.py --sections cache
+    python recipes/benchmark.py --sections train --model ssanet_vit_small_patch16_224_plus --img-size 448
 """
 import argparse
 import json
@@ -37,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--ssa-batch', type=int, default=4)
     parser.add_argument('--ssa-channels', type=int, default=512)
     parser.add_argument('--ssa-sizes', default='14,28,56', help='feature map sides: N = side^2')
-    parser.add_argument('--model', default='ssanet_vgg16_plus')
+    parser.add_argument('--model', default='ssanet_vgg16_plus',
+                        help='comma separated ssanet_<timm body>_<aggregation> names for the train section, '
+                             'e.g. ssanet_vgg16_plus,ssanet_vit_small_patch16_224_plus (a token body)')
     parser.add_argument('--img-size', type=int, default=448)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
@@ -147,7 +150,7 @@ class BareBody(nn.Module):
 def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
     """One SGD step (forward, loss, backward, update) of the SSANet or of its bare body."""
     torch.manual_seed(0)
-    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes).to(device).train()
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size).to(device).train()
     if kind == 'bare':
         model = BareBody(model, num_classes).to(device).train()
         loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -199,13 +202,13 @@ def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
     return rows
 
 
-def bench_train(args: argparse.Namespace, device: torch.device) -> dict:
-    case_args = {k: (k, args.model, args.img_size, args.batch_size, args.num_classes, str(device), args.amp)
+def bench_train(args: argparse.Namespace, device: torch.device, model_name: str) -> dict:
+    case_args = {k: (k, model_name, args.img_size, args.batch_size, args.num_classes, str(device), args.amp)
                  for k in ('ssanet', 'bare')}
     times = run_interleaved({k: train_case(*a) for k, a in case_args.items()}, args.repeats, device)
     median = {k: statistics.median(t) for k, t in times.items()}
     return dict(
-        model=args.model, img_size=args.img_size, batch=args.batch_size,
+        model=model_name, img_size=args.img_size, batch=args.batch_size,
         ssanet_s=median['ssanet'], bare_s=median['bare'], overhead_pct=(median['ssanet'] / median['bare'] - 1) * 100,
         ssanet_peak_mb=_peak_memory_mb('train', case_args['ssanet'], device),
         bare_peak_mb=_peak_memory_mb('train', case_args['bare'], device),
@@ -217,7 +220,8 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
     import tempfile
     sys.path.insert(0, str(Path(__file__).parent))
     import train
-    common = ['--model', args.model, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-backbone',
+    model_name = args.model.split(',')[0]
+    common = ['--model', model_name, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-backbone',
               '--builtin-train-per-class', str(args.cache_per_class), '--builtin-val-per-class', '1',
               '--batch-size', str(args.batch_size), '--workers', '0'] + (['--cpu'] if device.type == 'cpu' else [])
     speed = {}
@@ -229,7 +233,7 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
             total = time.perf_counter() - start
             epoch = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
             speed[kind] = dict(images_per_s=epoch['images_per_s'], run_s=total)
-    return dict(model=args.model, img_size=args.img_size, images=10 * args.cache_per_class,
+    return dict(model=model_name, img_size=args.img_size, images=10 * args.cache_per_class,
                 images_per_s=speed['images']['images_per_s'], cached_images_per_s=speed['cache']['images_per_s'],
                 epoch_speedup=speed['cache']['images_per_s'] / speed['images']['images_per_s'],
                 uncached_run_s=speed['images']['run_s'], cached_run_s_with_cache_build=speed['cache']['run_s'])
@@ -261,13 +265,14 @@ def main(argv=None) -> dict:
                   f'{r["speedup"]:.2f}x | {r["sdpa_infer_ms"]:.1f} | {r["reference_infer_ms"]:.1f} | '
                   f'{r["infer_speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
     if 'train' in sections:
-        t = result['train'] = bench_train(args, device)
-        print(f'\nTrain step, {t["model"]} vs bare body + GAP + linear, {t["img_size"]} px, batch {t["batch"]}, '
+        result['train'] = [bench_train(args, device, name) for name in args.model.split(',')]
+        print(f'\nTrain step, SSANet vs its bare body + GAP + linear, {args.img_size} px, batch {args.batch_size}, '
               f'autocast {args.amp}')
-        print('| model | step ms | peak MB |\n|---|---|---|')
-        print(f'| {t["model"]} | {t["ssanet_s"] * 1e3:.1f} | {t["ssanet_peak_mb"]:.0f} |')
-        print(f'| bare body | {t["bare_s"] * 1e3:.1f} | {t["bare_peak_mb"]:.0f} |')
-        print(f'SSA + heads overhead: {t["overhead_pct"]:+.1f}%')
+        print('| model | SSANet step ms | bare body step ms | overhead | SSANet peak MB | bare peak MB |')
+        print('|---|---|---|---|---|---|')
+        for t in result['train']:
+            print(f'| {t["model"]} | {t["ssanet_s"] * 1e3:.1f} | {t["bare_s"] * 1e3:.1f} | {t["overhead_pct"]:+.1f}% | '
+                  f'{t["ssanet_peak_mb"]:.0f} | {t["bare_peak_mb"]:.0f} |')
     if 'cache' in sections:
         c = result['cache'] = bench_cache(args, device)
         print(f'\nFrozen-body training epoch, {c["model"]} at {c["img_size"]} px, {c["images"]} images')

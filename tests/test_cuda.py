@@ -49,7 +49,7 @@ def test_bf16_autocast_uses_a_fused_kernel_and_stays_close():
 def test_ssanet_gpu_eval_matches_cpu_and_trains_under_bf16(exact_fp32):
     torch.manual_seed(0)
     model = timm.create_model('ssanet', body='resnet18', num_classes=5).eval()
-    model.attn.alpha.data.fill_(0.5)
+    model.head.attn.alpha.data.fill_(0.5)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         cpu = model(x)
@@ -63,7 +63,7 @@ def test_ssanet_gpu_eval_matches_cpu_and_trains_under_bf16(exact_fp32):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert model.attn.alpha.grad is not None and model.attn.alpha.grad.abs() > 0
+    assert model.head.attn.alpha.grad is not None and model.head.attn.alpha.grad.abs() > 0
 
 
 def test_self_ad_loss_on_gpu_matches_cpu_without_a_host_sync():

@@ -3,6 +3,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -43,7 +44,7 @@ CHECK = """
         first_conv=list(sd['body.{first_conv}.weight'].shape),
         first_conv_sum=torch.allclose(sd['body.{first_conv}.weight'][:, 0], ref['{first_conv}.weight'].sum(1)),
         out=list(model.eval()(torch.randn(2, model.in_chans, 96, 96)).shape),
-        alpha=float(model.attn.alpha),
+        alpha=float(model.head.attn.alpha),
     )))
 """
 
@@ -70,18 +71,52 @@ def test_checkpoint_of_another_body_is_refused(tmp_path):
     code = "import timm, ssa_timm; timm.create_model('ssanet_densenet121_plus', pretrained=True)"
     proc = run_python('-c', code, env=dict(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='1'), check=False)
     assert proc.returncode != 0
-    assert 'do not fit the DenseNet body' in proc.stderr
+    assert "do not fit the DenseNet body" in proc.stderr and "densenet121.tv_in1k" in proc.stderr
 
 
-def test_vgg_torchvision_layout_filter():
-    """VGG-16's torchvision-layout keys go through timm's own filter; fc6/fc7/fc8 are dropped."""
-    from ssa_timm.models.ssanet import _filter_body_weights
-    model = timm.create_model('ssanet_vgg16_plus', num_classes=5)
-    features = {k: torch.randn_like(v) for k, v in model.body.state_dict().items()}
-    checkpoint = dict(features)
-    checkpoint['classifier.0.weight'] = torch.zeros(8, 512 * 7 * 7)  # shrunk fc6, only its key layout matters
-    checkpoint['classifier.6.bias'] = torch.zeros(1000)
-    out = _filter_body_weights(checkpoint, model)
+def test_body_checkpoint_file_overlay_goes_through_the_body_filter(tmp_path):
+    """A bare body checkpoint given as a file (timm's ``pretrained_cfg_overlay``) loads into the body."""
+    from ssa_timm.models.ssanet import _filter_checkpoint
+    model = timm.create_model('ssanet_resnet18_plus', num_classes=5)
+    checkpoint = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.body.state_dict().items()}
+    checkpoint['fc.weight'] = torch.zeros(1000, 512)  # the bare model's classifier is dropped
+    out = _filter_checkpoint(checkpoint, model)
     assert set(out) == set(model.state_dict())
     model.load_state_dict(out)
-    assert all(torch.equal(model.body.state_dict()[k], v) for k, v in features.items())
+    assert all(torch.equal(model.body.state_dict()[k], v) for k, v in checkpoint.items() if k != 'fc.weight')
+
+
+# the same load through timm itself: what a bare body with these weights holds
+BARE = """
+    import json, torch, timm, ssa_timm
+    model = {build}
+    bare = timm.create_model('{body}', pretrained=True, num_classes=0, **{bare_kwargs})
+    ours, theirs = model.body.state_dict(), bare.state_dict()
+    print(json.dumps(dict(
+        equal=all(torch.equal(v, theirs[k]) for k, v in ours.items()),
+        n_body=len(ours),
+        missing=[k for k in ours if k not in theirs],
+        notes=model.pretrained_cfg['notes'][0],
+        pos_embed=list(ours['pos_embed'].shape) if 'pos_embed' in ours else None,
+    )))
+"""
+
+
+@pytest.mark.parametrize('body,img_size,bare_kwargs,pos_embed', [
+    # a 14 x 14 checkpoint resampled by vision_transformer's own checkpoint_filter_fn to a 7 x 7 grid
+    ('vit_tiny_patch16_224.augreg_in21k_ft_in1k', 112, dict(img_size=112, dynamic_img_size=True), [1, 50, 192]),
+    ('swin_tiny_patch4_window7_224.ms_in1k', 224, {}, None),
+    ('resnet18.a1_in1k', 448, {}, None),
+])
+def test_pretrained_body_loads_through_its_own_checkpoint_filter_offline(tmp_path, body, img_size, bare_kwargs,
+                                                                          pos_embed):
+    """The cache holds the body's checkpoint in its real key layout at its own size (classifier
+    included); SSANet's body ends up exactly as the bare timm model loads it."""
+    arch = body.partition('.')[0]
+    torch.manual_seed(0)
+    write_hub_cache(tmp_path, f'timm/{body}', timm.create_model(arch).state_dict())
+    build = f"ssa_timm.create_ssanet('{body}', 'plus', pretrained=True, num_classes=7, img_size={img_size})"
+    result = run_offline(tmp_path, BARE.format(build=build, body=body, bare_kwargs=bare_kwargs))
+    assert result['equal'] and not result['missing'] and result['n_body'] > 10
+    assert result['notes'].startswith(f'Body weights from timm/{body}')
+    assert result['pos_embed'] == pos_embed

@@ -7,7 +7,8 @@ three layouts, decided once at construction by a forward pass on the meta device
 * ``NHWC``: models whose ``output_fmt`` says so (Swin and its relatives); permuted.
 * ``NLC``: token models (ViT, DeiT, EVA / EVA-02, BEiT, DINOv2, CLIP ViTs); the prefix tokens
   (class, register, distillation) are dropped and the patch grid is restored from the input size,
-  with ``dynamic_img_size`` switched on where the model has it, so any input size works.
+  with ``dynamic_img_size`` / ``dynamic_img_pad`` switched on where the model has them, so any
+  input size works.
 
 The classifier, pre-logits and pooling are removed with timm's own
 ``prune_intermediate_layers(prune_head=True)``, unless that would also cut into
@@ -45,6 +46,7 @@ class BodyProbe:
     map_size: Tuple[int, int]  # (H, W) of F at the probed input size
     prune_head: bool  # timm's prune_intermediate_layers(prune_head=True) keeps forward_features intact
     kwargs: Dict[str, Any] = field(default_factory=dict)  # the body's constructor kwargs
+    model: Optional[nn.Module] = None  # the meta-device body, head stripped
 
     @property
     def dynamic_img_size(self) -> bool:
@@ -72,9 +74,12 @@ def _build(
         device: torch.device,
         dtype: Optional[torch.dtype],
 ) -> nn.Module:
+    # With weights the classifier keeps the checkpoint's size, so timm loads strictly: a checkpoint
+    # of another model fails here instead of leaving layers at random init.
+    head = {} if pretrained else {'num_classes': 0}
     with torch.device(device):
         return timm.create_model(
-            name, pretrained=pretrained, num_classes=0, in_chans=in_chans, device=device, dtype=dtype, **kwargs)
+            name, pretrained=pretrained, in_chans=in_chans, device=device, dtype=dtype, **head, **kwargs)
 
 
 def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, ...]:
@@ -85,7 +90,8 @@ def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> 
 
 def _probe_kwargs(arch: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The body's constructor kwargs: ``img_size`` where the model takes one (token models,
-    windowed models), ``dynamic_img_size=True`` where a token model has it."""
+    windowed models); for token models ``dynamic_img_size=True`` and ``dynamic_img_pad=True`` where
+    the model has them, so any input size gives a grid (partial patches padded)."""
     meta = torch.device('meta')
     kwargs = dict(body_kwargs)
     try:
@@ -94,11 +100,12 @@ def _probe_kwargs(arch: str, in_chans: int, img_size: Tuple[int, int], body_kwar
     except TypeError:
         body = _build(arch, False, in_chans, kwargs, meta, None)
     if len(_output_shape(body, in_chans, img_size)) == 3 and 'dynamic_img_size' not in kwargs:
-        try:
-            _build(arch, False, in_chans, {'dynamic_img_size': True, **kwargs}, meta, None)
-            kwargs['dynamic_img_size'] = True
-        except TypeError:
-            pass
+        for dynamic in ({'dynamic_img_size': True, 'dynamic_img_pad': True}, {'dynamic_img_size': True}):
+            try:
+                _build(arch, False, in_chans, {**dynamic, **kwargs}, meta, None)
+            except TypeError:
+                continue
+            return {**dynamic, **kwargs}
     return kwargs
 
 
@@ -119,7 +126,7 @@ def _layout(body: nn.Module, name: str, in_chans: int, img_size: Tuple[int, int]
         return BodyLayout(fmt, int(channels), reduction)
     if len(shape) == 3 and hasattr(body, 'patch_embed'):
         prefix = int(getattr(body, 'num_prefix_tokens', 0))
-        pad = bool(getattr(body, 'dynamic_img_pad', False))
+        pad = bool(getattr(body.patch_embed, 'dynamic_img_pad', getattr(body, 'dynamic_img_pad', False)))
         grid = [(s + reduction - 1) // reduction if pad else s // reduction for s in img_size]
         if shape[1] - prefix == grid[0] * grid[1]:
             return BodyLayout('NLC', int(shape[-1]), reduction, prefix, pad)
@@ -158,7 +165,7 @@ def probe_body(
     else:
         map_hw = tokens_to_map(torch.empty(shape, device=meta), *img_size, layout.reduction,
                                layout.num_prefix_tokens, layout.pad).shape[2:]
-    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs)
+    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs, probe)
 
 
 def create_body(
@@ -193,6 +200,12 @@ def create_body(
     if device.type == 'meta':
         body = _build(name.partition('.')[0], False, in_chans, probe.kwargs, device, dtype)
     else:
-        body = _build(name, pretrained, in_chans, probe.kwargs, device, dtype)
+        try:
+            body = _build(name, pretrained, in_chans, probe.kwargs, device, dtype)
+        except RuntimeError as e:
+            if not pretrained or 'state_dict' not in str(e):
+                raise
+            raise RuntimeError(f'the pretrained weights of {name!r} do not fit the {type(probe.model).__name__} body: '
+                               f'{str(e).splitlines()[0]} ...') from e
     _strip_head(body, probe.prune_head)
     return body, probe.layout

@@ -34,23 +34,25 @@ _PAPER = 'Spatial self-attention network with self-attention distillation for fi
 _PAPER_ID = f'doi:{PAPER_DOI}'
 
 # Registered bodies: timm name -> (weights tag in timm's own Hub repos, input size, map size at that
-# input, fixed input size).
+# input, fixed input size, body kwargs).
 # The paper's five bodies at the paper's 448 px, then a curated set of modern bodies, each at the
 # input size it was trained for or 448 where that fits.
 _PAPER_BODIES = {
-    'vgg16': ('tv_in1k', 448, 14, False),
-    'resnet50': ('tv_in1k', 448, 14, False),
-    'inception_v3': ('tv_in1k', 448, 12, False),
-    'densenet121': ('tv_in1k', 448, 14, False),
-    'densenet161': ('tv_in1k', 448, 14, False),
+    'vgg16': ('tv_in1k', 448, 14, False, {}),
+    'resnet50': ('tv_in1k', 448, 14, False, {}),
+    'inception_v3': ('tv_in1k', 448, 12, False, {}),
+    'densenet121': ('tv_in1k', 448, 14, False, {}),
+    'densenet161': ('tv_in1k', 448, 14, False, {}),
 }
 _CURATED_BODIES = {
-    'resnet18': ('a1_in1k', 448, 14, False),
-    'convnext_tiny': ('in12k_ft_in1k', 448, 14, False),
-    'efficientnet_b0': ('ra_in1k', 448, 14, False),
-    'vit_small_patch16_384': ('augreg_in21k_ft_in1k', 384, 24, False),
-    'eva02_tiny_patch14_336': ('mim_in22k_ft_in1k', 336, 24, False),
-    'swin_tiny_patch4_window7_224': ('ms_in1k', 224, 7, True),
+    'resnet18': ('a1_in1k', 448, 14, False, {}),
+    'convnext_tiny': ('in12k_ft_in1k', 448, 14, False, {}),
+    'efficientnet_b0': ('ra_in1k', 448, 14, False, {}),
+    # token bodies at a fixed size, like timm's own cfgs of these models: FX tracing cannot follow the
+    # dynamic position-embedding resampling (create_ssanet reads token bodies at any size)
+    'vit_small_patch16_384': ('augreg_in21k_ft_in1k', 384, 24, True, {'dynamic_img_size': False}),
+    'eva02_tiny_patch14_336': ('mim_in22k_ft_in1k', 336, 24, True, {'dynamic_img_size': False}),
+    'swin_tiny_patch4_window7_224': ('ms_in1k', 224, 7, True, {}),
 }
 _CURATED_VARIANTS = ('plus', 'no_attention')
 _MODEL_DEFS = {
@@ -254,12 +256,14 @@ class SSANet(nn.Module):
         pruned) the SSA head module goes too, and ``forward_features`` returns the body map.
         """
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.body.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=True)
+        # the body's own head is gone already; prune_head=False keeps layers some bodies run after
+        # their last tap (EfficientNet's conv_head, FastViT's final conv), which F is read after
+        self.body.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         prune_end = max_index < len(self.feature_info) - 1
         if prune_head or prune_end:
             self.head = None
             self.num_classes = 0
-            self.num_features = self.feature_info[max_index]['num_chs'] if prune_end else self.body_channels
+            self.num_features = self.feature_info[max_index]['num_chs'] if prune_end else self.body.num_features
             self.head_hidden_size = self.num_features
         return take_indices
 
@@ -340,13 +344,17 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         kwargs['body_pretrained'] = True
     if not cfg.fixed_input_size:
         kwargs.setdefault('img_size', cfg.input_size[-2:])
+    feature_cfg = dict(feature_cls='getter')
+    if kwargs.get('features_only'):
+        levels = probe_body(kwargs['body'], kwargs.get('in_chans', 3), cfg.input_size[-1], kwargs.get('body_kwargs'))
+        feature_cfg['out_indices'] = tuple(range(len(levels.model.feature_info)))
     model = build_model_with_cfg(
         SSANet,
         variant,
         pretrained and not body_weights,
         pretrained_cfg=cfg,
         pretrained_filter_fn=_filter_checkpoint,
-        feature_cfg=dict(feature_cls='getter'),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
     # the config says what was loaded, not what could have been
@@ -363,6 +371,8 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
 def _create_ssanet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
     body, aggregation = _MODEL_DEFS[variant]
     kwargs.setdefault('body', f'{body}.{_BODIES[body][0]}')
+    if _BODIES[body][4]:
+        kwargs.setdefault('body_kwargs', dict(_BODIES[body][4]))
     return _build(variant, pretrained, aggregation=aggregation, **kwargs)
 
 
@@ -409,7 +419,7 @@ def _cfg(
 
 
 def _registered_cfg(body: str, aggregation: str, **kwargs: Any) -> Dict[str, Any]:
-    tag, img_size, pool, fixed = _BODIES[body]
+    tag, img_size, pool, fixed, _ = _BODIES[body]
     if body == 'inception_v3':  # its last map collapses to 1x1 below 224 px
         kwargs.setdefault('min_input_size', (3, 224, 224))
     return _cfg(get_pretrained_cfg(f'{body}.{tag}'), aggregation, img_size, (pool, pool), fixed, **kwargs)

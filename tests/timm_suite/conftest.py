@@ -1,4 +1,4 @@
-"""Run timm's own ``tests/test_models.py`` against the ssanet_* models.
+"""Run timm's own ``tests/test_models.py`` against the ``ssanet`` / ``ssanet_*`` models.
 
 timm's test module is not committed: ``tests/timm_suite/run.sh`` fetches it from the sdist of the
 installed timm version. Importing ``ssa_timm`` here registers the models before collection, and
@@ -16,7 +16,7 @@ import timm.models
 
 import ssa_timm  # noqa: F401  (registers the models)
 
-_PATTERNS = os.environ.get('SSANET_MODELS', 'ssanet_*').split(',')
+_PATTERNS = os.environ.get('SSANET_MODELS', 'ssanet,ssanet_*').split(',')
 _list_models = timm.list_models
 _DOWNLOAD_TESTS = ('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained')
 
@@ -27,7 +27,7 @@ def _ours(name: str) -> bool:
 
 def _list_ours(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False, include_tags=None):
     names = _list_models(
-        filter=filter or 'ssanet_*', pretrained=pretrained, exclude_filters=exclude_filters,
+        filter=filter or 'ssanet*', pretrained=pretrained, exclude_filters=exclude_filters,
         name_matches_cfg=name_matches_cfg, include_tags=include_tags)
     return [n for n in names if _ours(n)]
 
