@@ -55,6 +55,9 @@ def test_body_family_trains_and_round_trips(body, tmp_path):
         logits = model(x)
     torch.testing.assert_close(final, features)
     assert len(intermediates) == len(model.feature_info)
+    model.set_grad_checkpointing(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), features)
 
     features_only = timm.create_model(
         'ssanet', body=body, img_size=size, features_only=True, out_indices=(-2, -1)).eval()

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
@@ -117,3 +119,26 @@ def test_model_cards_are_rendered_and_valid():
         assert card.data.base_model.startswith('timm/') and card.data.license
         assert card.data.eval_results is None  # ImageNet-body tags: nothing measured, nothing claimed
         assert 'import ssa_timm' in card.text and path.stem in card.text
+
+
+def test_exported_preprocessing_is_the_recipes(export):
+    """The export's data config, made into a transform by timm as the model cards say, squashes
+    a non-square image exactly as the recipes do (no center crop)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from ssa_timm.data import model_transform
+
+    import ssa_timm  # noqa: F401  (registers the models)
+    model = timm.create_model(f'local-dir:{export}', pretrained=True)
+    config = timm.data.resolve_data_config(model=model)
+    assert config['crop_mode'] == 'squash' and config['crop_pct'] == 1.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 70, 3), dtype=np.uint8))
+    recipe, size = model_transform(model)
+    from_card = timm.data.create_transform(**config)(image)
+    assert torch.equal(recipe(image), from_card)
+    squashed = TF.resize(image, [size, size], interpolation=InterpolationMode(config['interpolation']))
+    expected = TF.normalize(TF.to_tensor(squashed), config['mean'], config['std'])
+    torch.testing.assert_close(from_card, expected)

@@ -88,10 +88,16 @@ def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> 
         return tuple(body.forward_features(probe).shape)
 
 
-def _probe_kwargs(arch: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The body's constructor kwargs: ``img_size`` where the model takes one (token models,
-    windowed models); for token models ``dynamic_img_size=True`` and ``dynamic_img_pad=True`` where
-    the model has them, so any input size gives a grid (partial patches padded)."""
+def _probe_build(
+        arch: str,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        body_kwargs: Dict[str, Any],
+) -> Tuple[nn.Module, Dict[str, Any], Tuple[int, ...]]:
+    """Build the body on the meta device with its constructor kwargs: ``img_size`` where the model
+    takes one (token models, windowed models); for token models ``dynamic_img_size=True`` and
+    ``dynamic_img_pad=True`` where the model has them, so any input size gives a grid (partial
+    patches padded). Returns the model, the kwargs and its ``forward_features`` shape."""
     meta = torch.device('meta')
     kwargs = dict(body_kwargs)
     try:
@@ -99,14 +105,17 @@ def _probe_kwargs(arch: str, in_chans: int, img_size: Tuple[int, int], body_kwar
         kwargs.setdefault('img_size', img_size)
     except TypeError:
         body = _build(arch, False, in_chans, kwargs, meta, None)
-    if len(_output_shape(body, in_chans, img_size)) == 3 and 'dynamic_img_size' not in kwargs:
+    shape = _output_shape(body, in_chans, img_size)
+    if len(shape) == 3 and 'dynamic_img_size' not in kwargs:
         for dynamic in ({'dynamic_img_size': True, 'dynamic_img_pad': True}, {'dynamic_img_size': True}):
             try:
-                _build(arch, False, in_chans, {**dynamic, **kwargs}, meta, None)
+                body = _build(arch, False, in_chans, {**dynamic, **kwargs}, meta, None)
             except TypeError:
                 continue
-            return {**dynamic, **kwargs}
-    return kwargs
+            kwargs = {**dynamic, **kwargs}
+            shape = _output_shape(body, in_chans, img_size)
+            break
+    return body, kwargs, shape
 
 
 def _strip_head(body: nn.Module, prune_head: bool) -> None:
@@ -116,10 +125,8 @@ def _strip_head(body: nn.Module, prune_head: bool) -> None:
         body.reset_classifier(0, '')
 
 
-def _layout(body: nn.Module, name: str, in_chans: int, img_size: Tuple[int, int]) -> BodyLayout:
-    shape = _output_shape(body, in_chans, img_size)
+def _layout(body: nn.Module, name: str, shape: Tuple[int, ...], img_size: Tuple[int, int]) -> BodyLayout:
     reduction = int(body.feature_info[-1]['reduction'])
-    channels = int(body.num_features)
     if len(shape) == 4:
         nhwc = getattr(body, 'output_fmt', 'NCHW') == 'NHWC'
         fmt, channels = ('NHWC', shape[-1]) if nhwc else ('NCHW', shape[1])
@@ -147,24 +154,20 @@ def probe_body(
     if not timm.is_model(arch):
         raise ValueError(f'unknown timm model {arch!r} as SSANet body')
     img_size = to_2tuple(img_size)
-    meta = torch.device('meta')
-    kwargs = _probe_kwargs(arch, in_chans, img_size, dict(body_kwargs or {}))
-    probe = _build(arch, False, in_chans, kwargs, meta, None)
-    full_shape = _output_shape(probe, in_chans, img_size)
+    probe, kwargs, shape = _probe_build(arch, in_chans, img_size, dict(body_kwargs or {}))
     probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
-    prune_head = _output_shape(probe, in_chans, img_size) == full_shape
+    prune_head = _output_shape(probe, in_chans, img_size) == shape
     if not prune_head:
-        probe = _build(arch, False, in_chans, kwargs, meta, None)
+        probe = _build(arch, False, in_chans, kwargs, torch.device('meta'), None)
         _strip_head(probe, prune_head=False)
-    layout = _layout(probe, name, in_chans, img_size)
-    shape = _output_shape(probe, in_chans, img_size)
+    layout = _layout(probe, name, shape, img_size)
     if layout.fmt == 'NCHW':
         map_hw = shape[2:]
     elif layout.fmt == 'NHWC':
         map_hw = shape[1:3]
     else:
-        map_hw = tokens_to_map(torch.empty(shape, device=meta), *img_size, layout.reduction,
-                               layout.num_prefix_tokens, layout.pad).shape[2:]
+        map_hw = [(s + layout.reduction - 1) // layout.reduction if layout.pad else s // layout.reduction
+                  for s in img_size]
     return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs, probe)
 
 

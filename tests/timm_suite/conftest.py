@@ -6,7 +6,9 @@ installed timm version. Importing ``ssa_timm`` here registers the models before 
 ignored, so the ``forward_intermediates`` / prune tests that timm runs per model module run on
 ours too). Tests parametrized over hard-coded timm model names are deselected, and so are the
 tests that download pretrained weights (covered offline by ``tests/test_pretrained.py``).
-``SSANET_MODELS`` (fnmatch patterns, comma separated) narrows the set further.
+By default the run covers CI's subset: the generic ``ssanet``, every ``*_plus`` name (all eleven
+bodies) and the five ``ssanet_vgg16_*`` aggregations. ``SSANET_MODELS`` (fnmatch patterns, comma
+separated) picks another set; ``SSANET_MODELS='ssanet,ssanet_*'`` is the full run over all 38 names.
 """
 import fnmatch
 import os
@@ -16,7 +18,9 @@ import timm.models
 
 import ssa_timm  # noqa: F401  (registers the models)
 
-_PATTERNS = os.environ.get('SSANET_MODELS', 'ssanet,ssanet_*').split(',')
+# CI's subset (every body family, every aggregation); SSANET_MODELS='ssanet,ssanet_*' is the full run
+_CI_SUBSET = 'ssanet,ssanet_*_plus,ssanet_vgg16_*'
+_PATTERNS = os.environ.get('SSANET_MODELS', _CI_SUBSET).split(',')
 _list_models = timm.list_models
 _DOWNLOAD_TESTS = ('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained')
 
