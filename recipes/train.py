@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--weight-decay', type=float, default=None, help='default: 0.05 on builtin, else 5e-4')
     p.add_argument('--plateau-patience', type=int, default=2)
     p.add_argument('--scale-attn', action='store_true', help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
+    p.add_argument('--qk-norm', action='store_true',
+                   help='cosine attention: L2-normalised A and B with a learnable temperature (paper: unscaled dot products)')
     p.add_argument('--loss', choices=('ad', 'ce'), default='ad', help='Self-AD (Eq. 5) or CE on both heads')
     p.add_argument('--gamma', type=float, default=0.5)
     p.add_argument('--temperature', type=float, default=1.0)
@@ -111,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pretrained = args.dataset != 'builtin'
     if args.cache_features and not args.freeze_backbone:
         p.error('--cache-features needs --freeze-backbone (a training body changes its features)')
+    if args.qk_norm and args.scale_attn:
+        p.error('--qk-norm and --scale-attn exclude each other (qk_norm learns its own logit temperature)')
     return args
 
 
@@ -146,7 +150,7 @@ def training_function(args: argparse.Namespace) -> Dict:
     val_images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
                                samples_per_class=args.builtin_val_per_class)
     classes = train_images.classes
-    model_kwargs = {'scale_attn': True} if args.scale_attn else {}
+    model_kwargs = {k: True for k in ('scale_attn', 'qk_norm') if getattr(args, k)}
     model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_kwargs)
     transform, _ = model_transform(model, args.img_size)
     train_flip = EpochFlip(Transformed(train_images, transform), seed=args.seed)

@@ -40,6 +40,7 @@ class SSAHeads(nn.Module):
             act_layer: Optional[Callable[..., nn.Module]] = None,
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
+            qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             device=None,
             dtype=None,
@@ -55,6 +56,7 @@ class SSAHeads(nn.Module):
             act_layer: Optional activation after each head's BatchNorm (paper: none).
             qk_ratio: Channel fraction of the attention's A and B maps (paper: 1.0).
             scale_attn: Scale attention logits by 1/sqrt(d) (paper: unscaled).
+            qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
             fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
         """
@@ -72,8 +74,8 @@ class SSAHeads(nn.Module):
             self.ssa = None
         else:
             self.attn = SpatialSelfAttention(
-                in_chans, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, fused_attn=fused_attn,
-                **dd)
+                in_chans, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm,
+                fused_attn=fused_attn, **dd)
             self.ssa = BottleneckHead(in_chans, num_classes, **head_args)
         self.fe = BottleneckHead(in_chans, num_classes, **head_args)
         num_heads = 1 if self.attn is None else 2

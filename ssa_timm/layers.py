@@ -4,6 +4,7 @@ Paper: `Spatial self-attention network with self-attention distillation for fine
 recognition` (Baffour et al., JVCIR 2021), sections 3.2 (spatial self-attention, Fig. 3) and
 3.4 (classifier).
 """
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -36,7 +37,10 @@ class SpatialSelfAttention(nn.Module):
     * ``alpha``: ``alpha * O``
     * ``no_alpha``: ``O``
 
-    ``alpha`` is a learnable scalar initialised to 0. The attention runs either through
+    ``alpha`` is a learnable scalar initialised to 0. With ``qk_norm`` the logits are cosine
+    similarities times a learnable temperature (Swin-V2's cosine attention): A and B are
+    L2-normalised per position, so ``|A_i . B_j| <= tau`` and the softmax cannot saturate by the
+    growth of A and B alone; tau starts at 10 and is clamped at 100. The attention runs either through
     ``F.scaled_dot_product_attention`` (fused kernels) or through the plain matmul-softmax path,
     which ``forward_with_attention`` always takes because it must return S. By default the fused
     path serves eval mode (same speed or faster, and no N x N map in memory) and the plain path
@@ -50,6 +54,7 @@ class SpatialSelfAttention(nn.Module):
             aggregation: str = 'plus',
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
+            qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             device=None,
             dtype=None,
@@ -60,6 +65,8 @@ class SpatialSelfAttention(nn.Module):
             aggregation: One of ``AGGREGATIONS``.
             qk_ratio: Channels of A and B as a fraction of ``dim`` (the paper uses 1.0).
             scale_attn: Scale the logits by 1/sqrt(channels of A); the paper does not.
+            qk_norm: Cosine attention: L2-normalise A and B per position and scale by a learnable
+                temperature (the paper does not); replaces ``scale_attn``.
             fused_attn: True: always ``scaled_dot_product_attention``; False: always the plain path;
                 None: fused in eval mode (unless timm's ``TIMM_FUSED_ATTN=0`` or exportable
                 layer config turns it off), plain in training.
@@ -69,6 +76,9 @@ class SpatialSelfAttention(nn.Module):
             raise ValueError(f'aggregation must be one of {AGGREGATIONS}, got {aggregation!r}')
         if not 0. < qk_ratio <= 1.:
             raise ValueError(f'qk_ratio must be in (0, 1], got {qk_ratio}')
+        if qk_norm and scale_attn:
+            raise ValueError('qk_norm and scale_attn exclude each other: qk_norm scales the logits by its own '
+                             'learnable temperature')
         dd = {'device': device, 'dtype': dtype}
         qk_dim = max(1, int(dim * qk_ratio))
         self.dim = dim
@@ -80,6 +90,20 @@ class SpatialSelfAttention(nn.Module):
         self.conv_b = nn.Conv2d(dim, qk_dim, 1, **dd)
         self.conv_c = nn.Conv2d(dim, dim, 1, **dd)
         self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
+        self.qk_norm = qk_norm
+        # log of the cosine attention's temperature (Swin-V2: init 10, clamped at 100)
+        self.logit_scale = nn.Parameter(torch.full((), math.log(10.), **dd)) if qk_norm else None
+
+    def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """B (queries) and A (keys) as ``(B, d, N)``; with ``qk_norm`` unit vectors per position, the
+        queries times the temperature."""
+        q = self.conv_b(x).flatten(2)
+        k = self.conv_a(x).flatten(2)
+        if self.logit_scale is not None:
+            temperature = self.logit_scale.clamp(max=math.log(100.)).exp()
+            q = F.normalize(q, dim=1) * temperature
+            k = F.normalize(k, dim=1)
+        return q, k
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """O through ``F.scaled_dot_product_attention``, shaped like ``x``.
@@ -87,16 +111,16 @@ class SpatialSelfAttention(nn.Module):
         B (queries, index j), A (keys, index i) and C (values) go in as contiguous
         ``(B, 1, N, ch)``: the fused kernels need a unit stride on the channel axis.
         """
-        q = self.conv_b(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
-        k = self.conv_a(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        q, k = self._queries_keys(x)
+        q = q.transpose(1, 2).unsqueeze(1).contiguous()
+        k = k.transpose(1, 2).unsqueeze(1).contiguous()
         v = self.conv_c(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return attended.squeeze(1).transpose(1, 2).reshape(x.shape)
 
     def _plain(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """O (shaped like ``x``) and S ``(B, N, N)`` through matmul + softmax, channels first."""
-        q = self.conv_b(x).flatten(2)  # (B, d, N)
-        k = self.conv_a(x).flatten(2)
+        q, k = self._queries_keys(x)  # (B, d, N)
         v = self.conv_c(x).flatten(2)  # (B, K, N)
         attn = (q.transpose(1, 2) @ k * self.scale).softmax(dim=-1)  # S[j, i]
         # S @ C^T rather than C @ S^T: the gradient of S then comes out contiguous, with no N x N copy

@@ -12,6 +12,8 @@ def reference_ssa(layer: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
     a = layer.conv_a(x).flatten(2)  # (B, d, N)
     bq = layer.conv_b(x).flatten(2)
     c = layer.conv_c(x).flatten(2)  # (B, K, N)
+    if layer.qk_norm:  # cosine similarity times the learnable temperature
+        a, bq = a / a.norm(dim=1, keepdim=True), bq / bq.norm(dim=1, keepdim=True) * layer.logit_scale.exp()
     logits = torch.einsum('bdj,bdi->bji', bq, a) * layer.scale
     s = logits.softmax(dim=-1)
     o = torch.einsum('bji,bki->bkj', s, c).reshape(b, k, h, w)
@@ -38,10 +40,13 @@ def assert_matches_reference(layer: SpatialSelfAttention, x: torch.Tensor, tol: 
 
 
 @pytest.mark.parametrize('aggregation', AGGREGATIONS)
-@pytest.mark.parametrize('batch,k,hw,scale', [(1, 8, (3, 5), False), (2, 16, (7, 7), False), (3, 32, (14, 14), True)])
-def test_sdpa_matches_reference(aggregation, batch, k, hw, scale):
+@pytest.mark.parametrize('batch,k,hw,scale,qk_norm', [
+    (1, 8, (3, 5), False, False), (2, 16, (7, 7), False, False), (3, 32, (14, 14), True, False),
+    (2, 16, (7, 7), False, True),
+])
+def test_sdpa_matches_reference(aggregation, batch, k, hw, scale, qk_norm):
     torch.manual_seed(0)
-    layer = SpatialSelfAttention(k, aggregation=aggregation, scale_attn=scale, fused_attn=True)
+    layer = SpatialSelfAttention(k, aggregation=aggregation, scale_attn=scale, qk_norm=qk_norm, fused_attn=True)
     if layer.alpha is not None:
         layer.alpha.data.fill_(0.7)  # alpha starts at 0, which would hide O
     x = torch.randn(batch, k, *hw, requires_grad=True)
@@ -142,3 +147,19 @@ def test_head_reset_keeps_hidden_layers_and_pool():
 def test_head_rejects_pool_that_changes_channels():
     with pytest.raises(ValueError, match='changes the channel count'):
         SSAHead(16, 5, pool_type='catavgmax')
+
+
+def test_qk_norm_bounds_the_logits_by_its_temperature():
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(16, aggregation='no_alpha', qk_norm=True)
+    with pytest.raises(ValueError, match='qk_norm and scale_attn exclude each other'):
+        SpatialSelfAttention(16, qk_norm=True, scale_attn=True)
+    x = torch.randn(2, 16, 5, 5) * 1000  # huge activations: plain dot products would saturate
+    layer.conv_a.weight.data.mul_(100)
+    _, attn = layer.forward_with_attention(x)
+    # |logits| <= 10 (the initial temperature), so no row can be more peaked than e^20 : 1 over 25
+    assert attn.max() <= torch.tensor(20.).exp() / (torch.tensor(20.).exp() + 24) + 1e-6
+    assert attn.min() > 0
+    layer.logit_scale.data.fill_(10.)  # clamped at a temperature of 100
+    q, _ = layer._queries_keys(x)
+    torch.testing.assert_close(q.norm(dim=1), torch.full((2, 25), 100.))

@@ -217,3 +217,17 @@ def test_builder_on_a_body_without_hub_weights():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
     with pytest.raises(RuntimeError, match='has no pretrained weights'):
         create_ssanet('ssa_test_body_without_weights', pretrained=True)
+
+
+def test_qk_norm_model_round_trips_and_skips_weight_decay(tmp_path):
+    model = small(num_classes=3, qk_norm=True).eval()
+    assert model.no_weight_decay() == {'head.attn.alpha', 'head.attn.logit_scale'}
+    model.head.attn.alpha.data.fill_(0.5)
+    model.head.attn.logit_scale.data.fill_(2.0)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert loaded.head.attn.qk_norm and float(loaded.head.attn.logit_scale) == 2.0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x))

@@ -59,9 +59,13 @@ def test_registered_name_loads_imagenet_body_offline(tmp_path):
     assert result['out'] == [2, 200] and result['alpha'] == 0.0
 
 
-def test_builder_body_loads_its_default_tag_offline(tmp_path):
+@pytest.mark.parametrize('build', [
+    "ssa_timm.create_ssanet('resnet18', 'plus', pretrained=True, num_classes=7, in_chans=1)",
+    # what timm's train.py builds from --model ssanet --model-kwargs body=resnet18 --pretrained
+    "timm.create_model('ssanet', pretrained=True, body='resnet18', num_classes=7, in_chans=1)",
+])
+def test_builder_body_loads_its_default_tag_offline(tmp_path, build):
     write_hub_cache(tmp_path, 'timm/resnet18.a1_in1k', timm.create_model('resnet18').state_dict())
-    build = "ssa_timm.create_ssanet('resnet18', 'plus', pretrained=True, num_classes=7, in_chans=1)"
     result = run_offline(tmp_path, CHECK.format(repo='timm/resnet18.a1_in1k', build=build, first_conv='conv1'))
     assert result['body_ok'] and result['n_loaded'] == result['n_body'] and result['out'] == [2, 7]
 

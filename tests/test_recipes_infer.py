@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
+import ssa_timm
 from fixtures import TINY_TRAIN, run_recipe
 from ssa_timm.data import BuiltinFineGrained
+from ssa_timm.hub import export_model
 
 
 @pytest.fixture(scope='module')
@@ -107,3 +110,15 @@ def test_export_registered_name_random_weights(tmp_path):
            '--torchscript', str(tmp_path / 'r.pt'), '--report', str(tmp_path / 'report.json'))
     report = json.loads((tmp_path / 'report.json').read_text())
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['torchscript']['max_abs_diff'] <= 1e-4
+
+
+def test_export_qk_norm_model_to_onnx(tmp_path):
+    """A cosine-attention (qk_norm) export keeps its attention through ONNX (onnxruntime parity)."""
+    torch.manual_seed(0)
+    model = ssa_timm.create_ssanet('test_resnet', 'plus', qk_norm=True, num_classes=3, img_size=64).eval()
+    model.head.attn.alpha.data.fill_(0.5)  # alpha starts at 0, which would hide the attention
+    export_model(model, str(tmp_path / 'qk'), ['a', 'b', 'c'], img_size=64)
+    run_recipe('export.py', '--model', str(tmp_path / 'qk'), '--onnx', str(tmp_path / 'qk.onnx'),
+               '--report', str(tmp_path / 'report.json'))
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert report['onnx']['max_abs_diff'] <= 1e-4

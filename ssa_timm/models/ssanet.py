@@ -109,6 +109,7 @@ class SSANet(nn.Module):
             head_act_layer: Optional[str] = None,
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
+            qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
@@ -129,6 +130,7 @@ class SSANet(nn.Module):
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
             qk_ratio: Channel fraction of the attention's A and B maps (paper: 1.0).
             scale_attn: Scale attention logits by 1/sqrt(d) (paper: unscaled).
+            qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
             fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
             body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
@@ -155,7 +157,8 @@ class SSANet(nn.Module):
         self.head: Optional[SSAHeads] = SSAHeads(
             self.body_channels, num_classes, aggregation=aggregation, width=head_width, pool_type=global_pool,
             drop_rate=drop_rate, act_layer=get_act_layer(head_act_layer) if head_act_layer else None,
-            qk_ratio=qk_ratio, scale_attn=scale_attn, fused_attn=fused_attn, device=device, dtype=dtype)
+            qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm, fused_attn=fused_attn, device=device,
+            dtype=dtype)
         self.num_features = self.head.num_features
         self.head_hidden_size = self.head.head_hidden_size
 
@@ -171,8 +174,9 @@ class SSANet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         skip = {f'body.{n}' for n in getattr(self.body, 'no_weight_decay', lambda: set())()}
-        if self.head is not None and self.head.attn is not None and self.head.attn.alpha is not None:
-            skip.add('head.attn.alpha')
+        attn = self.head.attn if self.head is not None else None
+        if attn is not None:
+            skip.update(f'head.attn.{n}' for n in ('alpha', 'logit_scale') if getattr(attn, n) is not None)
         return skip
 
     @torch.jit.ignore
