@@ -53,6 +53,7 @@ def test_body_family_trains_and_round_trips(body, tmp_path):
         features = model.forward_features(x)
         final, intermediates = model.forward_intermediates(x)
         logits = model(x)
+        eval_map = model.forward_body(x)
     torch.testing.assert_close(final, features)
     assert len(intermediates) == len(model.feature_info)
     model.set_grad_checkpointing(True)
@@ -68,6 +69,17 @@ def test_body_family_trains_and_round_trips(body, tmp_path):
     loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), logits)
+
+    # pruned as timm prunes (prune_head=True), the model ends at the body's last tap, as an NCHW map:
+    # that is F, except for bodies with layers after their last tap (EfficientNet's conv_head,
+    # FastViT's final conv), which timm's pruning removes with the head
+    loaded.prune_intermediate_layers(len(loaded.feature_info), prune_head=True)
+    with torch.no_grad():
+        pruned = loaded.forward_features(x)
+    assert pruned.shape[1] == loaded.num_features == model.feature_info[-1]['num_chs']
+    assert pruned.shape[2:] == eval_map.shape[2:]
+    if pruned.shape[1] == model.body_channels:
+        torch.testing.assert_close(pruned, eval_map)
 
 
 def test_token_bodies_drop_prefix_tokens_and_restore_the_grid():
@@ -185,3 +197,22 @@ def test_generic_entrypoint_with_body_args_and_weights_notes():
     assert cfg['pool_size'] == (2, 2) and cfg['first_conv'] == 'body.stem.0' and cfg['crop_mode'] == 'squash'
     assert cfg['hf_hub_id'] is None and 'without pretrained weights' in cfg['notes'][0]
     assert model.head.attn is None and model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_feature_cache_of_a_token_body_holds_its_grid_maps(tmp_path):
+    from accelerate import Accelerator
+    from torch.utils.data import TensorDataset
+
+    from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
+
+    model = build('test_vit', 64).eval()
+    images = torch.randn(5, 3, 64, 64)
+    dataset = TensorDataset(images, torch.arange(5))
+    path = build_feature_cache(model, dataset, tmp_path / 'train.npy', True, Accelerator(cpu=True),
+                               meta={'model': 'test_vit', 'img_size': (64, 64)}, batch_size=2)
+    cached = CachedFeatures(path, range(5))
+    with torch.no_grad():
+        expected = model.forward_body(images)
+    assert cached[0][0].shape == expected.shape[1:] and expected.shape[2:] == (4, 4)
+    for i in range(5):
+        torch.testing.assert_close(cached[i][0], expected[i], atol=1e-5, rtol=1e-5)
