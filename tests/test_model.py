@@ -37,8 +37,10 @@ def test_registry_lists_the_paper_and_curated_names():
     assert generic.pool_size == (14, 14) and generic.first_conv == 'body.conv1' and generic.crop_mode == 'squash'
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_every_registered_name_trains_a_step(name):
+# every paper body once, every aggregation once (timm's suite in CI runs the backward of every *_plus name
+# and of every ssanet_vgg16_* aggregation too)
+@pytest.mark.parametrize('name', [f'ssanet_{b}_plus' for b in BODIES] + [f'ssanet_resnet50_{v}' for v in VARIANTS[1:]])
+def test_registered_names_train_a_step(name):
     model = timm.create_model(name, num_classes=3)
     model.set_distilled_training(True)
     x, y = torch.randn(2, 3, 96, 96), torch.tensor([0, 2])

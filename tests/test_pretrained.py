@@ -110,8 +110,7 @@ BARE = """
     # a 14 x 14 checkpoint resampled by vision_transformer's own checkpoint_filter_fn to a 7 x 7 grid
     ('vit_tiny_patch16_224.augreg_in21k_ft_in1k', 112, dict(img_size=112, dynamic_img_size=True), [1, 50, 192]),
     ('swin_tiny_patch4_window7_224.ms_in1k', 224, {}, None),
-    ('resnet18.a1_in1k', 448, {}, None),
-])
+])  # CNN bodies: the tests above
 def test_pretrained_body_loads_through_its_own_checkpoint_filter_offline(tmp_path, body, img_size, bare_kwargs,
                                                                           pos_embed):
     """The cache holds the body's checkpoint in its real key layout at its own size (classifier

@@ -7,19 +7,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from PIL import Image
 
-import ssa_timm
 from fixtures import TINY_TRAIN, run_recipe
 from ssa_timm.data import BuiltinFineGrained
-from ssa_timm.hub import export_model
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> Path:
+    """A tiny trained export, with cosine attention (--qk-norm) so the exports check that option too."""
     out = tmp_path_factory.mktemp('run')
-    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(out))
+    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--qk-norm', '--output-dir', str(out))
     return out / 'best'
 
 
@@ -96,6 +94,7 @@ def test_export_onnx_torchscript_compile(trained, tmp_path):
     run_recipe('export.py', '--model', str(trained), '--onnx', str(tmp_path / 'm.onnx'), '--torchscript',
            str(tmp_path / 'm.pt'), '--compile', '--report', str(tmp_path / 'report.json'))
     report = json.loads((tmp_path / 'report.json').read_text())
+    assert json.loads((trained / 'config.json').read_text())['model_args']['qk_norm'] is True  # --qk-norm kept
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['onnx']['batch_sizes'] == [1, 3]
     assert report['torchscript']['max_abs_diff'] <= 1e-4 and report['compile']['max_abs_diff'] <= 1e-4
     graph = onnx.load(str(tmp_path / 'm.onnx'))
@@ -111,14 +110,3 @@ def test_export_registered_name_random_weights(tmp_path):
     report = json.loads((tmp_path / 'report.json').read_text())
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['torchscript']['max_abs_diff'] <= 1e-4
 
-
-def test_export_qk_norm_model_to_onnx(tmp_path):
-    """A cosine-attention (qk_norm) export keeps its attention through ONNX (onnxruntime parity)."""
-    torch.manual_seed(0)
-    model = ssa_timm.create_ssanet('test_resnet', 'plus', qk_norm=True, num_classes=3, img_size=64).eval()
-    model.head.attn.alpha.data.fill_(0.5)  # alpha starts at 0, which would hide the attention
-    export_model(model, str(tmp_path / 'qk'), ['a', 'b', 'c'], img_size=64)
-    run_recipe('export.py', '--model', str(tmp_path / 'qk'), '--onnx', str(tmp_path / 'qk.onnx'),
-               '--report', str(tmp_path / 'report.json'))
-    report = json.loads((tmp_path / 'report.json').read_text())
-    assert report['onnx']['max_abs_diff'] <= 1e-4

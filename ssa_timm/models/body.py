@@ -149,12 +149,30 @@ def probe_body(
         img_size: Union[int, Tuple[int, int]],
         body_kwargs: Optional[Dict[str, Any]] = None,
 ) -> BodyProbe:
-    """Build the body on the meta device and find how to strip its head and read its map."""
+    """Build the body on the meta device and find how to strip its head and read its map.
+
+    Probes are remembered per (model, in_chans, img_size, kwargs): building the same SSANet again
+    (timm's test suite, model cards, the recipes) skips the meta-device passes.
+    """
     arch = name.partition('.')[0]
     if not timm.is_model(arch):
         raise ValueError(f'unknown timm model {arch!r} as SSANet body')
-    img_size = to_2tuple(img_size)
-    probe, kwargs, shape = _probe_build(arch, in_chans, img_size, dict(body_kwargs or {}))
+    img_size = tuple(to_2tuple(img_size))
+    try:
+        key = (arch, in_chans, img_size, tuple(sorted((body_kwargs or {}).items())))
+        hash(key)
+    except TypeError:  # unhashable kwargs: probe without remembering
+        return _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}))
+    if key not in _PROBES:
+        _PROBES[key] = _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}))
+    return _PROBES[key]
+
+
+_PROBES: Dict[Tuple, BodyProbe] = {}
+
+
+def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any]) -> BodyProbe:
+    probe, kwargs, shape = _probe_build(arch, in_chans, img_size, body_kwargs)
     probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
     prune_head = _output_shape(probe, in_chans, img_size) == shape
     if not prune_head:

@@ -6,8 +6,8 @@ installed timm version. Importing ``ssa_timm`` here registers the models before 
 ignored, so the ``forward_intermediates`` / prune tests that timm runs per model module run on
 ours too). Tests parametrized over hard-coded timm model names are deselected, and so are the
 tests that download pretrained weights (covered offline by ``tests/test_pretrained.py``).
-By default the run covers CI's subset: the generic ``ssanet``, every ``*_plus`` name (all eleven
-bodies) and the five ``ssanet_vgg16_*`` aggregations. ``SSANET_MODELS`` (fnmatch patterns, comma
+By default the run covers CI's subset: the generic ``ssanet`` (ResNet-18 body) and one name for
+each other body family, together covering every aggregation (``_CI_SUBSET``). ``SSANET_MODELS`` (fnmatch patterns, comma
 separated) picks another set; ``SSANET_MODELS='ssanet,ssanet_*'`` is the full run over all 38 names.
 """
 import fnmatch
@@ -18,8 +18,12 @@ import timm.models
 
 import ssa_timm  # noqa: F401  (registers the models)
 
-# CI's subset (every body family, every aggregation); SSANET_MODELS='ssanet,ssanet_*' is the full run
-_CI_SUBSET = 'ssanet,ssanet_*_plus,ssanet_vgg16_*'
+# CI's subset: every body family and every aggregation once; SSANET_MODELS='ssanet,ssanet_*' is the full run
+_CI_SUBSET = ','.join([
+    'ssanet', 'ssanet_vgg16_multiply', 'ssanet_resnet50_alpha', 'ssanet_inception_v3_no_alpha',
+    'ssanet_densenet121_no_attention', 'ssanet_convnext_tiny_plus', 'ssanet_efficientnet_b0_plus',
+    'ssanet_vit_small_patch16_384_plus', 'ssanet_eva02_tiny_patch14_336_plus', 'ssanet_swin_tiny_patch4_window7_224_plus',
+])
 _PATTERNS = os.environ.get('SSANET_MODELS', _CI_SUBSET).split(',')
 _list_models = timm.list_models
 _DOWNLOAD_TESTS = ('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained')

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run timm's own test_models.py (from the sdist of the installed timm) over the ssanet models.
-#   bash tests/timm_suite/run.sh                                   # CI's subset: ssanet, *_plus, ssanet_vgg16_*
+#   bash tests/timm_suite/run.sh                                   # CI's subset (conftest.py: _CI_SUBSET)
 #   SSANET_MODELS='ssanet,ssanet_*' bash tests/timm_suite/run.sh  # the full run, all 38 names
 #   SSANET_MODELS='ssanet_resnet50_*,ssanet_*_plus' bash tests/timm_suite/run.sh -x
 set -euo pipefail
