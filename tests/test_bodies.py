@@ -198,21 +198,3 @@ def test_generic_entrypoint_with_body_args_and_weights_notes():
     assert cfg['hf_hub_id'] is None and 'without pretrained weights' in cfg['notes'][0]
     assert model.head.attn is None and model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
-
-def test_feature_cache_of_a_token_body_holds_its_grid_maps(tmp_path):
-    from accelerate import Accelerator
-    from torch.utils.data import TensorDataset
-
-    from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
-
-    model = build('test_vit', 64).eval()
-    images = torch.randn(5, 3, 64, 64)
-    dataset = TensorDataset(images, torch.arange(5))
-    path = build_feature_cache(model, dataset, tmp_path / 'train.npy', True, Accelerator(cpu=True),
-                               meta={'model': 'test_vit', 'img_size': (64, 64)}, batch_size=2)
-    cached = CachedFeatures(path, range(5))
-    with torch.no_grad():
-        expected = model.forward_body(images)
-    assert cached[0][0].shape == expected.shape[1:] and expected.shape[2:] == (4, 4)
-    for i in range(5):
-        torch.testing.assert_close(cached[i][0], expected[i], atol=1e-5, rtol=1e-5)

@@ -12,8 +12,8 @@ three layouts, decided once at construction by a forward pass on the meta device
 
 The classifier, pre-logits and pooling are removed with timm's own
 ``prune_intermediate_layers(prune_head=True)``, unless that would also cut into
-``forward_features`` (FastViT's final conv), in which case only ``reset_classifier(0, '')`` is
-applied. A model whose ``forward_features`` has no spatial map is refused.
+``forward_features`` (FastViT's final conv, EfficientNet's conv_head), in which case only
+``reset_classifier(0, '')`` is applied. A model whose ``forward_features`` has no spatial map is refused.
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
@@ -26,13 +26,11 @@ from timm.layers import to_2tuple
 
 __all__ = ['BodyLayout', 'BodyProbe', 'create_body', 'probe_body', 'tokens_to_map']
 
-MAP_FORMATS = ('NCHW', 'NHWC', 'NLC')
-
 
 @dataclass(frozen=True)
 class BodyLayout:
     """How the body's ``forward_features`` output becomes F."""
-    fmt: str  # one of MAP_FORMATS
+    fmt: str  # 'NCHW', 'NHWC' or 'NLC'
     channels: int  # K
     reduction: int  # input pixels per map position (token models: the patch size)
     num_prefix_tokens: int = 0  # NLC only
@@ -53,15 +51,15 @@ class BodyProbe:
         return bool(self.kwargs.get('dynamic_img_size', False))
 
 
-def tokens_to_map(x: torch.Tensor, height: int, width: int, layout_reduction: int, num_prefix_tokens: int,
+def tokens_to_map(x: torch.Tensor, height: int, width: int, reduction: int, num_prefix_tokens: int,
                   pad: bool) -> torch.Tensor:
     """Token sequence ``(B, prefix + H*W, C)`` of an image ``height`` x ``width`` -> ``(B, C, H, W)``."""
     if pad:
-        grid_h = (height + layout_reduction - 1) // layout_reduction
-        grid_w = (width + layout_reduction - 1) // layout_reduction
+        grid_h = (height + reduction - 1) // reduction
+        grid_w = (width + reduction - 1) // reduction
     else:
-        grid_h = height // layout_reduction
-        grid_w = width // layout_reduction
+        grid_h = height // reduction
+        grid_w = width // reduction
     x = x[:, num_prefix_tokens:]
     return x.reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
 

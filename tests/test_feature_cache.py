@@ -1,0 +1,66 @@
+"""The frozen-body feature cache: what it holds, and when it is reused or rebuilt."""
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import TensorDataset
+
+from ssa_timm import create_ssanet
+from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
+
+
+def counting(model):
+    """Count the images that go through the model's body."""
+    calls = []
+    forward_body = model.forward_body
+
+    def counted(x):
+        calls.append(len(x))
+        return forward_body(x)
+    model.forward_body = counted
+    return calls
+
+
+@pytest.fixture(scope='module')
+def token_model():
+    torch.manual_seed(0)
+    return create_ssanet('test_vit', 'plus', num_classes=3, img_size=64).eval()
+
+
+def build(model, path, meta, images=None):
+    images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)) if images is None else images
+    return build_feature_cache(model, TensorDataset(images, torch.arange(5)), path, True, Accelerator(cpu=True),
+                               meta=meta, batch_size=2)
+
+
+def test_feature_cache_of_a_token_body_holds_its_grid_maps(token_model, tmp_path):
+    images = torch.randn(5, 3, 64, 64)
+    path = build(token_model, tmp_path / 'train.npy', {'model': 'test_vit'}, images)
+    cached = CachedFeatures(path, range(5))
+    with torch.no_grad():
+        expected = token_model.forward_body(images)
+    assert expected.shape[2:] == (4, 4)
+    for i in range(5):
+        torch.testing.assert_close(cached[i][0], expected[i], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_reused_only_for_the_same_settings(tmp_path):
+    model = create_ssanet('test_vit', 'plus', num_classes=3, img_size=64).eval()
+    calls = counting(model)
+    # tuples, as train.py writes them (they come back from JSON as lists)
+    meta = {'model': 'test_vit', 'img_size': (64, 64), 'dataset': 'builtin', 'builtin': (5, 1), 'split': 'train'}
+    path = tmp_path / 'train.npy'
+    build(model, path, meta)
+    first = len(calls)
+    assert first > 0
+    build(model, path, dict(meta))  # same settings: read back, the body is not called
+    assert len(calls) == first
+    for changed in ({'img_size': (32, 32)}, {'dataset': 'imagefolder'}, {'model': 'test_resnet'}, {'split': 'val'}):
+        build(model, path, {**meta, **changed})
+        assert len(calls) > first, changed
+        first = len(calls)
+    # a build killed before its marker was written is never used
+    build(model, path, meta)
+    first = len(calls)
+    path.with_suffix('.json').unlink()
+    build(model, path, meta)
+    assert len(calls) > first
