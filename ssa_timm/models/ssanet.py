@@ -29,9 +29,8 @@ from .body import create_body, probe_body, tokens_to_map
 
 __all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']
 
-PAPER_DOI = '10.1016/j.jvcir.2021.103368'
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
-_PAPER_ID = f'doi:{PAPER_DOI}'
+_PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
 
 # Registered bodies: timm name -> (weights tag in timm's own Hub repos, input size, map size at that
 # input, fixed input size, body kwargs).
