@@ -47,7 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
     parser.add_argument('--out', default='benchmark.json')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in args.model.split(','):
+        try:
+            ssa_timm.parse_ssanet_name(name)
+        except ValueError as e:
+            parser.error(f'--model: {e}')
+    return args
 
 
 def _sync(device: torch.device) -> None:

@@ -198,3 +198,13 @@ def test_generic_entrypoint_with_body_args_and_weights_notes():
     assert cfg['hf_hub_id'] is None and 'without pretrained weights' in cfg['notes'][0]
     assert model.head.attn is None and model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
+
+
+@pytest.mark.parametrize('body,img_size,message', [
+    ('resnet18', 0, r'img_size must be a positive number of pixels, got \(0, 0\)'),
+    ('resnet18', -5, r'img_size must be a positive number of pixels, got \(-5, -5\)'),
+    ('vit_tiny_patch16_224', 8, 'VisionTransformer cannot read a 8x8 px input'),
+])
+def test_input_sizes_a_body_cannot_read_are_refused_at_construction(body, img_size, message):
+    with pytest.raises(ValueError, match=message):
+        create_ssanet(body, 'plus', img_size=img_size)

@@ -110,3 +110,8 @@ def test_export_registered_name_random_weights(tmp_path):
     report = json.loads((tmp_path / 'report.json').read_text())
     assert report['onnx']['max_abs_diff'] <= 1e-4 and report['torchscript']['max_abs_diff'] <= 1e-4
 
+
+
+def test_benchmark_refuses_bad_model_names_at_parse_time():
+    proc = run_recipe('benchmark.py', '--sections', 'train', '--model', 'ssanet_vgg16_plus,', check=False)
+    assert proc.returncode == 2 and "--model: expected a name 'ssanet_<timm body>_<aggregation>'" in proc.stderr

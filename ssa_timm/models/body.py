@@ -24,7 +24,7 @@ import torch.nn as nn
 import timm
 from timm.layers import to_2tuple
 
-__all__ = ['BodyLayout', 'BodyProbe', 'create_body', 'probe_body', 'tokens_to_map']
+__all__ = ['BodyLayout', 'BodyProbe', 'create_body', 'probe_body', 'token_grid', 'tokens_to_map']
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,17 @@ class BodyProbe:
         return bool(self.kwargs.get('dynamic_img_size', False))
 
 
+def token_grid(height: int, width: int, reduction: int, pad: bool) -> Tuple[int, int]:
+    """Patch grid of an image ``height`` x ``width``: partial patches count when they are padded."""
+    if pad:
+        return (height + reduction - 1) // reduction, (width + reduction - 1) // reduction
+    return height // reduction, width // reduction
+
+
 def tokens_to_map(x: torch.Tensor, height: int, width: int, reduction: int, num_prefix_tokens: int,
                   pad: bool) -> torch.Tensor:
     """Token sequence ``(B, prefix + H*W, C)`` of an image ``height`` x ``width`` -> ``(B, C, H, W)``."""
-    if pad:
-        grid_h = (height + reduction - 1) // reduction
-        grid_w = (width + reduction - 1) // reduction
-    else:
-        grid_h = height // reduction
-        grid_w = width // reduction
+    grid_h, grid_w = token_grid(height, width, reduction, pad)
     x = x[:, num_prefix_tokens:]
     return x.reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
 
@@ -82,8 +84,12 @@ def _build(
 
 def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, ...]:
     probe = torch.empty(1, in_chans, *img_size, device='meta')
-    with torch.no_grad():
-        return tuple(body.forward_features(probe).shape)
+    try:
+        with torch.no_grad():
+            return tuple(body.forward_features(probe).shape)
+    except (RuntimeError, ValueError) as e:  # e.g. a map that shrinks to nothing, a patch larger than the image
+        raise ValueError(f'{type(body).__name__} cannot read a {img_size[0]}x{img_size[1]} px input: '
+                         f'{str(e).splitlines()[0]}') from e
 
 
 def _probe_build(
@@ -132,7 +138,7 @@ def _layout(body: nn.Module, name: str, shape: Tuple[int, ...], img_size: Tuple[
     if len(shape) == 3 and hasattr(body, 'patch_embed'):
         prefix = int(getattr(body, 'num_prefix_tokens', 0))
         pad = bool(getattr(body.patch_embed, 'dynamic_img_pad', getattr(body, 'dynamic_img_pad', False)))
-        grid = [(s + reduction - 1) // reduction if pad else s // reduction for s in img_size]
+        grid = token_grid(*img_size, reduction, pad)
         if shape[1] - prefix == grid[0] * grid[1]:
             return BodyLayout('NLC', int(shape[-1]), reduction, prefix, pad)
     raise ValueError(
@@ -156,6 +162,8 @@ def probe_body(
     if not timm.is_model(arch):
         raise ValueError(f'unknown timm model {arch!r} as SSANet body')
     img_size = tuple(to_2tuple(img_size))
+    if not all(isinstance(s, int) and s > 0 for s in img_size):
+        raise ValueError(f'img_size must be a positive number of pixels, got {img_size}')
     try:
         key = (arch, in_chans, img_size, tuple(sorted((body_kwargs or {}).items())))
         hash(key)
@@ -182,8 +190,7 @@ def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_
     elif layout.fmt == 'NHWC':
         map_hw = shape[1:3]
     else:
-        map_hw = [(s + layout.reduction - 1) // layout.reduction if layout.pad else s // layout.reduction
-                  for s in img_size]
+        map_hw = token_grid(*img_size, layout.reduction, layout.pad)
     return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs, probe)
 
 

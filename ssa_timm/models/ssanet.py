@@ -324,14 +324,21 @@ def _filter_checkpoint(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Di
     return out
 
 
+def _names_a_checkpoint(cfg: PretrainedCfg) -> bool:
+    """The cfg points at a whole checkpoint: an SSANet export (hf-hub: / local-dir:) or a file / url /
+    state_dict overlay, which ``_filter_checkpoint`` loads."""
+    return cfg.source in ('hf-hub', 'local-dir') or bool(cfg.file or cfg.url or cfg.state_dict)
+
+
 def _body_weights_tag(cfg: PretrainedCfg) -> Optional[str]:
-    """'<body>.<tag>' when the cfg points at a body's weights in timm's Hub repos, else None
-    (an SSANet export through hf-hub: / local-dir:, or a file / url / state_dict overlay)."""
-    if cfg.source in ('hf-hub', 'local-dir') or cfg.file or cfg.url or cfg.state_dict:
-        return None
-    if cfg.hf_hub_id and cfg.hf_hub_id.startswith('timm/'):
+    """'<body>.<tag>' when the cfg points at a body's weights in timm's Hub repos, else None."""
+    if not _names_a_checkpoint(cfg) and cfg.hf_hub_id and cfg.hf_hub_id.startswith('timm/'):
         return cfg.hf_hub_id[len('timm/'):]
     return None
+
+
+def _body_weights_note(hf_hub_id: str) -> Tuple[str]:
+    return (f'Body weights from {hf_hub_id}; the SSA module and heads are freshly initialised.',)
 
 
 def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
@@ -339,7 +346,7 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
     body_weights = _body_weights_tag(cfg) if pretrained else None
-    if pretrained and not body_weights and not (cfg.source or cfg.file or cfg.url or cfg.state_dict):
+    if pretrained and not body_weights and not _names_a_checkpoint(cfg):
         raise RuntimeError(f'{variant} has no pretrained weights: its config names no body weights in timm\'s Hub '
                            f'repos and no SSANet export (hf_hub_id={cfg.hf_hub_id!r})')
     if body_weights:
@@ -362,8 +369,7 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
     )
     # the config says what was loaded, not what could have been
     if body_weights:
-        model.pretrained_cfg['notes'] = (
-            f'Body weights from {cfg.hf_hub_id}; the SSA module and heads are freshly initialised.',)
+        model.pretrained_cfg['notes'] = _body_weights_note(cfg.hf_hub_id)
     elif not pretrained:
         model.pretrained_cfg['hf_hub_id'] = None
         model.pretrained_cfg['notes'] = ('Built without pretrained weights: timm\'s init for the body, '
@@ -416,7 +422,7 @@ def _cfg(
         'license': body_cfg.license,
         'paper_ids': _PAPER_ID,
         'paper_name': _PAPER,
-        'notes': (f'Body weights from {hub}; the SSA module and heads are freshly initialised.',) if hub else None,
+        'notes': _body_weights_note(hub) if hub else None,
         **kwargs,
     }
 
@@ -431,11 +437,8 @@ def _registered_cfg(body: str, aggregation: str, **kwargs: Any) -> Dict[str, Any
 def generic_cfg(body: str, aggregation: str, img_size: int, in_chans: int = 3,
                 body_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Config of the generic ``ssanet`` entrypoint over ``body`` ('<timm model>[.<tag>]') at ``img_size``."""
-    arch = body.partition('.')[0]
-    if not timm.is_model(arch):
-        raise ValueError(f'unknown timm model {arch!r} as SSANet body')
+    probe = probe_body(body, in_chans, img_size, body_kwargs)  # refuses unknown models
     body_cfg = get_pretrained_cfg(body)
-    probe = probe_body(arch, in_chans, img_size, body_kwargs)
     fixed = bool(body_cfg is not None and body_cfg.fixed_input_size and not probe.dynamic_img_size)
     cfg = _cfg(body_cfg, aggregation, img_size, probe.map_size, fixed, architecture='ssanet')
     cfg['input_size'] = (in_chans, img_size, img_size)
@@ -480,7 +483,8 @@ def create_ssanet(
     if name in _MODEL_DEFS and (not tag or tag == _BODIES[arch][0]) and img_size in (None, _BODIES[arch][1]):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     return timm.create_model(
-        'ssanet', pretrained=pretrained, body=body, aggregation=aggregation, img_size=img_size or 448, **kwargs)
+        'ssanet', pretrained=pretrained, body=body, aggregation=aggregation,
+        img_size=448 if img_size is None else img_size, **kwargs)
 
 
 def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
