@@ -13,7 +13,7 @@ from pathlib import Path
 import timm
 
 import ssa_timm  # noqa: F401  (registers the models)
-from ssa_timm.hub import render_model_card
+from ssa_timm.model_card import render_model_card
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,20 +1,28 @@
 """Regenerate the paper's ablations: Table 2 (the five aggregation variants) and Table 3 (CE on both
-heads vs Self-AD) by training each configuration with recipes/train.py.
+heads vs Self-AD) by training each configuration with recipes/train.py, each in its own process.
 
-    python recipes/ablation.py                                  # built-in dataset, small body
-    accelerate launch recipes/ablation.py --body vgg16 --dataset cub --data-dir /data/CUB_200_2011
+    python recipes/ablation.py --seeds 0,1,2                    # built-in dataset, small body
+    python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
+        --data-dir /data/CUB_200_2011                           # other flags go to train.py
 
 Writes ``<output-dir>/ablation.md`` (Markdown tables) and ``ablation.json``; every number is the
-best validation top-1 of a run, averaged over ``--seeds``. Finished runs in ``--output-dir`` are
-reused, so an interrupted ablation goes on where it stopped.
+best validation top-1 of a run (mean and spread over ``--seeds``), with the attention diagnostics
+of its best epoch. Finished runs in ``--output-dir`` are reused and unfinished ones resumed, so an
+interrupted ablation goes on where it stopped.
 """
 import argparse
 import json
+import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-import train
+from ssa_timm.cli import at_least
+from ssa_timm.errors import UserError, exit_on_user_error
+
+TRAIN = Path(__file__).resolve().parent / 'train.py'
 
 # Paper Tables 2 and 3, CUB-200-2011 top-1 (%), shown beside the measured numbers for reference
 # (Table 2 rows in the paper's order: every variant of ssa_timm.VARIANTS).
@@ -25,47 +33,80 @@ PAPER_TABLE3_CUB = {'alpha': (81.4, 82.7), 'multiply': (85.6, 86.5), 'plus': (87
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--body', default=None, help='timm body (default: resnet18 on builtin, else vgg16)')
+    p.add_argument('--dataset', default='builtin', help='passed to train.py')
+    p.add_argument('--epochs', type=at_least(1), default=6, help='passed to train.py')
     p.add_argument('--seeds', default='0', help='comma separated; numbers are means over seeds')
     p.add_argument('--output-dir', default='runs/ablation')
+    p.add_argument('--launcher', default=sys.executable,
+                   help='command that runs train.py, e.g. "accelerate launch --multi_gpu --num_processes 8"')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     args, train_args = p.parse_known_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(',')]
+    except ValueError:
+        p.error(f'--seeds must be comma separated integers, got {args.seeds!r}')
     return args, train_args
 
 
-def run(body: str, variant: str, loss: str, seed: int, out: Path, train_args: List[str]) -> Dict:
-    """Train one configuration, or reuse its finished run (so an interrupted ablation can go on)."""
-    run_dir = out / f'{variant}_{loss}_seed{seed}'
-    args = [*train_args, '--model', f'ssanet_{body}_{variant}', '--loss', loss, '--seed', str(seed),
-            '--output-dir', str(run_dir)]
-    if not finished(run_dir, train.parse_args(args).epochs):
-        train.main(args)
-    best = json.loads((run_dir / 'best' / 'config.json').read_text())['metrics']
-    heads = {k: v['top1'] for k, v in best.items() if isinstance(v, dict)}
-    return dict(variant=variant, loss=loss, seed=seed, top1=heads.get('mean', heads['fe']), heads=heads)
+def run(args: argparse.Namespace, body: str, variant: str, loss: str, seed: int, train_args: List[str]) -> Dict:
+    """Train one configuration in a train.py process, or reuse its finished run (resuming an unfinished one)."""
+    run_dir = Path(args.output_dir) / f'{variant}_{loss}_seed{seed}'
+    command = [*shlex.split(args.launcher), str(TRAIN), *train_args, '--dataset', args.dataset,
+               '--epochs', str(args.epochs), '--model', f'ssanet_{body}_{variant}', '--loss', loss,
+               '--seed', str(seed), '--output-dir', str(run_dir)]
+    if best_epoch_line(run_dir, args.epochs) is None:
+        resume = ['--resume', 'latest'] if (run_dir / 'checkpoints').is_dir() else []
+        if subprocess.run([*command, *resume]).returncode != 0:
+            raise UserError(f'training {run_dir.name} failed: {shlex.join(command)}')
+    line = best_epoch_line(run_dir, args.epochs)
+    if line is None:
+        raise UserError(f'{run_dir} has no finished run of {args.epochs} epochs')
+    report = line['val']
+    heads = {k: v['top1'] for k, v in report['heads'].items()}
+    return dict(variant=variant, loss=loss, seed=seed, top1=report['output']['top1'], heads=heads,
+                attention=report.get('attention'), epoch=line['epoch'])
 
 
-def finished(run_dir: Path, epochs: int) -> bool:
+def best_epoch_line(run_dir: Path, epochs: int) -> Optional[Dict]:
+    """The ``metrics.jsonl`` line of the best epoch of a finished run (None when unfinished)."""
     metrics = run_dir / 'metrics.jsonl'
-    if not metrics.is_file():
-        return False
-    lines = metrics.read_text().splitlines()
-    return bool(lines) and json.loads(lines[-1])['epoch'] == epochs - 1
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if not lines or lines[-1]['epoch'] != epochs - 1:
+        return None
+    return max(lines, key=lambda m: m['val'].get('tta', m['val'])['output']['top1'])
 
 
 def mean_over_seeds(rows: List[Dict], variant: str, loss: str) -> Dict:
     picked = [r for r in rows if r['variant'] == variant and r['loss'] == loss]
     heads = {h: statistics.mean(r['heads'][h] for r in picked) for h in picked[0]['heads']}
     spread = statistics.pstdev(r['top1'] for r in picked) if len(picked) > 1 else 0.0
-    return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads)
+    attention = {}
+    if picked[0]['attention']:
+        for key in ('alpha', 'entropy_ratio', 'row_max'):
+            values = [r['attention'][key] for r in picked if r['attention'][key] is not None]
+            attention[key] = statistics.mean(values) if values else None
+    return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads, attention=attention)
+
+
+def attention_cells(m: Dict) -> str:
+    """alpha, row entropy as a fraction of uniform, row maximum (best epoch, mean over seeds)."""
+    a = m['attention']
+    if not a:
+        return '- | - | -'
+    alpha = f'{a["alpha"]:+.3f}' if a['alpha'] is not None else '-'
+    return f'{alpha} | {a["entropy_ratio"]:.2f} | {a["row_max"]:.2f}'
 
 
 def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
     fmt = (lambda m: f'{m["top1"]:.1f} ± {m["std"]:.1f}') if len(seeds) > 1 else (lambda m: f'{m["top1"]:.1f}')
     lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s); Self-AD loss)', '',
-             '| variant | model output (mean of heads) | SSA head | FE head | paper, CUB |', '|---|---|---|---|---|']
+             '| variant | model output (mean of heads) | SSA head | FE head | paper, CUB | alpha | '
+             'row entropy / uniform | row max |', '|---|---|---|---|---|---|---|---|']
     for variant in PAPER_TABLE2_CUB:
         m = mean_over_seeds(rows, variant, 'ad')
         ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
-        lines.append(f'| {variant} | {fmt(m)} | {ssa} | {m["heads"]["fe"]:.1f} | {PAPER_TABLE2_CUB[variant]} |')
+        lines.append(f'| {variant} | {fmt(m)} | {ssa} | {m["heads"]["fe"]:.1f} | {PAPER_TABLE2_CUB[variant]} | '
+                     f'{attention_cells(m)} |')
     lines += ['', f'Table 3 ({dataset}, top-1 %): CE on both heads vs Self-AD', '',
               '| variant | CE | Self-AD | paper, CUB (CE -> Self-AD) |', '|---|---|---|---|']
     for variant, (ce, ad) in PAPER_TABLE3_CUB.items():
@@ -76,14 +117,13 @@ def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
 
 def main(argv=None) -> Dict:
     args, train_args = parse_args(argv)
-    dataset = train.parse_args(train_args).dataset
+    dataset, seeds = args.dataset, args.seeds
     body = args.body or ('resnet18' if dataset == 'builtin' else 'vgg16')
-    seeds = [int(s) for s in args.seeds.split(',')]
     out = Path(args.output_dir)
     configs = [(v, 'ad') for v in PAPER_TABLE2_CUB] + [(v, 'ce') for v in PAPER_TABLE3_CUB]
-    rows = [run(body, v, loss, seed, out, train_args) for seed in seeds for v, loss in configs]
+    rows = [run(args, body, v, loss, seed, train_args) for seed in seeds for v, loss in configs]
     markdown = tables(rows, seeds, dataset)
-    result = dict(body=body, dataset=dataset, seeds=seeds, train_args=train_args, runs=rows)
+    result = dict(body=body, dataset=dataset, epochs=args.epochs, seeds=seeds, train_args=train_args, runs=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'ablation.json').write_text(json.dumps(result, indent=1))
     (out / 'ablation.md').write_text(markdown)
@@ -92,4 +132,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

@@ -222,10 +222,9 @@ def bench_train(args: argparse.Namespace, device: torch.device, model_name: str)
 
 
 def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
-    """One frozen-body epoch of recipes/train.py from images vs from the feature cache."""
+    """One frozen-body epoch of recipes/train.py (its own process) from images vs from the feature cache."""
     import tempfile
-    sys.path.insert(0, str(Path(__file__).parent))
-    import train
+    train = Path(__file__).resolve().parent / 'train.py'
     model_name = args.model.split(',')[0]
     common = ['--model', model_name, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-backbone',
               '--builtin-train-per-class', str(args.cache_per_class), '--builtin-val-per-class', '1',
@@ -235,7 +234,7 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
         for kind, extra in (('images', []), ('cache', ['--cache-features'])):
             out = Path(tmp) / kind
             start = time.perf_counter()
-            train.main([*common, *extra, '--output-dir', str(out)])
+            subprocess.run([sys.executable, str(train), *common, *extra, '--output-dir', str(out)], check=True)
             total = time.perf_counter() - start
             epoch = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
             speed[kind] = dict(images_per_s=epoch['images_per_s'], run_s=total)

@@ -1,22 +1,31 @@
-"""Evaluate an SSANet: top-1/top-5 of the SSA head, the FE head and their mean, per-class accuracy
-and the confusion matrix, written as JSON. Runs on one or many processes (``gather_for_metrics``).
+"""Evaluate an SSANet: top-1/top-5 of the SSA head, the FE head and the model output (their mean),
+per-class accuracy, the confusion matrix and the attention diagnostics, written as JSON. Runs on one
+or many processes (``gather_for_metrics``).
 
     python recipes/evaluate.py --model runs/builtin/best
+    python recipes/evaluate.py --model runs/builtin/best --tta flip       # also with mirrored images
     accelerate launch recipes/evaluate.py --model hf-hub:someone/ssanet_vgg16_plus.cub_448 \\
         --dataset cub --data-dir /data/CUB_200_2011 --output cub_eval.json
+
+The validation labels follow the model's class names (``label_names`` of an export): a class the
+model does not know is an error, classes without validation images are reported.
 """
 import argparse
 import json
-from pathlib import Path
 from typing import Dict
 
+import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ssa_timm.cli import at_least
 from ssa_timm.data import DATASETS, Transformed, build_dataset, model_transform
+from ssa_timm.diagnostics import attention_diagnostics
+from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model
 from ssa_timm.metrics import evaluate_heads
+from ssa_timm.run_dir import atomic_write_text, check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,48 +34,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--dataset', default='builtin', choices=DATASETS)
     p.add_argument('--data-dir', default=None)
     p.add_argument('--crop-bbox', action='store_true')
-    p.add_argument('--builtin-val-per-class', type=int, default=50)
+    p.add_argument('--builtin-val-per-class', type=at_least(1), default=50)
     p.add_argument('--seed', type=int, default=0, help='builtin: dataset seed')
-    p.add_argument('--img-size', type=int, default=None, help="default: the model's input size")
-    p.add_argument('--batch-size', type=int, default=32, help='per process')
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
+    p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
+    p.add_argument('--workers', type=at_least(0), default=2)
+    p.add_argument('--tta', choices=('none', 'flip'), default='none', help='also report with mirrored images averaged in')
     p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default=None)
     p.add_argument('--output', default=None, help='JSON report (default: print only)')
     p.add_argument('--cpu', action='store_true')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
+
+
+def validation_images(args: argparse.Namespace, model):
+    """The validation split, labelled by the model's class names (when the export has them)."""
+    names = label_names(model)
+    images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
+                           samples_per_class=args.builtin_val_per_class, classes=names, classes_of=f'the model {args.model}')
+    if model.num_classes != len(images.classes):
+        raise UserError(f'{args.model} predicts {model.num_classes} classes, the {args.dataset} '
+                        f'validation set has {len(images.classes)}')
+    if len(images) == 0:
+        raise UserError(f'the {args.dataset} validation split has no images')
+    return images
 
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    output = check_output_file(args.output, '--output')
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     model = load_model(args.model)
-    images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
-                           samples_per_class=args.builtin_val_per_class)
-    if model.num_classes != len(images.classes):
-        raise ValueError(f'{args.model} predicts {model.num_classes} classes, the {args.dataset} '
-                         f'validation set has {len(images.classes)}')
-    names = label_names(model)
-    if names is not None and list(names) != list(images.classes):
-        accelerator.print(f'warning: the model was trained with other class names than {args.dataset} has')
-
+    images = validation_images(args, model)
+    if images.missing_classes:
+        accelerator.print(f'note: no validation images of {len(images.missing_classes)} class(es): '
+                          f'{images.missing_classes[:10]}')
     transform, img_size = model_transform(model, args.img_size)
-    loader = DataLoader(Transformed(images, transform), batch_size=args.batch_size, num_workers=args.workers)
+    data = Transformed(images, transform)
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
     model, loader = accelerator.prepare(model, loader)
     net = accelerator.unwrap_model(model).eval()
 
     batches = tqdm(loader, disable=not accelerator.is_local_main_process)
-    report = evaluate_heads(net.forward_heads, batches, accelerator, per_class=True)
-    report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes))
-    accelerator.print(f'{args.model} on {args.dataset} ({report["count"]} images): ' + ', '.join(
-        f'{k} top-1 {v["top1"]:.2f}% top-5 {v["top5"]:.2f}%' for k, v in report.items()
-        if isinstance(v, dict) and 'top1' in v))
-    if args.output and accelerator.is_main_process:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=1))
+    report = evaluate_heads(net.forward_per_head, batches, accelerator, per_class=True, tta_flip=args.tta == 'flip')
+    if net.head.attn is not None:
+        probe = torch.stack([data[i][0] for i in range(min(32, len(data)))]).to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            report['attention'] = attention_diagnostics(net.head.attn, net.forward_body(probe))
+    report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),
+                  missing_classes=images.missing_classes)
+    summary = ', '.join(f'{k} top-1 {v["top1"]:.2f}%' for k, v in report['heads'].items())
+    accelerator.print(f'{args.model} on {args.dataset} ({report["count"]} images): top-1 '
+                      f'{report["output"]["top1"]:.2f}%, top-5 {report["output"]["top5"]:.2f}% ({summary})' +
+                      (f'; with flips: top-1 {report["tta"]["output"]["top1"]:.2f}%' if 'tta' in report else ''))
+    if output and accelerator.is_main_process:
+        atomic_write_text(output, json.dumps(report, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears the process group down before exit
     return report
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

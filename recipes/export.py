@@ -14,20 +14,27 @@ import numpy as np
 import torch
 
 import timm
+from ssa_timm.cli import at_least, positive_float
+from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import load_model
+from ssa_timm.run_dir import check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='model name, export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--img-size', type=int, default=None, help="default: the model's input size")
+    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
     p.add_argument('--onnx', default=None, help='write an ONNX model here')
-    p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--opset', type=at_least(17), default=18)
     p.add_argument('--torchscript', default=None, help='write a TorchScript model here')
     p.add_argument('--compile', action='store_true', help='check torch.compile against eager')
-    p.add_argument('--atol', type=float, default=1e-4)
+    p.add_argument('--atol', type=positive_float, default=1e-4)
     p.add_argument('--report', default=None, help='also write the JSON report here')
-    return p.parse_args(argv)
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
+    args = p.parse_args(argv)
+    if not (args.onnx or args.torchscript or args.compile):
+        p.error('nothing to do: give --onnx, --torchscript and/or --compile')
+    return args
 
 
 def max_abs_diff(a, b) -> float:
@@ -37,8 +44,6 @@ def max_abs_diff(a, b) -> float:
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, opset: int) -> Dict:
     """ONNX through torch.export with a dynamic batch axis; checked with onnxruntime at two batch sizes."""
     import onnxruntime
-    if opset < 17:
-        raise ValueError(f'--opset must be >= 17, got {opset}')
     program = torch.onnx.export(
         model, (example,), input_names=['input'], output_names=['logits'], opset_version=opset,
         dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1)}}, dynamo=True, verbose=False)
@@ -69,6 +74,8 @@ def check_compile(model: torch.nn.Module, example: torch.Tensor, reference: torc
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    for flag in ('onnx', 'torchscript', 'report'):  # before the conversion, not after it
+        check_output_file(getattr(args, flag), f'--{flag}')
     with timm.layers.set_layer_config(scriptable=args.torchscript is not None):  # timm's scriptable layers
         model = load_model(args.model).eval()
     size = args.img_size or model.pretrained_cfg['input_size'][-1]
@@ -87,9 +94,9 @@ def main(argv=None) -> Dict:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
     if failed:
-        raise SystemExit(f'{failed} differ from eager by more than {args.atol}')
+        raise UserError(f'{failed} differ from eager by more than {args.atol}')
     return report
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

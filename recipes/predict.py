@@ -4,11 +4,11 @@
     python recipes/predict.py --model hf-hub:someone/ssanet_vgg16_plus.cub_448 bird.jpg --format json --output p.json
 
 Inputs are files, folders (searched recursively for images) or glob patterns. Unreadable images
-are skipped with a warning that names them, and listed again at the end.
+are skipped with a warning that names them, and listed again at the end; when no image could be
+read at all the run fails.
 """
 import argparse
 import csv
-import glob
 import io
 import json
 import sys
@@ -17,46 +17,32 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from ssa_timm.data import CorruptImageError, model_transform
-from ssa_timm.data.readers import load_rgb
+from ssa_timm.cli import at_least
+from ssa_timm.data import IMAGE_SUFFIXES, CorruptImageError, find_images, load_image, model_transform
+from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model
-
-IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
+from ssa_timm.run_dir import atomic_write_text, check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
     p.add_argument('--model', required=True, help='model name, export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--top-k', type=int, default=5)
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--img-size', type=int, default=None, help="default: the model's input size")
+    p.add_argument('--top-k', type=at_least(1), default=5, help='classes per image (at most the model has)')
+    p.add_argument('--batch-size', type=at_least(1), default=16)
+    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--format', choices=('table', 'json', 'csv'), default='table')
     p.add_argument('--output', default=None, help='write here instead of stdout')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[Path]:
-    """Files, folders (recursive) and globs -> sorted, de-duplicated image paths."""
-    paths: List[Path] = []
-    for item in inputs:
-        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
-        for match in matches:
-            if match.is_dir():
-                paths += sorted(p for p in match.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif match.is_file():
-                paths.append(match)
-            else:
-                raise FileNotFoundError(f'no image, folder or glob match for {item!r}')
-    return list(dict.fromkeys(paths))
 
 
 def load_batches(paths: Sequence[Path], transform, batch_size: int, skipped: List[str]) -> Iterator[Tuple[List[Path], torch.Tensor]]:
     batch_paths, batch = [], []
     for path in paths:
         try:
-            batch.append(transform(load_rgb(str(path))))
+            batch.append(transform(load_image(str(path))))
             batch_paths.append(path)
         except CorruptImageError as e:
             print(f'warning: skipping {e}', file=sys.stderr)
@@ -69,17 +55,22 @@ def load_batches(paths: Sequence[Path], transform, batch_size: int, skipped: Lis
 
 
 def predict(args: argparse.Namespace) -> Tuple[List[Dict], List[str]]:
+    paths = find_images(args.inputs)
+    if not paths:
+        raise UserError(f'no images found in {", ".join(args.inputs)} (looked for {", ".join(sorted(IMAGE_SUFFIXES))})')
     model = load_model(args.model).to(args.device).eval()
     names = label_names(model) or [str(i) for i in range(model.num_classes)]
     transform, _ = model_transform(model, args.img_size)
     results, skipped = [], []
     k = min(args.top_k, model.num_classes)
     with torch.no_grad():
-        for paths, images in load_batches(expand_inputs(args.inputs), transform, args.batch_size, skipped):
+        for batch_paths, images in load_batches(paths, transform, args.batch_size, skipped):
             probs = model(images.to(args.device)).float().softmax(-1)
             top = probs.topk(k, dim=-1)
-            for path, p, i in zip(paths, top.values.tolist(), top.indices.tolist()):
+            for path, p, i in zip(batch_paths, top.values.tolist(), top.indices.tolist()):
                 results.append(dict(image=str(path), top=[dict(label=names[c], index=c, prob=v) for v, c in zip(p, i)]))
+    if not results:
+        raise UserError(f'none of the {len(paths)} image file(s) could be read: {", ".join(skipped[:5])}')
     return results, skipped
 
 
@@ -103,10 +94,11 @@ def render(results: List[Dict], fmt: str) -> str:
 
 def main(argv=None) -> Tuple[List[Dict], List[str]]:
     args = parse_args(argv)
+    output = check_output_file(args.output, '--output')
     results, skipped = predict(args)
     text = render(results, args.format)
-    if args.output:
-        Path(args.output).write_text(text)
+    if output:
+        atomic_write_text(output, text)
     else:
         sys.stdout.write(text)
     if skipped:
@@ -115,4 +107,4 @@ def main(argv=None) -> Tuple[List[Dict], List[str]]:
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

@@ -20,7 +20,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ssa_timm.hub import load_model, render_model_card
+from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.hub import load_model
+from ssa_timm.model_card import render_model_card
 
 TEMPLATE = Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md'
 
@@ -34,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--token', default=None, help='default: the logged-in token / HF_TOKEN')
     p.add_argument('--commit-message', default='Add SSANet weights')
     p.add_argument('--dry-run', metavar='OUT', default=None, help='write the folder that would be uploaded to OUT')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
 
 
@@ -41,9 +44,9 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f'--repo-id {repo_id!r} is not a valid Hub repo id: {e}') from e
+        raise UserError(f'--repo-id {repo_id!r} is not a valid Hub repo id: {e}') from e
     if repo_id.count('/') != 1:
-        raise ValueError(f"--repo-id {repo_id!r} must be 'ORG/NAME'")
+        raise UserError(f"--repo-id {repo_id!r} must be 'ORG/NAME'")
 
 
 def read_checkpoint(folder: Path) -> dict:
@@ -54,11 +57,14 @@ def read_checkpoint(folder: Path) -> dict:
     for path, what in ((config_path, 'config'), (weights, 'weights')):
         if not path.is_file():
             raise FileNotFoundError(f'--checkpoint {folder} has no {what} ({path.name}); export one with recipes/train.py')
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise UserError(f'{config_path} is not valid JSON ({e})') from e
     if not config.get('label_names'):
-        raise ValueError(f'{config_path} has no label_names; the Hub model would predict nameless classes')
+        raise UserError(f'{config_path} has no label_names; the Hub model would predict nameless classes')
     if len(config['label_names']) != config.get('num_classes'):
-        raise ValueError(f'{config_path}: {len(config["label_names"])} label names for {config.get("num_classes")} classes')
+        raise UserError(f'{config_path}: {len(config["label_names"])} label names for {config.get("num_classes")} classes')
     return config
 
 
@@ -106,4 +112,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

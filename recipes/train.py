@@ -7,103 +7,95 @@ One script for every setup; `accelerate launch` decides where it runs:
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no --main_process_port 0 recipes/train.py --cpu --epochs 1
 
-Each epoch writes an accelerate checkpoint (``save_state``, rotated) and a JSONL line of metrics;
-the best model is exported to ``<output-dir>/best`` in timm's ``save_for_hf`` layout.
+The run owns ``--output-dir``: each epoch writes a checkpoint (``checkpoints/checkpoint_N``, with the
+run's identity and progress in ``run_state.json``), a JSONL line of metrics with the attention
+diagnostics, and exports the best model to ``best/`` in timm's ``save_for_hf`` layout; checkpoints
+and exports are written to a temporary sibling and renamed into place. ``--resume latest`` goes on
+from the newest complete checkpoint.
 """
 import argparse
 import json
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssa_timm import SelfADLoss, SSANet
+from ssa_timm.cli import at_least, fraction, non_negative_float, positive_float
 from ssa_timm.data import DATASETS, EpochFlip, Transformed, build_dataset, model_transform
-from ssa_timm.feature_cache import CachedFeatures, build_feature_cache
+from ssa_timm.diagnostics import attention_diagnostics
+from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
 from ssa_timm.hub import export_model, load_model
-from ssa_timm.metrics import evaluate_heads
+from ssa_timm.metrics import evaluate_heads, report_top1
+from ssa_timm.run_dir import RunLock, atomic_dir, ensure_writable_dir, restore_interrupted, run_files
 
 # Defaults of the flags left unset. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
-# built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed.
+# built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed, and
+# there a ResNet-18 body is read after layer2 (stride 8), so the attention works on an 8 x 8 map.
 BUILTIN_DEFAULTS = dict(model='ssanet_resnet18_plus', img_size=64, opt='adamw', weight_decay=0.05)
-PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='sgd', weight_decay=5e-4)
+PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='momentum', weight_decay=5e-4)  # SGD, momentum 0.9
+BUILTIN_RESNET18_FEATURE_INDEX = 2
+STATE_FILE = 'run_state.json'
+EMA_FILE = 'ema.safetensors'
 
 
 @dataclass
-class TrainState:
-    """Progress saved with every checkpoint (``register_for_checkpointing``)."""
-    model: str = ''
+class Progress:
+    """Where the run is; saved in every checkpoint's ``run_state.json``."""
     epoch: int = 0  # epochs fully done
     step_in_epoch: int = 0  # optimizer steps done in the current, unfinished epoch
     global_step: int = 0
     best_top1: float = -1.0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    # sums over the current epoch's steps so far, all processes: the epoch's metrics survive a resume
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    images: int = 0
+    seconds: float = 0.0
 
 
-class HeadsOnCachedFeatures(torch.nn.Module):
-    """The SSA module and heads of an SSANet, fed with cached body maps (the body stays frozen)."""
+@dataclass
+class Run:
+    """Everything a training run holds, passed to the steps of ``training_function``."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    identity: Dict
+    classes: list
+    model: SSANet
+    trainable: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: SelfADLoss
+    train_data: object
+    train_loader: DataLoader
+    val_loader: DataLoader
+    probe_inputs: torch.Tensor  # a fixed validation batch for the attention diagnostics
+    ema: Optional[ModelEmaV3] = None
+    progress: Progress = field(default_factory=Progress)
 
-    def __init__(self, model: SSANet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, body_maps: torch.Tensor):
-        return self.model.forward_head(self.model.attend(body_maps))
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default=None, help='ssanet_<timm body>_<aggregation> (registered or not); '
-                   f'default {BUILTIN_DEFAULTS["model"]} on builtin, else {PAPER_DEFAULTS["model"]}')
-    p.add_argument('--dataset', default='builtin', choices=DATASETS)
-    p.add_argument('--data-dir', default=None)
-    p.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
-    p.add_argument('--builtin-train-per-class', type=int, default=300, help='builtin: training images per class')
-    p.add_argument('--builtin-val-per-class', type=int, default=50, help='builtin: validation images per class')
-    p.add_argument('--img-size', type=int, default=None, help='default 64 on builtin, else 448')
-    p.add_argument('--epochs', type=int, default=6)
-    p.add_argument('--max-steps', type=int, default=None, help='stop (after a checkpoint) at this optimizer step')
-    p.add_argument('--batch-size', type=int, default=32, help='per process')
-    p.add_argument('--opt', choices=('sgd', 'adamw'), default=None, help='default: adamw on builtin, else sgd')
-    p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, default=None, help='default: 0.05 on builtin, else 5e-4')
-    p.add_argument('--plateau-patience', type=int, default=2)
-    p.add_argument('--scale-attn', action='store_true', help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
-    p.add_argument('--qk-norm', action='store_true',
-                   help='cosine attention: L2-normalised A and B with a learnable temperature (paper: unscaled dot products)')
-    p.add_argument('--loss', choices=('ad', 'ce'), default='ad', help='Self-AD (Eq. 5) or CE on both heads')
-    p.add_argument('--gamma', type=float, default=0.5)
-    p.add_argument('--temperature', type=float, default=1.0)
-    p.add_argument('--label-smoothing', type=float, default=0.0)
-    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
-                   help='ImageNet body weights (default: on, except for the built-in dataset)')
-    p.add_argument('--freeze-backbone', action='store_true', help='train the SSA module and heads only (the paper)')
-    p.add_argument('--cache-features', action='store_true', help='with --freeze-backbone: train from cached body maps')
-    p.add_argument('--grad-accum', type=int, default=1)
-    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default=None,
-                   help='default: what accelerate launch was configured with')
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--output-dir', default='runs/builtin')
-    p.add_argument('--keep-checkpoints', type=int, default=2)
-    p.add_argument('--checkpoint-steps', type=int, default=None, help='also checkpoint every N optimizer steps')
-    p.add_argument('--resume', default=None, help="'latest' or a checkpoint folder")
-    p.add_argument('--log-with', default=None, help='accelerate tracker: tensorboard, wandb, ...')
-    p.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
+    add_model_and_data_args(p)
+    add_optimization_args(p)
+    add_run_args(p)
     args = p.parse_args(argv)
     defaults = BUILTIN_DEFAULTS if args.dataset == 'builtin' else PAPER_DEFAULTS
     for key, value in defaults.items():
@@ -111,11 +103,168 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.pretrained is None:
         args.pretrained = args.dataset != 'builtin'
+    if args.body_feature_index is None and args.dataset == 'builtin' and args.model.startswith('ssanet_resnet18_'):
+        args.body_feature_index = BUILTIN_RESNET18_FEATURE_INDEX
+    check_args(p, args)
+    return args
+
+
+def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--model', default=None, help='ssanet_<timm body>_<aggregation> (registered or not); '
+                   f'default {BUILTIN_DEFAULTS["model"]} on builtin, else {PAPER_DEFAULTS["model"]}')
+    p.add_argument('--body-feature-index', type=int, default=None,
+                   help="read the body's map at this feature_info index, pruning later stages "
+                        "(default: 2, ResNet-18's layer2, for ResNet-18 on builtin; else the body's last map)")
+    p.add_argument('--dataset', default='builtin', choices=DATASETS)
+    p.add_argument('--data-dir', default=None)
+    p.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
+    p.add_argument('--builtin-train-per-class', type=at_least(1), default=300, help='builtin: training images per class')
+    p.add_argument('--builtin-val-per-class', type=at_least(1), default=50, help='builtin: validation images per class')
+    p.add_argument('--img-size', type=at_least(1), default=None, help='default 64 on builtin, else 448')
+    p.add_argument('--scale-attn', action='store_true', help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
+    p.add_argument('--qk-norm', action='store_true',
+                   help='cosine attention: L2-normalised A and B with a learnable temperature (paper: unscaled dot products)')
+    p.add_argument('--loss', choices=('ad', 'ce'), default='ad', help='Self-AD (Eq. 5) or CE on both heads')
+    p.add_argument('--gamma', type=non_negative_float, default=0.5)
+    p.add_argument('--temperature', type=positive_float, default=1.0)
+    p.add_argument('--label-smoothing', type=fraction, default=0.0)
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                   help='ImageNet body weights (default: on, except for the built-in dataset)')
+    p.add_argument('--freeze-backbone', action='store_true', help='train the SSA module and heads only (the paper)')
+    p.add_argument('--cache-features', action='store_true', help='with --freeze-backbone: train from cached body maps')
+
+
+def add_optimization_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--epochs', type=at_least(1), default=6)
+    p.add_argument('--max-steps', type=at_least(1), default=None, help='stop (after a checkpoint) at this optimizer step')
+    p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
+    p.add_argument('--opt', default=None,
+                   help="timm optimizer: momentum (SGD with momentum), sgd (Nesterov SGD), adamw, lamb, ...; "
+                        'default: adamw on builtin, else momentum (the paper)')
+    p.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate of the SSA module and heads')
+    p.add_argument('--body-lr-scale', type=non_negative_float, default=1.0,
+                   help="the body's learning rate relative to --lr (fine-grained practice: 0.1)")
+    p.add_argument('--layer-decay', type=positive_float, default=None, help="timm layer-wise lr decay over the model's layer groups (the heads last)")
+    p.add_argument('--momentum', type=non_negative_float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight-decay', type=non_negative_float, default=None, help='default: 0.05 on builtin, else 5e-4')
+    p.add_argument('--sched', choices=('plateau', 'cosine', 'step'), default='plateau',
+                   help='plateau: lr x0.3 after --plateau-patience epochs without a better val top-1 (paper)')
+    p.add_argument('--plateau-patience', type=at_least(0), default=2)
+    p.add_argument('--decay-epochs', type=positive_float, default=30, help='step: epochs between decays by --decay-rate')
+    p.add_argument('--decay-rate', type=positive_float, default=0.1, help='step: lr factor')
+    p.add_argument('--warmup-epochs', type=at_least(0), default=0)
+    p.add_argument('--min-lr', type=non_negative_float, default=0.0)
+    p.add_argument('--clip-grad', type=positive_float, default=None, help='clip the gradient norm to this value')
+    p.add_argument('--model-ema', action='store_true', help="keep timm's ModelEmaV3 of the weights; evaluated each epoch")
+    p.add_argument('--model-ema-decay', type=fraction, default=0.998)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the training step (eval and export stay eager)')
+    p.add_argument('--grad-checkpointing', action='store_true', help="recompute the body's activations in backward")
+    p.add_argument('--tta', choices=('none', 'flip'), default='none',
+                   help='validation also with logits averaged over each image and its mirror; flip then picks the best epoch')
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--grad-accum', type=at_least(1), default=1)
+    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default=None,
+                   help='default: what accelerate launch was configured with')
+    p.add_argument('--workers', type=at_least(0), default=2)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--output-dir', default='runs/builtin')
+    p.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
+    p.add_argument('--keep-checkpoints', type=at_least(1), default=2)
+    p.add_argument('--checkpoint-steps', type=at_least(1), default=None, help='also checkpoint every N optimizer steps')
+    p.add_argument('--resume', default=None, help="'latest' or a checkpoint folder")
+    p.add_argument('--log-with', default=None, help='accelerate tracker: tensorboard, wandb, ...')
+    p.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse combinations and values that fail later, with argparse's exit status 2."""
+    import timm.optim
     if args.cache_features and not args.freeze_backbone:
         p.error('--cache-features needs --freeze-backbone (a training body changes its features)')
     if args.qk_norm and args.scale_attn:
         p.error('--qk-norm and --scale-attn exclude each other (qk_norm learns its own logit temperature)')
-    return args
+    if args.tta != 'none' and args.cache_features:
+        p.error('--tta flip mirrors images; it cannot run on cached body maps (--cache-features)')
+    if args.resume and args.overwrite:
+        p.error('--resume continues the run in --output-dir, --overwrite replaces it: give one')
+    if args.warmup_epochs >= args.epochs:
+        p.error(f'--warmup-epochs ({args.warmup_epochs}) must be below --epochs ({args.epochs})')
+    if args.opt.lower() not in timm.optim.list_optimizers():
+        p.error(f"--opt {args.opt!r} is not one of timm's optimizers: {', '.join(timm.optim.list_optimizers())}")
+    if args.opt.lower() in ('sgd', 'nesterov') and args.momentum == 0:
+        p.error("--opt sgd is timm's Nesterov SGD, which needs --momentum > 0; --opt momentum is plain SGD")
+    try:  # the model name and the input size, on the meta device: nothing is allocated
+        if not Path(args.model).is_dir() and not args.model.startswith(('hf-hub:', 'local-dir:')):
+            load_model(args.model, device='meta', img_size=args.img_size, **model_kwargs(args))
+    except (UserError, ValueError) as e:
+        p.error(f'--model {args.model} at --img-size {args.img_size}: {e}')
+
+
+def model_kwargs(args: argparse.Namespace) -> Dict:
+    """SSANet arguments the flags set (and the export's config records)."""
+    kwargs = {k: True for k in ('scale_attn', 'qk_norm') if getattr(args, k)}
+    if args.body_feature_index is not None:
+        kwargs['body_feature_index'] = args.body_feature_index
+    return kwargs
+
+
+def claim_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> RunLock:
+    """Own ``--output-dir`` before any data or model is loaded: a folder (writable), not in use by
+    another run, and holding no other run unless resuming it or told to overwrite it."""
+    out = Path(args.output_dir)
+    lock = RunLock(out)
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            ensure_writable_dir(out, '--output-dir')
+            lock.acquire()
+            for name in ('best', 'checkpoints'):
+                restore_interrupted(out / name)
+            found = run_files(out)
+            if found and not (args.resume or args.overwrite):
+                raise UserError(f'--output-dir {out} already holds a run ({", ".join(found)}); pass --resume latest '
+                                'to continue it, --overwrite to replace it, or another --output-dir')
+            if args.overwrite:
+                remove_run(out)
+        except UserError as e:
+            lock.release()
+            problem = str(e)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+    return lock
+
+
+def remove_run(out: Path) -> None:
+    """Delete a run's files for ``--overwrite`` (its feature cache is kept: it is keyed by its inputs)."""
+    for name in ('best', 'checkpoints'):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / 'metrics.jsonl').unlink(missing_ok=True)
+
+
+def build_data(args: argparse.Namespace):
+    """Training and validation images; validation labels are indices into the training classes."""
+    train = build_dataset(args.dataset, 'train', args.data_dir, args.crop_bbox, seed=args.seed,
+                          samples_per_class=args.builtin_train_per_class)
+    val = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
+                        samples_per_class=args.builtin_val_per_class, classes=train.classes)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f'the {args.dataset} dataset has {len(train)} training and {len(val)} validation images')
+    return train, val
+
+
+def run_identity(args: argparse.Namespace, classes, train_count: int, val_count: int, num_processes: int) -> Dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return dict(model=args.model, model_args=model_kwargs(args), dataset=args.dataset,
+                data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, crop_bbox=args.crop_bbox,
+                classes=list(classes), train_samples=train_count, val_samples=val_count, img_size=args.img_size,
+                seed=args.seed, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
+                cache_features=args.cache_features, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                num_processes=num_processes)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, drop_last: bool = False) -> DataLoader:
@@ -123,182 +272,366 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, drop_last
                       persistent_workers=False)
 
 
-def evaluate(model: SSANet, loader, accelerator: Accelerator, from_features: bool) -> Dict:
-    """Per-head top-1/top-5 on the validation set (of images, or of cached body maps)."""
-    model.eval()
-    features = model.attend if from_features else model.forward_features
-    return evaluate_heads(lambda inputs: model.head_logits(features(inputs)), loader, accelerator)
+def build_optimizer(args: argparse.Namespace, model: SSANet):
+    """timm optimizer over timm's weight-decay (or layer-decay, heads last) groups, each split into
+    its body part, at ``--body-lr-scale``, and its SSA module and heads part."""
+    no_decay = model.no_weight_decay()
+    if args.layer_decay is not None:
+        groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
+    body = {id(p) for p in model.body.parameters()}
+    split = []
+    for group in groups:
+        settings = {k: v for k, v in group.items() if k not in ('params', 'param_names')}
+        for in_body, scale in ((True, args.body_lr_scale), (False, 1.0)):
+            params = [p for p in group['params'] if p.requires_grad and (id(p) in body) == in_body]
+            if params:
+                split.append({**settings, 'params': params, 'lr_scale': settings.get('lr_scale', 1.0) * scale})
+    opt_kwargs = {'momentum': args.momentum} if args.opt.lower() in ('sgd', 'momentum', 'nesterov') else {}
+    return create_optimizer_v2(split, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **opt_kwargs)
 
 
-def training_function(args: argparse.Namespace) -> Dict:
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum,
-        log_with=args.log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), automatic_checkpoint_naming=True, total_limit=args.keep_checkpoints),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    set_seed(args.seed)
-    if args.log_with:
-        accelerator.init_trackers('ssanet', config={k: v for k, v in vars(args).items() if v is not None})
+def build_scheduler(args: argparse.Namespace, optimizer):
+    """timm scheduler stepped once per epoch (``plateau``: on the validation top-1, the paper's)."""
+    with warnings.catch_warnings():  # timm deprecates plateau for not checkpointing it; scheduler_state does
+        warnings.filterwarnings('ignore', message='PlateauLRScheduler is deprecated', category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_rate=0.3 if args.sched == 'plateau' else args.decay_rate, patience_epochs=args.plateau_patience,
+            min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, plateau_mode='max')
+    return scheduler
 
-    train_images = build_dataset(args.dataset, 'train', args.data_dir, args.crop_bbox, seed=args.seed,
-                                 samples_per_class=args.builtin_train_per_class)
-    val_images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
-                               samples_per_class=args.builtin_val_per_class)
+
+def scheduler_state(scheduler) -> Dict:
+    """The scheduler's state for ``run_state.json``; for plateau also torch's counters (patience,
+    cooldown) that timm's ``state_dict`` leaves out."""
+    state = {'timm': scheduler.state_dict()}
+    inner = getattr(scheduler, 'lr_scheduler', None)
+    if inner is not None:
+        state['torch'] = inner.state_dict()
+    return state
+
+
+def load_scheduler_state(scheduler, state: Dict) -> None:
+    scheduler.load_state_dict(state['timm'])
+    if 'torch' in state:
+        scheduler.lr_scheduler.load_state_dict(state['torch'])
+
+
+def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
+    """Data, model, loaders, optimizer, scheduler and EMA, prepared by accelerate."""
+    train_images, val_images = build_data(args)
     classes = train_images.classes
-    model_kwargs = {k: True for k in ('scale_attn', 'qk_norm') if getattr(args, k)}
-    model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_kwargs)
+    if val_images.missing_classes:
+        accelerator.print(f'note: the validation split has no images of {len(val_images.missing_classes)} '
+                          f'training class(es): {val_images.missing_classes[:10]}')
+    model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), img_size=args.img_size,
+                       **model_kwargs(args))
     transform, _ = model_transform(model, args.img_size)
-    train_flip = EpochFlip(Transformed(train_images, transform), seed=args.seed)
-    train_data, val_data = train_flip, Transformed(val_images, transform)
-
+    train_data = EpochFlip(Transformed(train_images, transform), seed=args.seed)
+    val_data = Transformed(val_images, transform)
     model.set_distilled_training(True)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if args.freeze_backbone:
         model.body.requires_grad_(False)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     trainable: torch.nn.Module = model
     if args.cache_features:
-        model.to(accelerator.device)
-        cache_dir = output_dir / 'feature_cache'
-        meta = dict(model=args.model, pretrained=args.pretrained, img_size=args.img_size, dataset=args.dataset,
-                    data_dir=args.data_dir, crop_bbox=args.crop_bbox, seed=args.seed,
-                    builtin=(args.builtin_train_per_class, args.builtin_val_per_class))
-        common = dict(accelerator=accelerator, batch_size=args.batch_size, num_workers=args.workers)
-        train_path = build_feature_cache(model, train_data.dataset, cache_dir / 'train.npy', True,
-                                         meta=dict(meta, split='train'), **common)
-        val_path = build_feature_cache(model, val_data, cache_dir / 'val.npy', False,
-                                       meta=dict(meta, split='val'), **common)
-        train_data = CachedFeatures(train_path, train_images.targets, flip=train_flip)
-        val_data = CachedFeatures(val_path, val_images.targets)
+        train_data, val_data = cached_datasets(args, accelerator, model, train_data, val_data)
         trainable = HeadsOnCachedFeatures(model)
 
     per_process = math.ceil(len(train_data) / accelerator.num_processes)
     train_loader = make_loader(train_data, args.batch_size, True, args.workers,
                                drop_last=per_process % args.batch_size == 1)  # BatchNorm1d can't train on one
     val_loader = make_loader(val_data, args.batch_size, False, args.workers)
-
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name in model.no_weight_decay() else decay).append(param)
-    groups = [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    if args.opt == 'sgd':
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode='max', factor=0.3, patience=args.plateau_patience)
+    optimizer = build_optimizer(args, model)
+    scheduler = build_scheduler(args, optimizer)
     trainable, optimizer, train_loader, val_loader = accelerator.prepare(trainable, optimizer, train_loader, val_loader)
-    state = TrainState(model=args.model)
-    accelerator.register_for_checkpointing(state, scheduler)  # state first: custom_checkpoint_0.pkl
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    identity = run_identity(args, classes, len(train_images), len(val_images), accelerator.num_processes)
     loss_fn = SelfADLoss(gamma=args.gamma, temperature=args.temperature, mode=args.loss,
                          label_smoothing=args.label_smoothing)
+    probe_inputs = torch.stack([val_data[i][0] for i in range(min(32, len(val_data)))])
+    return Run(args, accelerator, identity, classes, model, trainable, optimizer, scheduler, loss_fn, train_data,
+               train_loader, val_loader, probe_inputs, ema)
 
-    if args.resume:
-        resume_checkpoint(accelerator, args, state)
-    print(f'process {accelerator.process_index}/{accelerator.num_processes} on {accelerator.device}: '
-          f'{len(train_loader)} training batches per epoch', flush=True)
 
-    metrics_path = output_dir / 'metrics.jsonl'
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    stop = False
-    for epoch in range(state.epoch, args.epochs):
-        trainable.train()
-        if args.freeze_backbone:
-            model.body.eval()  # frozen BatchNorm statistics, as in the cached features
-        train_data.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        skip = state.step_in_epoch * args.grad_accum
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loss_sum, loss_count, images, start = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
-        for inputs, labels in tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_local_main_process):
-            with accelerator.accumulate(trainable):
-                loss = loss_fn(trainable(inputs), labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach()
-            loss_count += 1
-            images += len(labels) * accelerator.num_processes
-            if accelerator.sync_gradients:
-                state.step_in_epoch += 1
-                state.global_step += 1
-                stop = bool(args.max_steps) and state.global_step >= args.max_steps
-                mid_epoch = state.step_in_epoch < steps_per_epoch  # the epoch's end saves anyway
-                if mid_epoch and (stop or (args.checkpoint_steps and state.global_step % args.checkpoint_steps == 0)):
-                    accelerator.save_state()
-                if stop:
-                    break
-        if stop and state.step_in_epoch < steps_per_epoch:
-            break
-        epoch_time = time.perf_counter() - start
+def cached_datasets(args, accelerator: Accelerator, model: SSANet, train_data: EpochFlip, val_data):
+    """Body maps of the frozen body, computed once into ``<output-dir>/feature_cache`` and reused."""
+    model.to(accelerator.device)
+    cache_dir = Path(args.output_dir) / 'feature_cache'
+    meta = dict(model=args.model, model_args=model_kwargs(args), pretrained=args.pretrained, img_size=args.img_size,
+                dataset=args.dataset, data_dir=args.data_dir, crop_bbox=args.crop_bbox, seed=args.seed,
+                builtin=(args.builtin_train_per_class, args.builtin_val_per_class))
+    common = dict(accelerator=accelerator, batch_size=args.batch_size, num_workers=args.workers)
+    train_path = build_feature_cache(model, train_data.dataset, cache_dir / 'train.npy', True,
+                                     meta=dict(meta, split='train'), **common)
+    val_path = build_feature_cache(model, val_data, cache_dir / 'val.npy', False, meta=dict(meta, split='val'), **common)
+    targets = lambda data: data.dataset.targets  # noqa: E731  (Transformed -> the image dataset)
+    return (CachedFeatures(train_path, targets(train_data.dataset), flip=train_data.schedule),
+            CachedFeatures(val_path, targets(val_data)))
 
-        report = evaluate(model, val_loader, accelerator, from_features=args.cache_features)
-        top1 = report['mean' if 'mean' in report else 'fe']['top1']
-        scheduler.step(top1)
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        if top1 > state.best_top1:
-            state.best_top1 = top1
-            if accelerator.is_main_process:
-                training = dict(model=args.model, dataset=args.dataset, pretrained=args.pretrained,
-                                img_size=args.img_size, epoch=epoch, loss=args.loss, freeze_backbone=args.freeze_backbone)
-                export_model(model, str(output_dir / 'best'), classes, args.img_size,
-                             extra_config={'metrics': report, 'training': training})
-        accelerator.save_state()
-        mean_loss = accelerator.reduce(loss_sum, reduction='sum').item() / max(1, loss_count * accelerator.num_processes)
-        line = dict(epoch=epoch, step=state.global_step, train_loss=mean_loss, lr=optimizer.param_groups[0]['lr'],
-                    images_per_s=images / epoch_time, val=report)
-        accelerator.log({'train_loss': mean_loss, 'val_top1': top1, 'lr': line['lr']}, step=epoch)
-        if accelerator.is_main_process:
-            with metrics_path.open('a') as f:
-                f.write(json.dumps(line) + '\n')
-        accelerator.print(f'epoch {epoch}: loss {mean_loss:.4f}, val top-1 ' + ', '.join(
-            f'{k} {v["top1"]:.1f}%' for k, v in report.items() if isinstance(v, dict)))
+
+def training_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One forward/backward (and, at the end of an accumulation, optimizer) step; the detached loss."""
+    args, accelerator = run.args, run.accelerator
+    if args.channels_last and inputs.ndim == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(run.trainable):
+        loss = run.loss_fn(run.trainable(inputs), labels)
+        accelerator.backward(loss)
+        if args.clip_grad is not None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable.parameters(), args.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    return loss.detach()
+
+
+def train_one_epoch(run: Run, epoch: int) -> bool:
+    """Train (the rest of) ``epoch``; True when ``--max-steps`` stopped it before its end."""
+    args, accelerator, progress = run.args, run.accelerator, run.progress
+    run.trainable.train()
+    if args.freeze_backbone:
+        run.model.body.eval()  # frozen BatchNorm statistics, as in the cached features
+    run.train_data.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)
+    skip = progress.step_in_epoch * args.grad_accum
+    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    steps_per_epoch = math.ceil(len(run.train_loader) / args.grad_accum)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    bad_step = torch.full((), -1, device=accelerator.device)  # first non-finite step (1-based), no host sync
+    counts = dict(loss_count=0, images=0, start=time.perf_counter())
+    for inputs, labels in tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_local_main_process):
+        loss = training_step(run, inputs, labels)
+        finite = torch.isfinite(loss)
+        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, progress.global_step + 1))
+        loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        counts['loss_count'] += 1
+        counts['images'] += len(labels) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        if run.ema is not None:
+            run.ema.update(run.model, step=progress.global_step)
+        stop = bool(args.max_steps) and progress.global_step >= args.max_steps
+        mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch's end saves anyway
+        if mid_epoch and (stop or (args.checkpoint_steps and progress.global_step % args.checkpoint_steps == 0)):
+            carry_epoch_sums(run, loss_sum, bad_step, counts)
+            loss_sum.zero_()
+            save_checkpoint(run)
         if stop:
-            break
+            return mid_epoch
+    carry_epoch_sums(run, loss_sum, bad_step, counts)
+    return False
 
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    result = dict(best_top1=state.best_top1, epochs_done=state.epoch, global_step=state.global_step,
-                  output_dir=str(output_dir))
-    if state.best_top1 >= 0:
-        accelerator.print(f'best val top-1 (mean of heads): {state.best_top1:.2f}% '
-                          f'(chance {100 / len(classes):.1f}%); model exported to {output_dir / "best"}')
-    return result
+
+def carry_epoch_sums(run: Run, loss_sum: torch.Tensor, bad_step: torch.Tensor, counts: Dict) -> None:
+    """Add this process's sums since the last call, over all processes, to the epoch's progress;
+    stop the run if a loss was not finite (before anything is saved)."""
+    accelerator, progress = run.accelerator, run.progress
+    if int(accelerator.reduce(bad_step, reduction='max')) >= 0:
+        step = int(accelerator.reduce(torch.where(bad_step >= 0, bad_step, torch.full_like(bad_step, 2 ** 62)),
+                                      reduction='min'))
+        raise UserError(f'the training loss became NaN or infinite at epoch {progress.epoch}, step {step}; the run '
+                        f'stopped without saving, its last good checkpoint is kept (lower --lr or set --clip-grad)')
+    count = torch.tensor(float(counts['loss_count']), device=accelerator.device)
+    progress.loss_sum += float(accelerator.reduce(loss_sum, reduction='sum'))
+    progress.loss_count += int(accelerator.reduce(count, reduction='sum'))
+    progress.images += counts['images']
+    now = time.perf_counter()
+    progress.seconds += now - counts['start']
+    counts.update(loss_count=0, images=0, start=now)
+
+
+def validate(run: Run, model: SSANet) -> Dict:
+    """Per-head top-1/top-5 on the validation set (images, or cached body maps), and the attention
+    diagnostics on its first batch."""
+    model.eval()
+    tta = run.args.tta == 'flip'
+    if run.args.cache_features:
+        report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), run.val_loader, run.accelerator)
+    else:
+        report = evaluate_heads(model.forward_per_head, run.val_loader, run.accelerator, tta_flip=tta)
+    if model.head.attn is not None:
+        inputs = run.probe_inputs.to(run.accelerator.device)
+        with torch.no_grad(), run.accelerator.autocast():
+            body_map = inputs if run.args.cache_features else model.forward_body(inputs)
+            report['attention'] = attention_diagnostics(model.head.attn, body_map)
+    return report
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    """Validate (the EMA too), step the scheduler, export a new best, checkpoint, log the epoch."""
+    args, accelerator, progress = run.args, run.accelerator, run.progress
+    report = validate(run, run.model)
+    candidates = [(report_top1(report), run.model, report, False)]
+    if run.ema is not None:
+        report['ema'] = validate(run, run.ema.module)
+        candidates.append((report_top1(report['ema']), run.ema.module, report['ema'], True))
+    top1, best_model, best_report, is_ema = max(candidates, key=lambda c: c[0])
+    lr = max(group['lr'] for group in run.optimizer.param_groups)  # the heads' rate of this epoch
+    run.scheduler.step(epoch + 1, report_top1(report))
+    if top1 > progress.best_top1:
+        progress.best_top1 = top1
+        if accelerator.is_main_process:
+            export_best(run, best_model, best_report, epoch, is_ema)
+    mean_loss = progress.loss_sum / max(1, progress.loss_count)
+    line = dict(epoch=epoch, step=progress.global_step, train_loss=mean_loss, lr=lr,
+                images_per_s=progress.images / max(progress.seconds, 1e-9), val=report)
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    progress.loss_sum, progress.loss_count, progress.images, progress.seconds = 0.0, 0, 0, 0.0
+    save_checkpoint(run)
+    accelerator.log({'train_loss': mean_loss, 'val_top1': report_top1(report), 'lr': line['lr'],
+                     **{f'attention/{k}': v for k, v in report.get('attention', {}).items() if v is not None}},
+                    step=epoch)
+    if accelerator.is_main_process:
+        with (run.output_dir / 'metrics.jsonl').open('a') as f:
+            f.write(json.dumps(line) + '\n')
+    heads = ', '.join(f'{k} {v["top1"]:.1f}%' for k, v in report['heads'].items())
+    attention = report.get('attention')
+    accelerator.print(f'epoch {epoch}: loss {mean_loss:.4f}, val top-1 {report["output"]["top1"]:.1f}% ({heads})' + (
+        f'; attention: alpha {attention["alpha"]:+.3f}, row entropy {attention["entropy_ratio"]:.2f} of uniform, '
+        f'row max {attention["row_max"]:.2f}' if attention and attention['alpha'] is not None else ''))
+
+
+def export_best(run: Run, model: SSANet, report: Dict, epoch: int, is_ema: bool) -> None:
+    """Export ``model`` to ``<output-dir>/best`` through a temporary sibling."""
+    args = run.args
+    training = dict(model=args.model, dataset=args.dataset, pretrained=args.pretrained, img_size=args.img_size,
+                    epoch=epoch, loss=args.loss, freeze_backbone=args.freeze_backbone, ema=is_ema, seed=args.seed)
+    with atomic_dir(run.output_dir / 'best') as tmp:
+        export_model(model, str(tmp), run.classes, args.img_size, extra_config={'metrics': report, 'training': training})
 
 
 def checkpoint_index(folder: Path) -> int:
-    """N of an accelerate ``checkpoint_N`` folder (automatic checkpoint naming)."""
-    return int(folder.name.split('_')[-1])
+    """N of a ``checkpoint_N`` folder (-1 for other names)."""
+    suffix = folder.name.rpartition('_')[2]
+    return int(suffix) if folder.name.startswith('checkpoint_') and suffix.isdigit() else -1
 
 
-def resume_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: TrainState) -> None:
-    """Load ``--resume`` ('latest' or a folder), refusing a checkpoint of another model."""
-    if args.resume == 'latest':
-        found = sorted((Path(args.output_dir) / 'checkpoints').glob('checkpoint_*'), key=checkpoint_index)
-        if not found:
-            raise FileNotFoundError(f'--resume latest: no checkpoint under {Path(args.output_dir) / "checkpoints"}')
-        folder = found[-1]
-    else:
-        folder = Path(args.resume)
-        if not folder.is_dir():
-            raise FileNotFoundError(f'--resume {args.resume}: not a checkpoint folder')
-    saved = TrainState()
-    state_file = folder / 'custom_checkpoint_0.pkl'
-    if not state_file.is_file():
-        raise FileNotFoundError(f'--resume {folder}: not a checkpoint of this recipe (no {state_file.name})')
-    saved.load_state_dict(torch.load(state_file, weights_only=False))
-    if saved.model != args.model:
-        raise ValueError(f'checkpoint {folder} was saved by a run of {saved.model}, this run trains {args.model}')
+def checkpoints(output_dir: Path) -> list:
+    """The ``checkpoint_N`` folders of a run, newest first."""
+    found = [p for p in (output_dir / 'checkpoints').glob('checkpoint_*') if checkpoint_index(p) >= 0]
+    return sorted(found, key=checkpoint_index, reverse=True)
+
+
+def save_checkpoint(run: Run) -> None:
+    """accelerate's state (model, optimizer, sampler, RNG) + EMA + ``run_state.json`` (identity,
+    progress, scheduler) into a temporary folder, renamed to the next ``checkpoint_N``; the oldest
+    beyond ``--keep-checkpoints`` are removed."""
+    accelerator, out = run.accelerator, run.output_dir / 'checkpoints'
+    existing = checkpoints(run.output_dir)
+    final = out / f'checkpoint_{checkpoint_index(existing[0]) + 1 if existing else 0}'
+    tmp = out / f'.{final.name}.tmp'
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if run.ema is not None:
+            save_file({k: v.contiguous() for k, v in run.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
+        state = dict(identity=run.identity, progress=asdict(run.progress), scheduler=scheduler_state(run.scheduler))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        tmp.rename(final)
+        for old in checkpoints(run.output_dir)[run.args.keep_checkpoints:]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def read_checkpoint(folder: Path, identity: Dict) -> Dict:
+    """``run_state.json`` of a checkpoint, after checking that its files are complete and readable
+    and that it was saved by a run with the same identity (``UserError`` naming the file or field)."""
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise UserError(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
     try:
+        state = json.loads(state_path.read_text())
+        saved = state['identity']
+        Progress(**state['progress'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f'{state_path} is damaged ({type(e).__name__}: {e})') from e
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            shown = lambda v: f'{len(v)} classes' if key == 'classes' else repr(v)  # noqa: E731
+            raise UserError(f'checkpoint {folder} was saved by a run with {key}={shown(saved.get(key))}; this run has '
+                            f'{key}={shown(value)}')
+    for path in sorted(folder.glob('*.safetensors')):
+        try:
+            load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise UserError(f'{path} is damaged or truncated ({e})') from e
+    for path in sorted(folder.glob('optimizer*.bin')):
+        try:
+            torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged archive
+            raise UserError(f'{path} is damaged or truncated ({str(e).splitlines()[0]})') from e
+    return state
+
+
+def resume(run: Run) -> None:
+    """Load ``--resume``: a folder, or for 'latest' the newest complete checkpoint, skipping (with a
+    warning) damaged ones. A checkpoint of another run (model, data, classes, ...) is refused."""
+    args, accelerator = run.args, run.accelerator
+    candidates = checkpoints(run.output_dir) if args.resume == 'latest' else [Path(args.resume)]
+    if not candidates:
+        raise UserError(f'--resume latest: no checkpoint under {run.output_dir / "checkpoints"}')
+    for folder in candidates:
+        if not folder.is_dir():
+            raise UserError(f'--resume {folder}: not a checkpoint folder')
+        try:
+            state = read_checkpoint(folder, run.identity)
+        except UserError as e:
+            if args.resume != 'latest' or 'was saved by a run with' in str(e):
+                raise
+            accelerator.print(f'warning: skipping checkpoint {folder}: {e}')
+            continue
         accelerator.load_state(str(folder))
-    except RuntimeError as e:
-        raise ValueError(f'checkpoint {folder} does not fit {args.model}: {e}') from e
-    accelerator.project_configuration.iteration = checkpoint_index(folder) + 1
-    accelerator.print(f'resumed from {folder}: epoch {state.epoch}, step {state.global_step}')
+        load_scheduler_state(run.scheduler, state['scheduler'])
+        run.progress = Progress(**state['progress'])
+        if run.ema is not None:
+            run.ema.module.load_state_dict(load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file()
+                                           else run.model.state_dict())
+        accelerator.print(f'resumed from {folder}: epoch {run.progress.epoch}, step {run.progress.global_step}')
+        return
+    raise UserError(f'--resume latest: every checkpoint under {run.output_dir / "checkpoints"} is damaged')
+
+
+def training_function(args: argparse.Namespace) -> Dict:
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        log_with=args.log_with, project_dir=args.output_dir, dynamo_backend='inductor' if args.compile else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    lock = claim_output_dir(args, accelerator)
+    try:
+        set_seed(args.seed)
+        run = setup(args, accelerator)
+        if args.log_with:
+            accelerator.init_trackers('ssanet', config={k: v for k, v in vars(args).items() if v is not None})
+        if args.resume:
+            resume(run)
+        print(f'process {accelerator.process_index}/{accelerator.num_processes} on {accelerator.device}: '
+              f'{len(run.train_loader)} training batches per epoch', flush=True)
+        for epoch in range(run.progress.epoch, args.epochs):
+            if train_one_epoch(run, epoch):
+                break
+            end_epoch(run, epoch)
+            if args.max_steps and run.progress.global_step >= args.max_steps:
+                break
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        lock.release()
+    progress, out = run.progress, run.output_dir
+    if progress.best_top1 >= 0:
+        accelerator.print(f'best val top-1 (model output): {progress.best_top1:.2f}% '
+                          f'(chance {100 / len(run.classes):.1f}%); model exported to {out / "best"}')
+    return dict(best_top1=progress.best_top1, epochs_done=progress.epoch, global_step=progress.global_step,
+                output_dir=str(out))
 
 
 def main(argv=None) -> Dict:
@@ -306,4 +639,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

@@ -24,19 +24,21 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from predict import expand_inputs  # noqa: E402
 from ssa_timm import SSANet  # noqa: E402
-from ssa_timm.data import model_transform  # noqa: E402
-from ssa_timm.data.readers import load_rgb  # noqa: E402
+from ssa_timm.cli import at_least  # noqa: E402
+from ssa_timm.data import find_images, load_image, model_transform  # noqa: E402
+from ssa_timm.errors import exit_on_user_error  # noqa: E402
 from ssa_timm.hub import label_names, load_model  # noqa: E402
+from ssa_timm.run_dir import ensure_writable_dir  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
     p.add_argument('--model', nargs='+', required=True, help='one or more model specs (Fig. 4: one per variant)')
-    p.add_argument('--img-size', type=int, default=None, help="default: the first model's input size")
+    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the first model's input size")
     p.add_argument('--out-dir', default='vis')
+    p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
 
 
@@ -78,14 +80,14 @@ def save_overlays(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str, path
 
 
 def visualize(args: argparse.Namespace) -> List[Path]:
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(Path(args.out_dir), '--out-dir')
+    paths = find_images(args.inputs)
     models = [load_model(spec).eval() for spec in args.model]
     transform, size = model_transform(models[0], args.img_size)
     written: List[Path] = []
     grid_rows = []
-    for path in expand_inputs(args.inputs):
-        image = load_rgb(str(path))
+    for path in paths:
+        image = load_image(str(path))
         rgb = np.asarray(image.resize((size, size)), dtype=np.float32) / 255
         x = transform(image).unsqueeze(0)
         row = [rgb]
@@ -93,7 +95,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
             with torch.no_grad():  # one body pass gives the prediction and the attention's input
                 body_map = model.forward_body(x)
-                pred = int(model.forward_head(model.attend(body_map)).argmax(-1))
+                pred = int(model.forward_head(model.forward_ssa(body_map)).argmax(-1))
             names = label_names(model)
             title = f'{model.aggregation}: {names[pred] if names else pred}'
             with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
@@ -139,4 +141,4 @@ def main(argv=None) -> List[Path]:
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(main)

@@ -4,8 +4,10 @@ With the body frozen (the paper's setting) the body map F of an image never chan
 computed once per image and view (original and horizontally flipped) into a ``.npy`` file that
 training reads through a memory map. Processes share the work: each computes every
 ``world_size``-th image and writes its rows of the same file (on one machine, or a shared
-filesystem across machines).
+filesystem across machines). The cache is keyed by what the maps depend on, the body's weights
+included (``weights_fingerprint``), and only a completed build is ever read.
 """
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -14,9 +16,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.transforms import EpochFlip
+from .data.transforms import FlipSchedule
 
-__all__ = ['CachedFeatures', 'build_feature_cache']
+__all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype}'.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_feature_cache(
@@ -40,10 +51,12 @@ def build_feature_cache(
         path: The ``.npy`` file; ``path.with_suffix('.json')`` records ``meta`` once complete.
         with_flips: Also cache the horizontally flipped view.
         accelerator: The run's ``accelerate.Accelerator``.
-        meta: What the features depend on (model, weights, image size, dataset); a mismatch rebuilds.
+        meta: What the features depend on (model, image size, dataset, split); a mismatch rebuilds.
+            The body's ``weights_fingerprint`` is added to it.
     """
     marker = path.with_suffix('.json')
-    if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(meta)):  # tuples -> lists
+    meta = json.loads(json.dumps({**meta, 'body_weights': weights_fingerprint(model.body)}))  # tuples -> lists
+    if marker.is_file() and json.loads(marker.read_text()) == meta:
         return path
     views = 2 if with_flips else 1
     model.body.eval()
@@ -79,12 +92,12 @@ def build_feature_cache(
 class CachedFeatures(Dataset):
     """``(feature map, label)`` pairs read from a feature cache.
 
-    With ``flip`` (an ``EpochFlip`` over the same images) each item is the flipped view exactly
-    when ``flip`` would have flipped that image in the current epoch, so cached and uncached
+    With ``flip`` (the ``FlipSchedule`` of the uncached images) each item is the flipped view
+    exactly when that image would have been flipped in the current epoch, so cached and uncached
     training see the same inputs.
     """
 
-    def __init__(self, path: Path, targets, flip: Optional[EpochFlip] = None) -> None:
+    def __init__(self, path: Path, targets, flip: Optional[FlipSchedule] = None) -> None:
         self.path = path
         self.targets = list(targets)
         self.flip = flip
@@ -105,3 +118,15 @@ class CachedFeatures(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, '_array': None}
+
+
+class HeadsOnCachedFeatures(torch.nn.Module):
+    """The SSA module and heads of an SSANet fed with cached body maps (the body stays frozen):
+    ``forward(F) == model.forward_head(model.forward_ssa(F))``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, body_maps: torch.Tensor):
+        return self.model.forward_head(self.model.forward_ssa(body_maps))

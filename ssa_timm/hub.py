@@ -3,52 +3,97 @@
 A model spec is a registered name (``ssanet_vgg16_plus``), any ``ssanet_<timm body>_<aggregation>``,
 an export folder (``config.json`` + ``model.safetensors``), ``local-dir:PATH`` or ``hf-hub:ORG/NAME``.
 """
-import copy
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
 
 import timm
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models import save_for_hf
 
+from .errors import UserError
 from .models import SSANet, create_ssanet_by_name
 
-__all__ = ['body_weights_repo', 'export_model', 'label_names', 'load_model', 'model_complexity', 'render_model_card']
-
-_FORMULAS = {
-    'plus': 'H = alpha * O + F (Eq. 1)',
-    'multiply': 'H = alpha * O * F (Eq. 2)',
-    'alpha': 'H = alpha * O',
-    'no_alpha': 'H = O',
-    'no_attention': 'no SSA module, FE head only',
-}
-_HEAD_NAMES = {'ssa': 'SSA head', 'fe': 'FE head', 'mean': 'mean of heads (model output)'}
+__all__ = ['export_model', 'label_names', 'load_model']
 
 
 def load_model(spec: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
     """Build or load an SSANet from a spec (see module doc); saved weights are always loaded.
+
+    A damaged export (truncated weights, a config that is not JSON or describes another
+    architecture), a name that is no model and, offline, weights missing from the Hugging Face
+    cache raise ``UserError`` naming the file or repo.
 
     Args:
         spec: Model name, export folder, ``local-dir:`` or ``hf-hub:`` reference.
         pretrained: For model names only: load the body's ImageNet weights.
         **kwargs: Model arguments (e.g. num_classes) for model names.
     """
-    if spec.startswith(('hf-hub:', 'local-dir:')):
-        model = timm.create_model(spec, pretrained=True, **kwargs)
-    elif Path(spec).is_dir():
-        if not (Path(spec) / 'config.json').is_file():
-            raise FileNotFoundError(f'{spec} is not an exported model: it has no config.json')
-        model = timm.create_model(f'local-dir:{spec}', pretrained=True, **kwargs)
-    elif timm.is_model(spec):
-        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
-    else:
-        model = create_ssanet_by_name(spec, pretrained=pretrained, **kwargs)
+    try:
+        model = _create(spec, pretrained, **kwargs)
+    except LocalEntryNotFoundError as e:
+        raise UserError(_not_downloadable(spec, e)) from e
     if not isinstance(model, SSANet):
-        raise ValueError(f'{spec} is a {type(model).__name__}, not an SSANet')
+        raise UserError(f'{spec} is a {type(model).__name__}, not an SSANet')
     return model
+
+
+def _create(spec: str, pretrained: bool, **kwargs: Any) -> SSANet:
+    if spec.startswith('local-dir:') or (not spec.startswith('hf-hub:') and Path(spec).is_dir()):
+        folder = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec)
+        weights = _check_export(folder)
+        return _load_weights(f'local-dir:{folder}', str(weights), **kwargs)
+    if spec.startswith('hf-hub:'):
+        return _load_weights(spec, f'the weights of {spec}', **kwargs)
+    if timm.is_model(spec):
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    try:
+        return create_ssanet_by_name(spec, pretrained=pretrained, **kwargs)
+    except ValueError as e:
+        raise UserError(f'{spec!r} is neither an export folder nor a model name: {e}') from e
+
+
+def _check_export(folder: Path) -> Path:
+    """The weights file of an export folder, after checking its ``config.json`` names an SSANet."""
+    config_path = folder / 'config.json'
+    if not config_path.is_file():
+        raise UserError(f'{folder} is not an exported model: it has no config.json')
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f'{config_path} is not valid JSON ({e}); re-export the model') from e
+    architecture = config.get('architecture') if isinstance(config, dict) else None
+    if not isinstance(architecture, str) or not architecture.startswith('ssanet'):
+        raise UserError(f'{config_path} describes a {architecture!r} model, not an SSANet')
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f'{folder} has a config.json but no model.safetensors')
+
+
+def _load_weights(spec: str, weights: str, **kwargs: Any) -> SSANet:
+    try:
+        return timm.create_model(spec, pretrained=True, **kwargs)
+    except SafetensorError as e:
+        raise UserError(f'{weights} is damaged or truncated ({e}); re-export or re-download it') from e
+    except RuntimeError as e:
+        if 'state_dict' not in str(e):
+            raise
+        raise UserError(f'{weights} does not fit the model its config describes: {str(e).splitlines()[1:2]}') from e
+
+
+def _not_downloadable(spec: str, error: Exception) -> str:
+    """What is missing when the Hub cannot be reached and the cache lacks a file."""
+    found = re.search(r'https?://[^/\s]+/(.+?)/resolve/[^/\s]+/([^\s:]+)', str(error.__cause__ or error))
+    what = f'{found.group(2)} of {found.group(1)}' if found else f'the weights of {spec}'
+    reason = ('HF_HUB_OFFLINE is set' if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
+              else 'the Hub could not be reached')
+    return f'cannot load {spec}: {what} is not in the Hugging Face cache and {reason}'
 
 
 def label_names(model: SSANet) -> Optional[List[str]]:
@@ -70,94 +115,15 @@ def export_model(
     if len(labels) != model.num_classes:
         raise ValueError(f'{len(labels)} label names for a model with {model.num_classes} classes')
     config = {'label_names': list(labels), **(extra_config or {})}
-    save_for_hf(model, out_dir, model_config=config, safe_serialization=True,
-                data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0, 'crop_mode': 'squash'})
+    # safetensors stores contiguous tensors only: a channels-last model is saved in the standard layout
+    channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    try:
+        save_for_hf(model, out_dir, model_config=config, safe_serialization=True,
+                    data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0,
+                                 'crop_mode': 'squash'})
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
     return Path(out_dir)
-
-
-def model_complexity(model: SSANet, img_size: int) -> Dict[str, float]:
-    """Parameters (M) and GMACs of one forward pass at ``img_size`` (counted on the meta device)."""
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    meta = copy.deepcopy(model).to('meta').eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta(torch.empty(1, model.in_chans, img_size, img_size, device='meta'))
-    return {'params_m': round(params, 2), 'gmacs': round(counter.get_total_flops() / 2e9, 2)}
-
-
-def body_weights_repo(model: SSANet) -> Optional[str]:
-    """The timm Hub repo of the body weights the model's body tag names (its default tag when it names none)."""
-    cfg = timm.models.get_pretrained_cfg(model.body_name)
-    return cfg.hf_hub_id if cfg is not None else None
-
-
-def render_model_card(
-        model: SSANet,
-        model_name: str,
-        template: str,
-        img_size: int,
-        create_name: str,
-        dataset: Optional[str] = None,
-        metrics: Optional[Dict[str, Any]] = None,
-        pretrained_body: bool = True,
-) -> ModelCard:
-    """Render a Hub model card: YAML metadata (with ``model-index`` only for measured ``metrics``)
-    and a body with model details, usage, results and citation.
-
-    Args:
-        model: The model the card describes.
-        model_name: Card title and model-index name (e.g. the repo id).
-        template: Jinja template text (``model_cards/template.md``).
-        img_size: Input size of the weights.
-        create_name: What ``timm.create_model`` takes to load the weights ('hf-hub:...' or a tag).
-        dataset: Dataset the heads were trained on, if any.
-        metrics: Validation report of ``classification_report`` for those weights.
-        pretrained_body: Whether the body started from timm's ImageNet weights.
-    """
-    base_model = body_weights_repo(model) if pretrained_body else None
-    eval_results = None
-    results = None
-    if metrics:
-        heads = [dict(name=_HEAD_NAMES[k], **metrics[k]) for k in ('ssa', 'fe', 'mean') if k in metrics]
-        results = dict(heads=heads, count=metrics.get('count'))
-        output = metrics.get('mean', metrics.get('fe'))
-        eval_results = [
-            EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
-                       dataset_split='validation', metric_type='accuracy', metric_name=f'top-{k} accuracy',
-                       metric_value=round(output[f'top{k}'], 2))
-            for k in (1, 5)
-        ]
-    datasets = [d for d in (('imagenet-1k' if base_model else None), dataset) if d]
-    card_data = ModelCardData(
-        library_name='timm',
-        license=model.pretrained_cfg.get('license') or 'apache-2.0',
-        tags=['image-classification', 'timm', 'ssa_timm', 'fine-grained'],
-        pipeline_tag='image-classification',
-        datasets=datasets or None,
-        base_model=base_model,
-        model_name=model_name,
-        eval_results=eval_results,
-    )
-    if metrics:
-        weights_note = f'The whole model was trained on {dataset}' + (
-            f', starting from the ImageNet body weights of `{base_model}`.' if base_model else ', from scratch.')
-    else:
-        weights_note = (f'The body starts from the ImageNet weights of `{base_model}`; the SSA module and the heads '
-                        'are freshly initialised.')
-    return ModelCard.from_template(
-        card_data,
-        template_str=template,
-        model_name=model_name,
-        architecture=model.pretrained_cfg.get('architecture'),
-        body=model.body_name,
-        aggregation=model.aggregation,
-        aggregation_formula=_FORMULAS[model.aggregation],
-        img_size=img_size,
-        num_classes=model.num_classes,
-        dataset=dataset or 'ImageNet-1k (body only)',
-        create_name=create_name,
-        create_args='' if metrics else ', num_classes=200',
-        label_names=bool(label_names(model)),
-        weights_note=weights_note,
-        results=results,
-        **model_complexity(model, img_size),
-    )

@@ -118,11 +118,15 @@ class SpatialSelfAttention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return attended.squeeze(1).transpose(1, 2).reshape(x.shape)
 
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``A_i . B_j`` (scaled as configured) as ``(B, N, N)``, row j: query position j."""
+        q, k = self._queries_keys(x)  # (B, d, N)
+        return q.transpose(1, 2) @ k * self.scale
+
     def _plain(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """O (shaped like ``x``) and S ``(B, N, N)`` through matmul + softmax, channels first."""
-        q, k = self._queries_keys(x)  # (B, d, N)
         v = self.conv_c(x).flatten(2)  # (B, K, N)
-        attn = (q.transpose(1, 2) @ k * self.scale).softmax(dim=-1)  # S[j, i]
+        attn = self.attention_logits(x).softmax(dim=-1)  # S[j, i]
         # S @ C^T rather than C @ S^T: the gradient of S then comes out contiguous, with no N x N copy
         return (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(x.shape), attn
 

@@ -4,6 +4,7 @@
 
 The SSA head is the teacher and the feature-extractor (FE) head the student.
 """
+import math
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -42,8 +43,12 @@ class SelfADLoss(nn.Module):
         super().__init__()
         if mode not in ('ad', 'ce'):
             raise ValueError(f"mode must be 'ad' or 'ce', got {mode!r}")
-        if temperature <= 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}')
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f'gamma must be a finite number >= 0, got {gamma}')
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
         self.gamma = gamma
         self.temperature = temperature
         self.detach_teacher = detach_teacher

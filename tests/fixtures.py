@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # A train.py configuration that runs in seconds: timm's test_resnet body, 32 px, 80 + 50 images.
 TINY_TRAIN = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
               '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
+# The session's shared trained run (conftest.trained_run): two epochs, cosine attention (--qk-norm), so
+# the exports it feeds check that option too.
+TRAINED_RUN = [*TINY_TRAIN, '--epochs', '2', '--qk-norm']
 TWO_CPU_PROCESSES = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                      '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
                      '--main_process_port', '0')

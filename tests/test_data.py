@@ -131,11 +131,11 @@ def _contains_glyph(mask: np.ndarray, glyph: np.ndarray, cell: int) -> bool:
 def test_epoch_flip_is_reproducible():
     base = Transformed(BuiltinFineGrained('val', samples_per_class=2), eval_transform(32, (0.5,) * 3, (0.5,) * 3))
     flip = EpochFlip(base, seed=3)
-    decisions = [flip.flipped(i) for i in range(20)]
+    decisions = [flip.schedule.flipped(i) for i in range(20)]
     assert 0 < sum(decisions) < 20
     x, _ = flip[decisions.index(True)]
     torch.testing.assert_close(x, base[decisions.index(True)][0].flip(-1))
     flip.set_epoch(1)
-    assert [flip.flipped(i) for i in range(20)] != decisions
+    assert [flip.schedule.flipped(i) for i in range(20)] != decisions
     flip.set_epoch(0)
-    assert [flip.flipped(i) for i in range(20)] == decisions
+    assert [flip.schedule.flipped(i) for i in range(20)] == decisions

@@ -25,11 +25,9 @@ def logits_of(spec: str, env=None) -> dict:
     return json.loads(run_python('-c', LOGITS, spec, env=env).stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope='module')
-def export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp('run')
-    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(out))
-    return out / 'best'
+@pytest.fixture
+def export(trained_run) -> Path:
+    return trained_run / 'best'
 
 
 def test_dry_run_folder_contents(export, tmp_path):
@@ -51,7 +49,7 @@ def test_dry_run_folder_contents(export, tmp_path):
     assert {'ssa_timm', 'image-classification'} <= set(data.tags)
     assert data.license and data.datasets == ['builtin']
     assert data.base_model is None  # trained from scratch, so no ImageNet body is claimed
-    measured = config['metrics']['mean']
+    measured = config['metrics']['output']
     results = {r.metric_name: r.metric_value for r in data.eval_results}
     assert results == {'top-1 accuracy': round(measured['top1'], 2), 'top-5 accuracy': round(measured['top5'], 2)}
     assert 'import ssa_timm' in card.text and "hf-hub:someone/ssanet-tiny" in card.text

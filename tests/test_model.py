@@ -83,7 +83,7 @@ def test_body_without_weights_has_the_bare_timm_init(body):
 def test_eval_returns_mean_of_heads_train_returns_pair():
     model = small(num_classes=4).eval()
     x = torch.randn(2, 3, 64, 64)
-    heads = model.forward_heads(x)
+    heads = model.forward_per_head(x)
     torch.testing.assert_close(model(x), (heads['ssa'] + heads['fe']) / 2)
     model.train()
     assert isinstance(model(x), torch.Tensor)  # distilled training off: plain mean, like DeiT

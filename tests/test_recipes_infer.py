@@ -9,16 +9,14 @@ import onnx
 import pytest
 from PIL import Image
 
-from fixtures import TINY_TRAIN, run_recipe
+from fixtures import run_recipe
 from ssa_timm.data import BuiltinFineGrained
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory) -> Path:
-    """A tiny trained export, with cosine attention (--qk-norm) so the exports check that option too."""
-    out = tmp_path_factory.mktemp('run')
-    run_recipe('train.py', *TINY_TRAIN, '--epochs', '1', '--qk-norm', '--output-dir', str(out))
-    return out / 'best'
+@pytest.fixture
+def trained(trained_run) -> Path:
+    """The shared run's export (cosine attention, --qk-norm, so the exports check that option too)."""
+    return trained_run / 'best'
 
 
 @pytest.fixture(scope='module')

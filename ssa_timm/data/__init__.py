@@ -1,24 +1,27 @@
 """Datasets and transforms for fine-grained recognition (paper section 4.1)."""
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch.utils.data import Dataset
 
 from .builtin import BuiltinFineGrained
+from .images import IMAGE_SUFFIXES, CorruptImageError, find_images, load_image
 from .readers import (
-    CorruptImageError, DatasetLayoutError, LabeledImages, read_cars, read_cub, read_dogs, read_image_folder)
-from .transforms import EpochFlip, Transformed, eval_transform, model_transform
+    DatasetLayoutError, LabeledImages, align_classes, read_cars, read_cub, read_dogs, read_image_folder)
+from .transforms import EpochFlip, FlipSchedule, Transformed, eval_transform, model_transform
 
 __all__ = [
-    'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'LabeledImages',
-    'Transformed', 'build_dataset', 'eval_transform', 'model_transform',
+    'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES',
+    'LabeledImages', 'Transformed', 'build_dataset', 'eval_transform', 'find_images', 'load_image',
+    'model_transform',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
-                  seed: int = 0, samples_per_class: Optional[int] = None) -> Dataset:
-    """``(PIL image, label)`` dataset with a ``classes`` list.
+                  seed: int = 0, samples_per_class: Optional[int] = None,
+                  classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split') -> Dataset:
+    """``(PIL image, label)`` dataset with a ``classes`` list (and ``missing_classes``).
 
     Args:
         name: One of ``DATASETS``.
@@ -27,18 +30,33 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         crop_bbox: CUB only: crop to ``bounding_boxes.txt``.
         seed: 'builtin' only: the generation seed.
         samples_per_class: 'builtin' only: images per class (default 300 train, 50 val).
+        classes: The run's class list (the training split's, or a model's label names): labels are
+            indices into it, a class it lacks is an error (``align_classes``).
+        classes_of: Where ``classes`` come from, for error messages.
     """
+    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class)
+    dataset.missing_classes = []
+    if classes is not None and list(classes) != list(dataset.classes):
+        if not isinstance(dataset, LabeledImages):
+            raise DatasetLayoutError(f'the {name} {split} split has classes {dataset.classes[:5]}..., '
+                                     f'{classes_of} has {list(classes)[:5]}...')
+        dataset = align_classes(dataset, classes, split, classes_of)
+    return dataset
+
+
+def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed: int,
+          samples_per_class: Optional[int]) -> Dataset:
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == 'builtin':
         default = 300 if split == 'train' else 50
         return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed)
     if name not in DATASETS:
-        raise ValueError(f'dataset must be one of {DATASETS}, got {name!r}')
+        raise DatasetLayoutError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:
-        raise ValueError(f'--data-dir is required for dataset {name!r}')
+        raise DatasetLayoutError(f'--data-dir is required for dataset {name!r}')
     if name == 'cub':
         return read_cub(data_dir, split, crop_bbox=crop_bbox)
     if crop_bbox:
-        raise ValueError('crop_bbox is only available for cub')
+        raise DatasetLayoutError('--crop-bbox is only available for cub')
     return {'dogs': read_dogs, 'cars': read_cars, 'imagefolder': read_image_folder}[name](data_dir, split)

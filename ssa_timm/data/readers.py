@@ -7,10 +7,12 @@ raises ``CorruptImageError`` naming the file.
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ['CorruptImageError', 'DatasetLayoutError', 'LabeledImages', 'read_cars', 'read_cub', 'read_dogs',
+from ..errors import UserError
+from .images import load_image
+
+__all__ = ['DatasetLayoutError', 'LabeledImages', 'align_classes', 'read_cars', 'read_cub', 'read_dogs',
            'read_image_folder']
 
 CUB_LAYOUT = ('CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt, classes.txt '
@@ -21,21 +23,8 @@ CARS_LAYOUT = ('torchvision StanfordCars layout: <root>/stanford_cars/ with devk
 FOLDER_LAYOUT = 'ImageFolder root with train/<class>/<image> and val/<class>/<image> (or test/)'
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError, ValueError):
     """The dataset folder does not have the expected layout."""
-
-
-class CorruptImageError(OSError):
-    """An image file could not be decoded."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as img:
-            return img.convert('RGB')
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise CorruptImageError(f'cannot read image {path}: {e}') from e
 
 
 class LabeledImages(Dataset):
@@ -57,7 +46,7 @@ class LabeledImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        img = load_rgb(path)
+        img = load_image(path)
         if self.boxes is not None:
             x, y, w, h = self.boxes[index]
             img = img.crop((int(x), int(y), int(x + w), int(y + h)))
@@ -169,3 +158,24 @@ def read_image_folder(root: str, split: str) -> LabeledImages:
         raise DatasetLayoutError(f'{folder}: {e}; expected {FOLDER_LAYOUT}') from e
     return LabeledImages(ds.samples, ds.classes)
 
+
+
+def align_classes(dataset: LabeledImages, classes: Sequence[str], split: str,
+                  classes_of: str = 'the training split') -> LabeledImages:
+    """Relabel ``dataset`` to the index of each class name in ``classes`` (the training split's), so
+    every split of a run shares one class list.
+
+    A class with images in ``dataset`` but not in ``classes`` raises ``DatasetLayoutError`` naming
+    it; classes without images in ``dataset`` are listed in its ``missing_classes``. ``classes_of``
+    says where ``classes`` come from, for the message.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    used = sorted({dataset.classes[label] for label in dataset.targets})
+    unknown = [name for name in used if name not in index]
+    if unknown:
+        raise DatasetLayoutError(f'the {split} split has class(es) {unknown[:10]} that {classes_of} lacks '
+                                 f'({len(classes)} classes); a model trained on them cannot predict them')
+    aligned = LabeledImages([(path, index[dataset.classes[label]]) for path, label in dataset.samples], classes,
+                            dataset.boxes)
+    aligned.missing_classes = [name for name in classes if name not in set(used)]
+    return aligned

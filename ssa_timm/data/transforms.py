@@ -12,7 +12,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['EpochFlip', 'Transformed', 'eval_transform', 'model_transform']
+__all__ = ['EpochFlip', 'FlipSchedule', 'Transformed', 'eval_transform', 'model_transform']
 
 
 def eval_transform(
@@ -51,11 +51,10 @@ class Transformed(Dataset):
         return self.transform(img), label
 
 
-class EpochFlip(Dataset):
-    """Random horizontal flip (p=0.5) of ``(tensor, label)`` pairs, drawn from ``(seed, epoch, index)``."""
+class FlipSchedule:
+    """Which images are mirrored (p=0.5) in which epoch, drawn from ``(seed, epoch, index)``."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
+    def __init__(self, seed: int) -> None:
         self.seed = seed
         self.epoch = 0
 
@@ -65,9 +64,20 @@ class EpochFlip(Dataset):
     def flipped(self, index: int) -> bool:
         return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
 
+
+class EpochFlip(Dataset):
+    """Random horizontal flip of ``(tensor, label)`` pairs by a ``FlipSchedule`` (built from ``seed``)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.schedule = FlipSchedule(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.schedule.set_epoch(epoch)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         x, label = self.dataset[index]
-        return (x.flip(-1) if self.flipped(index) else x), label
+        return (x.flip(-1) if self.schedule.flipped(index) else x), label

@@ -14,6 +14,10 @@ The classifier, pre-logits and pooling are removed with timm's own
 ``prune_intermediate_layers(prune_head=True)``, unless that would also cut into
 ``forward_features`` (FastViT's final conv, EfficientNet's conv_head), in which case only
 ``reset_classifier(0, '')`` is applied. A model whose ``forward_features`` has no spatial map is refused.
+
+``feature_index`` reads F earlier in the body: at that entry of its ``feature_info`` (the indices of
+timm's ``forward_intermediates``), with the later stages and the final norm pruned, e.g. ResNet-18's
+``layer2`` (index 2, stride 8) for a map four times as wide as its last one at a quarter of the cost.
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
@@ -43,6 +47,7 @@ class BodyProbe:
     layout: BodyLayout
     map_size: Tuple[int, int]  # (H, W) of F at the probed input size
     prune_head: bool  # timm's prune_intermediate_layers(prune_head=True) keeps forward_features intact
+    feature_index: Optional[int]  # F is read at this feature_info entry (later stages pruned), or at the end
     kwargs: Dict[str, Any] = field(default_factory=dict)  # the body's constructor kwargs
     model: Optional[nn.Module] = None  # the meta-device body, head stripped
 
@@ -83,6 +88,7 @@ def _build(
 
 
 def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, ...]:
+    body.eval()  # a probe of one image: BatchNorm in train mode refuses a 1 x 1 map
     probe = torch.empty(1, in_chans, *img_size, device='meta')
     try:
         with torch.no_grad():
@@ -122,11 +128,30 @@ def _probe_build(
     return body, kwargs, shape
 
 
-def _strip_head(body: nn.Module, prune_head: bool) -> None:
-    if prune_head:
+def _strip_head(body: nn.Module, prune_head: bool, feature_index: Optional[int] = None) -> None:
+    if feature_index is not None:
+        body.prune_intermediate_layers([feature_index], prune_norm=True, prune_head=True)
+        body.feature_info = body.feature_info[:feature_index + 1]
+    elif prune_head:
         body.prune_intermediate_layers(len(body.feature_info), prune_head=True)
     else:
         body.reset_classifier(0, '')
+
+
+def _feature_index(body: nn.Module, name: str, feature_index: Optional[int]) -> Optional[int]:
+    """``feature_index`` as a non-negative index, None when it names the body's last entry."""
+    if feature_index is None:
+        return None
+    count = len(body.feature_info)
+    if not -count <= feature_index < count:
+        raise ValueError(f'body_feature_index must be in [{-count}, {count}) for {name!r}, whose feature_info has '
+                         f'{count} entries, got {feature_index}')
+    index = feature_index % count
+    if index == count - 1:
+        return None
+    if not hasattr(body, 'prune_intermediate_layers'):
+        raise ValueError(f'{name!r} cannot be cut at a feature index: timm has no prune_intermediate_layers for it')
+    return index
 
 
 def _layout(body: nn.Module, name: str, shape: Tuple[int, ...], img_size: Tuple[int, int]) -> BodyLayout:
@@ -152,10 +177,11 @@ def probe_body(
         in_chans: int,
         img_size: Union[int, Tuple[int, int]],
         body_kwargs: Optional[Dict[str, Any]] = None,
+        feature_index: Optional[int] = None,
 ) -> BodyProbe:
     """Build the body on the meta device and find how to strip its head and read its map.
 
-    Probes are remembered per (model, in_chans, img_size, kwargs): building the same SSANet again
+    Probes are remembered per (model, in_chans, img_size, kwargs, feature_index): building the same SSANet again
     (timm's test suite, model cards, the recipes) skips the meta-device passes.
     """
     arch = name.partition('.')[0]
@@ -165,22 +191,29 @@ def probe_body(
     if not all(isinstance(s, int) and s > 0 for s in img_size):
         raise ValueError(f'img_size must be a positive number of pixels, got {img_size}')
     try:
-        key = (arch, in_chans, img_size, tuple(sorted((body_kwargs or {}).items())))
+        key = (arch, in_chans, img_size, tuple(sorted((body_kwargs or {}).items())), feature_index)
         hash(key)
     except TypeError:  # unhashable kwargs: probe without remembering
-        return _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}))
+        return _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}), feature_index)
     if key not in _PROBES:
-        _PROBES[key] = _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}))
+        _PROBES[key] = _probe(arch, name, in_chans, img_size, dict(body_kwargs or {}), feature_index)
     return _PROBES[key]
 
 
 _PROBES: Dict[Tuple, BodyProbe] = {}
 
 
-def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any]) -> BodyProbe:
+def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any],
+           feature_index: Optional[int]) -> BodyProbe:
     probe, kwargs, shape = _probe_build(arch, in_chans, img_size, body_kwargs)
-    probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
-    prune_head = _output_shape(probe, in_chans, img_size) == shape
+    index = _feature_index(probe, name, feature_index)
+    if index is not None:
+        _strip_head(probe, True, index)
+        shape = _output_shape(probe, in_chans, img_size)
+        prune_head = True
+    else:
+        probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
+        prune_head = _output_shape(probe, in_chans, img_size) == shape
     if not prune_head:
         probe = _build(arch, False, in_chans, kwargs, torch.device('meta'), None)
         _strip_head(probe, prune_head=False)
@@ -191,7 +224,7 @@ def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_
         map_hw = shape[1:3]
     else:
         map_hw = token_grid(*img_size, layout.reduction, layout.pad)
-    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, kwargs, probe)
+    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, index, kwargs, probe)
 
 
 def create_body(
@@ -202,6 +235,7 @@ def create_body(
         body_kwargs: Dict[str, Any],
         device: torch.device,
         dtype: Optional[torch.dtype],
+        feature_index: Optional[int] = None,
 ) -> Tuple[nn.Module, BodyLayout]:
     """Build a timm model without its classifier / pre-logits / pooling, and say how to read its map.
 
@@ -218,11 +252,12 @@ def create_body(
         body_kwargs: Extra keyword arguments for the body's timm constructor.
         device: Where the parameters live.
         dtype: Parameter dtype.
+        feature_index: Read F at this ``feature_info`` entry, pruning what follows (default: the end).
 
     Returns:
         The body and its ``BodyLayout``.
     """
-    probe = probe_body(name, in_chans, img_size, body_kwargs)
+    probe = probe_body(name, in_chans, img_size, body_kwargs, feature_index)
     if device.type == 'meta':
         body = _build(name.partition('.')[0], False, in_chans, probe.kwargs, device, dtype)
     else:
@@ -233,5 +268,5 @@ def create_body(
                 raise
             raise RuntimeError(f'the pretrained weights of {name!r} do not fit the {type(probe.model).__name__} body: '
                                f'{str(e).splitlines()[0]} ...') from e
-    _strip_head(body, probe.prune_head)
+    _strip_head(body, probe.prune_head, probe.feature_index)
     return body, probe.layout

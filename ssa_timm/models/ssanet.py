@@ -12,6 +12,7 @@ recognition` - Baffour et al., JVCIR 81 (2021), https://doi.org/10.1016/j.jvcir.
 """
 import re
 import sys
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -112,6 +113,7 @@ class SSANet(nn.Module):
             fused_attn: Optional[bool] = None,
             body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
+            body_feature_index: Optional[int] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -134,6 +136,8 @@ class SSANet(nn.Module):
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
             body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.
+            body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
+                ``forward_intermediates`` indices), pruning the later stages; default: the body's end.
         """
         super().__init__()
         if aggregation not in VARIANTS:
@@ -145,7 +149,8 @@ class SSANet(nn.Module):
         self.aggregation = aggregation
 
         self.body, layout = create_body(
-            body, in_chans, to_2tuple(img_size), body_pretrained, dict(body_kwargs or {}), target, dtype)
+            body, in_chans, to_2tuple(img_size), body_pretrained, dict(body_kwargs or {}), target, dtype,
+            body_feature_index)
         self.map_fmt = layout.fmt
         self.map_reduction = layout.reduction
         self.num_prefix_tokens = layout.num_prefix_tokens
@@ -215,11 +220,12 @@ class SSANet(nn.Module):
         height, width = x.shape[-2], x.shape[-1]
         return self.body_map(self.body.forward_features(x), height, width)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Body map F -> ``forward_features`` output: F, or [F, H] on the channel axis.
+    def forward_ssa(self, x: torch.Tensor) -> torch.Tensor:
+        """Body map F -> ``forward_features`` output: F and the SSA-aggregated H on the channel axis
+        (F alone for ``no_attention``).
 
-        ``forward_features(x) == attend(forward_body(x))``: the heads train on cached body maps with
-        ``forward_head(attend(F))``.
+        ``forward_features(x) == forward_ssa(forward_body(x))``: the heads train on cached body maps
+        with ``forward_head(forward_ssa(F))``.
         """
         if self.head is None:
             return x
@@ -247,7 +253,7 @@ class SSANet(nn.Module):
         _, max_index = feature_take_indices(len(self.feature_info), indices)
         if stop_early and max_index < len(self.feature_info) - 1:
             return x, intermediates
-        return self.attend(self.body_map(x, height, width)), intermediates
+        return self.forward_ssa(self.body_map(x, height, width)), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -271,7 +277,7 @@ class SSANet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(self.forward_body(x))
+        return self.forward_ssa(self.forward_body(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.head is None:  # pruned
@@ -279,7 +285,7 @@ class SSANet(nn.Module):
         return self.head.forward_head(x, pre_logits=pre_logits)
 
     @torch.jit.ignore
-    def head_logits(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def logits_per_head(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits of each head from ``forward_features`` output, in any mode:
         ``{'ssa': z_ssa, 'fe': z_fe}`` (``no_attention``: ``'fe'`` only)."""
         if self.head is None or self.num_classes == 0:
@@ -287,9 +293,25 @@ class SSANet(nn.Module):
         return self.head.logits_per_head(features)
 
     @torch.jit.ignore
+    def forward_per_head(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Images -> ``logits_per_head``: each head's logits, whatever the mode."""
+        return self.logits_per_head(self.forward_features(x))
+
+    # names before 0.3, kept for one release
+    @torch.jit.ignore
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        warnings.warn('SSANet.attend is renamed forward_ssa', DeprecationWarning, stacklevel=2)
+        return self.forward_ssa(x)
+
+    @torch.jit.ignore
+    def head_logits(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        warnings.warn('SSANet.head_logits is renamed logits_per_head', DeprecationWarning, stacklevel=2)
+        return self.logits_per_head(features)
+
+    @torch.jit.ignore
     def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``head_logits`` of an image batch."""
-        return self.head_logits(self.forward_features(x))
+        warnings.warn('SSANet.forward_heads is renamed forward_per_head', DeprecationWarning, stacklevel=2)
+        return self.forward_per_head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
@@ -356,7 +378,8 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         kwargs.setdefault('img_size', cfg.input_size[-2:])
     feature_cfg = dict(feature_cls='getter')
     if kwargs.get('features_only'):
-        levels = probe_body(kwargs['body'], kwargs.get('in_chans', 3), cfg.input_size[-1], kwargs.get('body_kwargs'))
+        levels = probe_body(kwargs['body'], kwargs.get('in_chans', 3), cfg.input_size[-1], kwargs.get('body_kwargs'),
+                            kwargs.get('body_feature_index'))
         feature_cfg['out_indices'] = tuple(range(len(levels.model.feature_info)))
     model = build_model_with_cfg(
         SSANet,
@@ -435,9 +458,9 @@ def _registered_cfg(body: str, aggregation: str, **kwargs: Any) -> Dict[str, Any
 
 
 def generic_cfg(body: str, aggregation: str, img_size: int, in_chans: int = 3,
-                body_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                body_kwargs: Optional[Dict[str, Any]] = None, body_feature_index: Optional[int] = None) -> Dict[str, Any]:
     """Config of the generic ``ssanet`` entrypoint over ``body`` ('<timm model>[.<tag>]') at ``img_size``."""
-    probe = probe_body(body, in_chans, img_size, body_kwargs)  # refuses unknown models
+    probe = probe_body(body, in_chans, img_size, body_kwargs, body_feature_index)  # refuses unknown models
     body_cfg = get_pretrained_cfg(body)
     fixed = bool(body_cfg is not None and body_cfg.fixed_input_size and not probe.dynamic_img_size)
     cfg = _cfg(body_cfg, aggregation, img_size, probe.map_size, fixed, architecture='ssanet')
@@ -509,7 +532,8 @@ def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
     img_size = to_2tuple(kwargs.get('img_size', 448))[0]
     if not kwargs.get('pretrained_cfg') and (body, aggregation, img_size) != (_GENERIC_BODY, 'plus', 448):
         kwargs['pretrained_cfg'] = generic_cfg(
-            body, aggregation, img_size, kwargs.get('in_chans', 3), kwargs.get('body_kwargs'))
+            body, aggregation, img_size, kwargs.get('in_chans', 3), kwargs.get('body_kwargs'),
+            kwargs.get('body_feature_index'))
     return _build('ssanet', pretrained, **kwargs)
 
 

@@ -1,0 +1,39 @@
+"""Is the SSA module doing anything? Statistics of its attention on a batch of body maps.
+
+One-hot attention rows (entropy near 0, row maximum near 1) together with ``alpha`` near 0 mean
+``H = alpha * O + F ~ F``: the SSA head reads the body map and the module is not used.
+"""
+import math
+from typing import Dict
+
+import torch
+
+from .layers import SpatialSelfAttention
+
+__all__ = ['attention_diagnostics']
+
+
+@torch.no_grad()
+def attention_diagnostics(attn: SpatialSelfAttention, body_map: torch.Tensor) -> Dict[str, float]:
+    """Attention statistics of ``attn`` on body maps F ``(B, K, H, W)``.
+
+    Returns:
+        ``alpha`` (None without one), ``entropy`` (mean row entropy of S, nats), ``entropy_ratio``
+        (that over the uniform entropy log N), ``row_max`` (mean largest weight of a row),
+        ``logit_std`` (mean over images of the standard deviation of the logits ``A_i . B_j``)
+        and ``positions`` N.
+    """
+    logits = attn.attention_logits(body_map.to(attn.conv_a.weight.dtype)).float()
+    log_s = logits.log_softmax(dim=-1)
+    s = log_s.exp()
+    entropy = max(0.0, -(s * log_s).sum(-1).mean().item())
+    positions = logits.shape[-1]
+    uniform = math.log(positions) if positions > 1 else 1.0
+    return {
+        'alpha': float(attn.alpha) if attn.alpha is not None else None,
+        'entropy': entropy,
+        'entropy_ratio': entropy / uniform,
+        'row_max': s.amax(-1).mean().item(),
+        'logit_std': logits.flatten(1).std(dim=1, correction=0).mean().item(),
+        'positions': positions,
+    }

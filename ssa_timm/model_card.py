@@ -1,0 +1,114 @@
+"""Hub model cards of SSANet weights: YAML metadata (``model-index`` only for measured results) and
+a body with the model's details, usage, results and citation, from ``model_cards/template.md``."""
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .hub import label_names
+from .models import SSANet
+
+__all__ = ['body_weights_repo', 'model_complexity', 'render_model_card']
+
+_FORMULAS = {
+    'plus': 'H = alpha * O + F (Eq. 1)',
+    'multiply': 'H = alpha * O * F (Eq. 2)',
+    'alpha': 'H = alpha * O',
+    'no_alpha': 'H = O',
+    'no_attention': 'no SSA module, FE head only',
+}
+_HEAD_NAMES = {'ssa': 'SSA head', 'fe': 'FE head'}
+
+
+def model_complexity(model: SSANet, img_size: int) -> Dict[str, float]:
+    """Parameters (M) and GMACs of one forward pass at ``img_size`` (counted on the meta device)."""
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    meta = copy.deepcopy(model).to('meta').eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.empty(1, model.in_chans, img_size, img_size, device='meta'))
+    return {'params_m': round(params, 2), 'gmacs': round(counter.get_total_flops() / 2e9, 2)}
+
+
+def body_weights_repo(model: SSANet) -> Optional[str]:
+    """The timm Hub repo of the body weights the model's body tag names (its default tag when it names none)."""
+    cfg = timm.models.get_pretrained_cfg(model.body_name)
+    return cfg.hf_hub_id if cfg is not None else None
+
+
+def render_model_card(
+        model: SSANet,
+        model_name: str,
+        template: str,
+        img_size: int,
+        create_name: str,
+        dataset: Optional[str] = None,
+        metrics: Optional[Dict[str, Any]] = None,
+        pretrained_body: bool = True,
+) -> ModelCard:
+    """Render a Hub model card: YAML metadata (with ``model-index`` only for measured ``metrics``)
+    and a body with model details, usage, results and citation.
+
+    Args:
+        model: The model the card describes.
+        model_name: Card title and model-index name (e.g. the repo id).
+        template: Jinja template text (``model_cards/template.md``).
+        img_size: Input size of the weights.
+        create_name: What ``timm.create_model`` takes to load the weights ('hf-hub:...' or a tag).
+        dataset: Dataset the heads were trained on, if any.
+        metrics: Validation report (``ssa_timm.metrics.classification_report`` shape) of those weights.
+        pretrained_body: Whether the body started from timm's ImageNet weights.
+    """
+    base_model = body_weights_repo(model) if pretrained_body else None
+    eval_results = None
+    results = None
+    if metrics:
+        heads = [dict(name=_HEAD_NAMES[k], **metrics['heads'][k]) for k in ('ssa', 'fe') if k in metrics['heads']]
+        if len(heads) > 1:
+            heads.append(dict(name='mean of heads (model output)', **metrics['output']))
+        results = dict(heads=heads, count=metrics.get('count'))
+        output = metrics['output']
+        eval_results = [
+            EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
+                       dataset_split='validation', metric_type='accuracy', metric_name=f'top-{k} accuracy',
+                       metric_value=round(output[f'top{k}'], 2))
+            for k in (1, 5)
+        ]
+    datasets = [d for d in (('imagenet-1k' if base_model else None), dataset) if d]
+    card_data = ModelCardData(
+        library_name='timm',
+        license=model.pretrained_cfg.get('license') or 'apache-2.0',
+        tags=['image-classification', 'timm', 'ssa_timm', 'fine-grained'],
+        pipeline_tag='image-classification',
+        datasets=datasets or None,
+        base_model=base_model,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    if metrics:
+        weights_note = f'The whole model was trained on {dataset}' + (
+            f', starting from the ImageNet body weights of `{base_model}`.' if base_model else ', from scratch.')
+    else:
+        weights_note = (f'The body starts from the ImageNet weights of `{base_model}`; the SSA module and the heads '
+                        'are freshly initialised.')
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=model_name,
+        architecture=model.pretrained_cfg.get('architecture'),
+        body=model.body_name,
+        aggregation=model.aggregation,
+        aggregation_formula=_FORMULAS[model.aggregation],
+        img_size=img_size,
+        num_classes=model.num_classes,
+        dataset=dataset or 'ImageNet-1k (body only)',
+        create_name=create_name,
+        create_args='' if metrics else ', num_classes=NUM_CLASSES',
+        label_names=bool(label_names(model)),
+        weights_note=weights_note,
+        results=results,
+        **model_complexity(model, img_size),
+    )

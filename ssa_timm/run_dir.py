@@ -1,0 +1,150 @@
+"""Output folders a run owns: claimed before any data or model is loaded, locked against a
+second concurrent run, and written so that a kill at any moment leaves the previous complete copy.
+
+A folder holds a run when it has ``checkpoints/``, ``best/`` or ``metrics.jsonl``. A new run
+refuses such a folder unless it resumes it or is told to overwrite it. ``.lock`` names the process
+that owns the folder; a lock whose process is gone (same host) is stale and taken over.
+"""
+import json
+import os
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from .errors import UserError
+
+__all__ = ['RUN_FILES', 'RunLock', 'atomic_dir', 'atomic_write_text', 'check_output_file', 'ensure_writable_dir',
+           'restore_interrupted', 'run_files']
+
+RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
+LOCK_NAME = '.lock'
+
+
+def ensure_writable_dir(path: Path, what: str = 'output folder') -> Path:
+    """Create ``path`` (and parents) and check that files can be written there."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f'{what} {path} is a file, not a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write-check-'):
+            pass
+    except OSError as e:
+        raise UserError(f'{what} {path} is not writable: {e.strerror or e}') from e
+    return path
+
+
+def check_output_file(path: Optional[str], what: str = 'output file') -> Optional[Path]:
+    """Check, before the expensive work, that ``path`` can be written: its folder is created and
+    writable, and ``path`` itself is not a folder."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f'{what} {out} is a folder; give a file name')
+    ensure_writable_dir(out.parent if str(out.parent) else Path('.'), f'folder of the {what}')
+    return out
+
+
+def run_files(path: Path) -> List[str]:
+    """The names of the run files (``RUN_FILES``) that ``path`` holds."""
+    return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def restore_interrupted(final: Path) -> None:
+    """Finish an ``atomic_dir`` replacement a kill interrupted: bring back ``final`` from its
+    ``.old`` copy if ``final`` is missing, and drop leftover temporary copies."""
+    old = final.parent / f'.{final.name}.old'
+    if old.is_dir() and not final.exists():
+        old.rename(final)
+    for leftover in final.parent.glob(f'.{final.name}.tmp-*'):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; on success it replaces ``final``.
+
+    A new ``final`` appears with one rename. Replacing an existing one takes two (old aside, new in);
+    ``restore_interrupted`` repairs a kill between them. On an exception the temporary copy is
+    removed and ``final`` is untouched.
+    """
+    tmp = final.parent / f'.{final.name}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f'.{final.name}.old'
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive ownership of an output folder by one process (``<folder>/.lock``, JSON: pid, host)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> 'RunLock':
+        """Take the lock, taking over a stale one; a live owner raises ``UserError``."""
+        me = {'pid': os.getpid(), 'host': socket.gethostname()}
+        tmp = self.path.with_name(f'{LOCK_NAME}.{os.getpid()}')
+        tmp.write_text(json.dumps(me))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)  # atomic: the lock appears with its content
+                except FileExistsError:
+                    owner = self._owner()
+                    if owner is not None and (owner.get('host') != me['host'] or _process_alive(int(owner['pid']))):
+                        raise UserError(
+                            f'{self.path.parent} is in use by another run (pid {owner.get("pid")} on '
+                            f'{owner.get("host")}); wait for it or use another --output-dir '
+                            f'(delete {self.path} only if no run is using the folder)')
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                self.held = True
+                return self
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f'could not take the lock {self.path}')
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            owner = json.loads(self.path.read_text())
+            int(owner['pid'])
+            return owner
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable lock: treated as stale
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
