@@ -1,7 +1,9 @@
 """Regenerate the paper's ablations: Table 2 (the five aggregation variants) and Table 3 (CE on both
-heads vs Self-AD) by training each configuration with recipes/train.py, each in its own process.
+heads vs Self-AD) by training each configuration with recipes/train.py, each in its own process;
+with ``--remedies`` also ``plus`` with attention options the paper lacks (``--qk-norm``, ``--scale-attn``).
 
     python recipes/ablation.py --seeds 0,1,2                    # built-in dataset, small body
+    python recipes/ablation.py --seeds 0,1,2 --variants no_attention,plus --losses ad --remedies qk-norm,scale-attn
     python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
         --data-dir /data/CUB_200_2011                           # other flags go to train.py
 
@@ -28,6 +30,7 @@ TRAIN = Path(__file__).resolve().parent / 'train.py'
 # (Table 2 rows in the paper's order: every variant of ssa_timm.VARIANTS).
 PAPER_TABLE2_CUB = {'no_attention': 75.0, 'no_alpha': 82.3, 'alpha': 82.7, 'multiply': 86.5, 'plus': 88.4}
 PAPER_TABLE3_CUB = {'alpha': (81.4, 82.7), 'multiply': (85.6, 86.5), 'plus': (87.1, 88.4)}
+REMEDIES = ('qk-norm', 'scale-attn')
 
 
 def parse_args(argv=None):
@@ -36,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument('--dataset', default='builtin', help='passed to train.py')
     p.add_argument('--epochs', type=at_least(1), default=6, help='passed to train.py')
     p.add_argument('--seeds', default='0', help='comma separated; numbers are means over seeds')
+    p.add_argument('--variants', default=','.join(PAPER_TABLE2_CUB), help='comma separated aggregation variants')
+    p.add_argument('--losses', default='ad,ce', help="comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)")
+    p.add_argument('--remedies', default='', help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn')
     p.add_argument('--output-dir', default='runs/ablation')
     p.add_argument('--launcher', default=sys.executable,
                    help='command that runs train.py, e.g. "accelerate launch --multi_gpu --num_processes 8"')
@@ -45,15 +51,31 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(',')]
     except ValueError:
         p.error(f'--seeds must be comma separated integers, got {args.seeds!r}')
+    args.variants, args.losses = args.variants.split(','), args.losses.split(',')
+    args.remedies = [r for r in args.remedies.split(',') if r]
+    for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'), (args.losses, ('ad', 'ce'), '--losses'),
+                                  (args.remedies, REMEDIES, '--remedies')):
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            p.error(f'{flag}: {unknown} not among {list(allowed)}')
     return args, train_args
 
 
-def run(args: argparse.Namespace, body: str, variant: str, loss: str, seed: int, train_args: List[str]) -> Dict:
+def configs(args: argparse.Namespace) -> List[tuple]:
+    """(variant, loss, remedy) of every run: Table 2, Table 3 and the remedies on plus."""
+    runs = [(v, 'ad', '') for v in args.variants if 'ad' in args.losses]
+    runs += [(v, 'ce', '') for v in args.variants if v in PAPER_TABLE3_CUB and 'ce' in args.losses]
+    runs += [('plus', loss, remedy) for remedy in args.remedies for loss in args.losses]
+    return runs
+
+
+def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_args: List[str]) -> Dict:
     """Train one configuration in a train.py process, or reuse its finished run (resuming an unfinished one)."""
-    run_dir = Path(args.output_dir) / f'{variant}_{loss}_seed{seed}'
+    variant, loss, remedy = config
+    run_dir = Path(args.output_dir) / f'{variant}{"_" + remedy if remedy else ""}_{loss}_seed{seed}'
     command = [*shlex.split(args.launcher), str(TRAIN), *train_args, '--dataset', args.dataset,
                '--epochs', str(args.epochs), '--model', f'ssanet_{body}_{variant}', '--loss', loss,
-               '--seed', str(seed), '--output-dir', str(run_dir)]
+               '--seed', str(seed), '--output-dir', str(run_dir), *([f'--{remedy}'] if remedy else [])]
     if best_epoch_line(run_dir, args.epochs) is None:
         resume = ['--resume', 'latest'] if (run_dir / 'checkpoints').is_dir() else []
         if subprocess.run([*command, *resume]).returncode != 0:
@@ -63,7 +85,7 @@ def run(args: argparse.Namespace, body: str, variant: str, loss: str, seed: int,
         raise UserError(f'{run_dir} has no finished run of {args.epochs} epochs')
     report = line['val']
     heads = {k: v['top1'] for k, v in report['heads'].items()}
-    return dict(variant=variant, loss=loss, seed=seed, top1=report['output']['top1'], heads=heads,
+    return dict(variant=variant, loss=loss, remedy=remedy, seed=seed, top1=report['output']['top1'], heads=heads,
                 attention=report.get('attention'), epoch=line['epoch'])
 
 
@@ -76,8 +98,10 @@ def best_epoch_line(run_dir: Path, epochs: int) -> Optional[Dict]:
     return max(lines, key=lambda m: m['val'].get('tta', m['val'])['output']['top1'])
 
 
-def mean_over_seeds(rows: List[Dict], variant: str, loss: str) -> Dict:
-    picked = [r for r in rows if r['variant'] == variant and r['loss'] == loss]
+def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '') -> Optional[Dict]:
+    picked = [r for r in rows if r['variant'] == variant and r['loss'] == loss and r['remedy'] == remedy]
+    if not picked:
+        return None
     heads = {h: statistics.mean(r['heads'][h] for r in picked) for h in picked[0]['heads']}
     spread = statistics.pstdev(r['top1'] for r in picked) if len(picked) > 1 else 0.0
     attention = {}
@@ -98,20 +122,34 @@ def attention_cells(m: Dict) -> str:
 
 
 def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
+    """Tables 2 and 3 and the remedies, each with the rows that were trained."""
     fmt = (lambda m: f'{m["top1"]:.1f} ± {m["std"]:.1f}') if len(seeds) > 1 else (lambda m: f'{m["top1"]:.1f}')
+    diagnostics = 'alpha | row entropy / uniform | row max'
     lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s); Self-AD loss)', '',
-             '| variant | model output (mean of heads) | SSA head | FE head | paper, CUB | alpha | '
-             'row entropy / uniform | row max |', '|---|---|---|---|---|---|---|---|']
+             f'| variant | model output (mean of heads) | SSA head | FE head | paper, CUB | {diagnostics} |',
+             '|---|---|---|---|---|---|---|---|']
     for variant in PAPER_TABLE2_CUB:
         m = mean_over_seeds(rows, variant, 'ad')
-        ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
-        lines.append(f'| {variant} | {fmt(m)} | {ssa} | {m["heads"]["fe"]:.1f} | {PAPER_TABLE2_CUB[variant]} | '
-                     f'{attention_cells(m)} |')
-    lines += ['', f'Table 3 ({dataset}, top-1 %): CE on both heads vs Self-AD', '',
-              '| variant | CE | Self-AD | paper, CUB (CE -> Self-AD) |', '|---|---|---|---|']
-    for variant, (ce, ad) in PAPER_TABLE3_CUB.items():
-        lines.append(f'| {variant} | {fmt(mean_over_seeds(rows, variant, "ce"))} | '
-                     f'{fmt(mean_over_seeds(rows, variant, "ad"))} | {ce} -> {ad} |')
+        if m:
+            ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
+            lines.append(f'| {variant} | {fmt(m)} | {ssa} | {m["heads"]["fe"]:.1f} | {PAPER_TABLE2_CUB[variant]} | '
+                         f'{attention_cells(m)} |')
+    pairs = [(v, mean_over_seeds(rows, v, 'ce'), mean_over_seeds(rows, v, 'ad')) for v in PAPER_TABLE3_CUB]
+    if any(ce and ad for _, ce, ad in pairs):
+        lines += ['', f'Table 3 ({dataset}, top-1 %): CE on both heads vs Self-AD', '',
+                  '| variant | CE | Self-AD | paper, CUB (CE -> Self-AD) |', '|---|---|---|---|']
+        lines += [f'| {v} | {fmt(ce)} | {fmt(ad)} | {PAPER_TABLE3_CUB[v][0]} -> {PAPER_TABLE3_CUB[v][1]} |'
+                  for v, ce, ad in pairs if ce and ad]
+    remedies = sorted({r['remedy'] for r in rows if r['remedy']})
+    if remedies:
+        lines += ['', f'Attention remedies on plus ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s))', '',
+                  f'| setting | loss | model output | SSA head | FE head | {diagnostics} |', '|---|---|---|---|---|---|---|---|']
+        for remedy in ['', *remedies]:
+            for loss in ('ad', 'ce'):
+                m = mean_over_seeds(rows, 'plus', loss, remedy)
+                if m:
+                    lines.append(f'| plus{" --" + remedy if remedy else " (paper)"} | {loss} | {fmt(m)} | '
+                                 f'{m["heads"]["ssa"]:.1f} | {m["heads"]["fe"]:.1f} | {attention_cells(m)} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -120,8 +158,7 @@ def main(argv=None) -> Dict:
     dataset, seeds = args.dataset, args.seeds
     body = args.body or ('resnet18' if dataset == 'builtin' else 'vgg16')
     out = Path(args.output_dir)
-    configs = [(v, 'ad') for v in PAPER_TABLE2_CUB] + [(v, 'ce') for v in PAPER_TABLE3_CUB]
-    rows = [run(args, body, v, loss, seed, train_args) for seed in seeds for v, loss in configs]
+    rows = [run(args, body, config, seed, train_args) for seed in seeds for config in configs(args)]
     markdown = tables(rows, seeds, dataset)
     result = dict(body=body, dataset=dataset, epochs=args.epochs, seeds=seeds, train_args=train_args, runs=rows)
     out.mkdir(parents=True, exist_ok=True)

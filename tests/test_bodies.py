@@ -4,7 +4,7 @@ import timm
 import timm.optim
 import torch
 import torch.nn as nn
-from timm.models import ResNet, build_model_with_cfg, register_model
+from timm.models import ResNet, build_model_with_cfg, register_model, save_for_hf
 from timm.models.resnet import BasicBlock
 
 import ssa_timm
@@ -208,3 +208,20 @@ def test_generic_entrypoint_with_body_args_and_weights_notes():
 def test_input_sizes_a_body_cannot_read_are_refused_at_construction(body, img_size, message):
     with pytest.raises(ValueError, match=message):
         create_ssanet(body, 'plus', img_size=img_size)
+
+
+def test_body_feature_index_reads_an_earlier_map(tmp_path):
+    model = create_ssanet('resnet18', 'plus', num_classes=3, img_size=64, body_feature_index=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.forward_body(x).shape == (2, 128, 8, 8)  # layer2: stride 8, 128 channels
+    assert model.map_reduction == 8 and len(model.feature_info) == 3
+    assert isinstance(model.body.layer4, torch.nn.Identity) or not list(model.body.layer4.parameters())
+    save_for_hf(model, str(tmp_path / 'export'), safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
+    assert loaded.forward_body(x).shape == (2, 128, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    token = create_ssanet('test_vit', 'plus', num_classes=3, img_size=64, body_feature_index=0)
+    assert len(token.body.blocks) == 1 and token.forward_body(x).shape[-2:] == (4, 4)
+    with pytest.raises(ValueError, match=r'body_feature_index must be in \[-5, 5\)'):
+        create_ssanet('resnet18', 'plus', num_classes=3, img_size=64, body_feature_index=7)

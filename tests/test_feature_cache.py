@@ -58,6 +58,12 @@ def test_cache_is_reused_only_for_the_same_settings(tmp_path):
         build(model, path, {**meta, **changed})
         assert len(calls) > first, changed
         first = len(calls)
+    build(model, path, meta)
+    first = len(calls)
+    with torch.no_grad():  # other body weights (e.g. other pretrained tags): other maps
+        next(model.body.parameters()).add_(1.0)
+    build(model, path, meta)
+    assert len(calls) > first
     # a build killed before its marker was written is never used
     build(model, path, meta)
     first = len(calls)
