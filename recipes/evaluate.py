@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssa_timm.cli import at_least
-from ssa_timm.data import DATASETS, Transformed, build_dataset, model_transform
+from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_split, timm_dataset_options
+from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform
 from ssa_timm.diagnostics import attention_diagnostics
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model
@@ -31,7 +31,8 @@ from ssa_timm.run_dir import atomic_write_text, check_output_file
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--dataset', default='builtin', choices=DATASETS)
+    p.add_argument('--dataset', default='builtin', type=dataset_name,
+                   help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
     p.add_argument('--data-dir', default=None)
     p.add_argument('--crop-bbox', action='store_true')
     p.add_argument('--builtin-val-per-class', type=at_least(1), default=50)
@@ -44,14 +45,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--output', default=None, help='JSON report (default: print only)')
     p.add_argument('--cpu', action='store_true')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
+    add_timm_dataset_args(p)
     return p.parse_args(argv)
 
 
-def validation_images(args: argparse.Namespace, model):
+def validation_images(args: argparse.Namespace, model, num_processes: int):
     """The validation split, labelled by the model's class names (when the export has them)."""
     names = label_names(model)
-    images = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
-                           samples_per_class=args.builtin_val_per_class, classes=names, classes_of=f'the model {args.model}')
+    images = build_dataset(args.dataset, dataset_split(args, False), args.data_dir, args.crop_bbox, seed=args.seed,
+                           samples_per_class=args.builtin_val_per_class, classes=names,
+                           classes_of=f'the model {args.model}', **timm_dataset_options(args, False))
+    if getattr(images, 'iterable', False):
+        images.set_loader_cfg(args.workers)
+        if num_processes > 1:
+            raise UserError(f'{args.dataset} is streamed; evaluate it in one process (or use the map-style hfds/ spec)')
     if model.num_classes != len(images.classes):
         raise UserError(f'{args.model} predicts {model.num_classes} classes, the {args.dataset} '
                         f'validation set has {len(images.classes)}')
@@ -65,12 +72,12 @@ def main(argv=None) -> Dict:
     output = check_output_file(args.output, '--output')
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     model = load_model(args.model)
-    images = validation_images(args, model)
+    images = validation_images(args, model, accelerator.num_processes)
     if images.missing_classes:
         accelerator.print(f'note: no validation images of {len(images.missing_classes)} class(es): '
                           f'{images.missing_classes[:10]}')
     transform, img_size = model_transform(model, args.img_size)
-    data = Transformed(images, transform)
+    data = TransformedStream(images, transform) if getattr(images, 'iterable', False) else Transformed(images, transform)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
     model, loader = accelerator.prepare(model, loader)
     net = accelerator.unwrap_model(model).eval()
@@ -78,7 +85,7 @@ def main(argv=None) -> Dict:
     batches = tqdm(loader, disable=not accelerator.is_local_main_process)
     report = evaluate_heads(net.forward_per_head, batches, accelerator, per_class=True, tta_flip=args.tta == 'flip')
     if net.head.attn is not None:
-        probe = torch.stack([data[i][0] for i in range(min(32, len(data)))]).to(accelerator.device)
+        probe = first_images(data, 32).to(accelerator.device)
         with torch.no_grad(), accelerator.autocast():
             report['attention'] = attention_diagnostics(net.head.attn, net.forward_body(probe))
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),

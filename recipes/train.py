@@ -27,15 +27,17 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
-from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssa_timm import SelfADLoss, SSANet
-from ssa_timm.cli import at_least, fraction, non_negative_float, positive_float
-from ssa_timm.data import DATASETS, EpochFlip, Transformed, build_dataset, model_transform
+from ssa_timm.cli import (
+    add_timm_dataset_args, at_least, dataset_split, fraction, non_negative_float, positive_float, timm_dataset_options)
+from ssa_timm.data import (
+    EpochFlip, Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform)
 from ssa_timm.diagnostics import attention_diagnostics
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
@@ -96,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_and_data_args(p)
     add_optimization_args(p)
     add_run_args(p)
+    add_timm_dataset_args(p)
     args = p.parse_args(argv)
     defaults = BUILTIN_DEFAULTS if args.dataset == 'builtin' else PAPER_DEFAULTS
     for key, value in defaults.items():
@@ -115,7 +118,8 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--body-feature-index', type=int, default=None,
                    help="read the body's map at this feature_info index, pruning later stages "
                         "(default: 2, ResNet-18's layer2, for ResNet-18 on builtin; else the body's last map)")
-    p.add_argument('--dataset', default='builtin', choices=DATASETS)
+    p.add_argument('--dataset', default='builtin', type=dataset_name,
+                   help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
     p.add_argument('--data-dir', default=None)
     p.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
     p.add_argument('--builtin-train-per-class', type=at_least(1), default=300, help='builtin: training images per class')
@@ -182,7 +186,6 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse combinations and values that fail later, with argparse's exit status 2."""
-    import timm.optim
     if args.cache_features and not args.freeze_backbone:
         p.error('--cache-features needs --freeze-backbone (a training body changes its features)')
     if args.qk_norm and args.scale_attn:
@@ -193,8 +196,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error('--resume continues the run in --output-dir, --overwrite replaces it: give one')
     if args.warmup_epochs >= args.epochs:
         p.error(f'--warmup-epochs ({args.warmup_epochs}) must be below --epochs ({args.epochs})')
-    if args.opt.lower() not in timm.optim.list_optimizers():
-        p.error(f"--opt {args.opt!r} is not one of timm's optimizers: {', '.join(timm.optim.list_optimizers())}")
+    if args.opt.lower() not in list_optimizers():
+        p.error(f"--opt {args.opt!r} is not one of timm's optimizers: {', '.join(list_optimizers())}")
     if args.opt.lower() in ('sgd', 'nesterov') and args.momentum == 0:
         p.error("--opt sgd is timm's Nesterov SGD, which needs --momentum > 0; --opt momentum is plain SGD")
     try:  # the model name and the input size, on the meta device: nothing is allocated
@@ -246,15 +249,31 @@ def remove_run(out: Path) -> None:
     (out / 'metrics.jsonl').unlink(missing_ok=True)
 
 
-def build_data(args: argparse.Namespace):
+def build_data(args: argparse.Namespace, num_processes: int):
     """Training and validation images; validation labels are indices into the training classes."""
-    train = build_dataset(args.dataset, 'train', args.data_dir, args.crop_bbox, seed=args.seed,
-                          samples_per_class=args.builtin_train_per_class)
-    val = build_dataset(args.dataset, 'val', args.data_dir, args.crop_bbox, seed=args.seed,
-                        samples_per_class=args.builtin_val_per_class, classes=train.classes)
+    train = build_dataset(args.dataset, dataset_split(args, True), args.data_dir, args.crop_bbox, seed=args.seed,
+                          samples_per_class=args.builtin_train_per_class, **timm_dataset_options(args, True))
+    val = build_dataset(args.dataset, dataset_split(args, False), args.data_dir, args.crop_bbox, seed=args.seed,
+                        samples_per_class=args.builtin_val_per_class, classes=train.classes,
+                        **timm_dataset_options(args, False))
     if len(train) == 0 or len(val) == 0:
         raise UserError(f'the {args.dataset} dataset has {len(train)} training and {len(val)} validation images')
+    if is_stream(train) or is_stream(val):
+        for stream in (train, val):
+            if is_stream(stream):
+                stream.set_loader_cfg(args.workers)
+        if num_processes > 1:
+            raise UserError(f'{args.dataset} is streamed: timm\'s readers split it by process and worker but do not '
+                            'give each sample exactly once per epoch, so several processes are not supported yet; use '
+                            'one process, or the map-style hfds/ spec')
+        if args.cache_features:
+            raise UserError(f'--cache-features needs a map-style dataset; {args.dataset} is streamed (use hfds/)')
     return train, val
+
+
+def is_stream(dataset) -> bool:
+    """An iterable (streamed) dataset: timm's hfids/ and wds/ specs."""
+    return bool(getattr(dataset, 'iterable', False))
 
 
 def run_identity(args: argparse.Namespace, classes, train_count: int, val_count: int, num_processes: int) -> Dict:
@@ -321,7 +340,7 @@ def load_scheduler_state(scheduler, state: Dict) -> None:
 
 def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Data, model, loaders, optimizer, scheduler and EMA, prepared by accelerate."""
-    train_images, val_images = build_data(args)
+    train_images, val_images = build_data(args, accelerator.num_processes)
     classes = train_images.classes
     if val_images.missing_classes:
         accelerator.print(f'note: the validation split has no images of {len(val_images.missing_classes)} '
@@ -329,8 +348,11 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     model = load_model(args.model, pretrained=args.pretrained, num_classes=len(classes), img_size=args.img_size,
                        **model_kwargs(args))
     transform, _ = model_transform(model, args.img_size)
-    train_data = EpochFlip(Transformed(train_images, transform), seed=args.seed)
-    val_data = Transformed(val_images, transform)
+    if is_stream(train_images):
+        train_data = TransformedStream(train_images, transform, flip_seed=args.seed)
+    else:
+        train_data = EpochFlip(Transformed(train_images, transform), seed=args.seed)
+    val_data = TransformedStream(val_images, transform) if is_stream(val_images) else Transformed(val_images, transform)
     model.set_distilled_training(True)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -344,7 +366,7 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         trainable = HeadsOnCachedFeatures(model)
 
     per_process = math.ceil(len(train_data) / accelerator.num_processes)
-    train_loader = make_loader(train_data, args.batch_size, True, args.workers,
+    train_loader = make_loader(train_data, args.batch_size, not is_stream(train_images), args.workers,
                                drop_last=per_process % args.batch_size == 1)  # BatchNorm1d can't train on one
     val_loader = make_loader(val_data, args.batch_size, False, args.workers)
     optimizer = build_optimizer(args, model)
@@ -354,7 +376,7 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     identity = run_identity(args, classes, len(train_images), len(val_images), accelerator.num_processes)
     loss_fn = SelfADLoss(gamma=args.gamma, temperature=args.temperature, mode=args.loss,
                          label_smoothing=args.label_smoothing)
-    probe_inputs = torch.stack([val_data[i][0] for i in range(min(32, len(val_data)))])
+    probe_inputs = first_images(val_data, 32)
     return Run(args, accelerator, identity, classes, model, trainable, optimizer, scheduler, loss_fn, train_data,
                train_loader, val_loader, probe_inputs, ema)
 
@@ -585,6 +607,9 @@ def resume(run: Run) -> None:
             raise UserError(f'--resume {folder}: not a checkpoint folder')
         try:
             state = read_checkpoint(folder, run.identity)
+            if state['progress']['step_in_epoch'] and is_stream(run.train_data):
+                raise UserError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; a streamed '
+                                'dataset resumes only from a checkpoint saved at the end of an epoch')
         except UserError as e:
             if args.resume != 'latest' or 'was saved by a run with' in str(e):
                 raise

@@ -1,5 +1,6 @@
 """Datasets and transforms for fine-grained recognition (paper section 4.1)."""
-from typing import Optional, Sequence
+import argparse
+from typing import Any, Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -7,25 +8,35 @@ from .builtin import BuiltinFineGrained
 from .images import IMAGE_SUFFIXES, CorruptImageError, find_images, load_image
 from .readers import (
     DatasetLayoutError, LabeledImages, align_classes, read_cars, read_cub, read_dogs, read_image_folder)
-from .transforms import EpochFlip, FlipSchedule, Transformed, eval_transform, model_transform
+from .timm_datasets import TIMM_PREFIXES, build_timm_dataset, is_timm_spec
+from .transforms import EpochFlip, FlipSchedule, Transformed, TransformedStream, eval_transform, first_images, model_transform
 
 __all__ = [
     'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES',
-    'LabeledImages', 'Transformed', 'build_dataset', 'eval_transform', 'find_images', 'load_image',
-    'model_transform',
+    'LabeledImages', 'TIMM_PREFIXES', 'Transformed', 'TransformedStream', 'build_dataset', 'dataset_name',
+    'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image', 'model_transform',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 
 
+def dataset_name(text: str) -> str:
+    """A ``--dataset`` value: one of ``DATASETS`` or a timm spec (``hfds/...``, ``hfids/...``, ``wds/...``)."""
+    if text in DATASETS or is_timm_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(f'expected one of {", ".join(DATASETS)} or a timm dataset spec '
+                                     f'({", ".join(p + "..." for p in TIMM_PREFIXES[:3])}), got {text!r}')
+
+
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
                   seed: int = 0, samples_per_class: Optional[int] = None,
-                  classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split') -> Dataset:
+                  classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split',
+                  **timm_options: Any) -> Dataset:
     """``(PIL image, label)`` dataset with a ``classes`` list (and ``missing_classes``).
 
     Args:
-        name: One of ``DATASETS``.
-        split: 'train' or 'val' (the test split of CUB, Dogs and Cars).
+        name: One of ``DATASETS``, or a timm spec read by ``build_timm_dataset``.
+        split: 'train' or 'val' (the test split of CUB, Dogs and Cars); a timm spec's split name.
         data_dir: Dataset root (not used by 'builtin').
         crop_bbox: CUB only: crop to ``bounding_boxes.txt``.
         seed: 'builtin' only: the generation seed.
@@ -33,7 +44,10 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         classes: The run's class list (the training split's, or a model's label names): labels are
             indices into it, a class it lacks is an error (``align_classes``).
         classes_of: Where ``classes`` come from, for error messages.
+        **timm_options: For timm specs: ``build_timm_dataset``'s keyword arguments (class_map, ...).
     """
+    if is_timm_spec(name):
+        return build_timm_dataset(name, split, data_dir=data_dir, seed=seed, classes=classes, **timm_options)
     dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class)
     dataset.missing_classes = []
     if classes is not None and list(classes) != list(dataset.classes):

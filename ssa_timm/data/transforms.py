@@ -4,15 +4,17 @@ training, normalisation from the body's pretrained config; made by timm from the
 The flip is drawn from ``(seed, epoch, index)`` instead of a global RNG, so a run, its resumed
 twin and its feature-cached twin flip the same images in the same epochs.
 """
-from typing import Callable, Optional, Sequence, Tuple
+from itertools import islice
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
-__all__ = ['EpochFlip', 'FlipSchedule', 'Transformed', 'eval_transform', 'model_transform']
+__all__ = ['EpochFlip', 'FlipSchedule', 'Transformed', 'TransformedStream', 'eval_transform', 'first_images',
+           'model_transform']
 
 
 def eval_transform(
@@ -49,6 +51,43 @@ class Transformed(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         img, label = self.dataset[index]
         return self.transform(img), label
+
+
+class TransformedStream(IterableDataset):
+    """Apply a transform to the images of an iterable ``(image, label)`` dataset (a timm stream),
+    and with ``flip_seed`` a random horizontal flip drawn from ``(seed, epoch, rank, worker)``."""
+
+    iterable = True
+
+    def __init__(self, dataset: IterableDataset, transform: Callable, flip_seed: Optional[int] = None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.flip_seed = flip_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, int]]:
+        rng = None
+        if self.flip_seed is not None:
+            worker = get_worker_info()
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            rng = np.random.default_rng([self.flip_seed, self.epoch, rank, worker.id if worker else 0])
+        for img, label in self.dataset:
+            x = self.transform(img)
+            yield (x.flip(-1) if rng is not None and rng.random() < 0.5 else x), label
+
+
+def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+    """The first ``count`` (transformed) images of a map-style or iterable dataset, stacked."""
+    items = islice(iter(dataset), count) if isinstance(dataset, IterableDataset) else (
+        dataset[i] for i in range(min(count, len(dataset))))
+    return torch.stack([x for x, _ in items])
 
 
 class FlipSchedule:
