@@ -76,7 +76,13 @@ def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_arg
     command = [*shlex.split(args.launcher), str(TRAIN), *train_args, '--dataset', args.dataset,
                '--epochs', str(args.epochs), '--model', f'ssanet_{body}_{variant}', '--loss', loss,
                '--seed', str(seed), '--output-dir', str(run_dir), *([f'--{remedy}'] if remedy else [])]
+    flags = command[len(shlex.split(args.launcher)) + 1:]
+    record = run_dir / 'ablation_run.json'
+    if record.is_file() and json.loads(record.read_text())['train_args'] != flags:
+        raise UserError(f'{run_dir} was trained with other train.py flags ({record}); use another --output-dir')
     if best_epoch_line(run_dir, args.epochs) is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({'train_args': flags}))
         resume = ['--resume', 'latest'] if (run_dir / 'checkpoints').is_dir() else []
         if subprocess.run([*command, *resume]).returncode != 0:
             raise UserError(f'training {run_dir.name} failed: {shlex.join(command)}')

@@ -6,7 +6,9 @@ onnxruntime), TorchScript (timm's scriptable path) and a torch.compile check.
 The exported graphs compute the eval output: the mean of the SSA and FE heads' logits.
 """
 import argparse
+import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Dict
 
@@ -17,7 +19,7 @@ import timm
 from ssa_timm.cli import at_least, positive_float
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import load_model
-from ssa_timm.run_dir import check_output_file
+from ssa_timm.run_dir import atomic_write_text, check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +78,22 @@ def main(argv=None) -> Dict:
     args = parse_args(argv)
     for flag in ('onnx', 'torchscript', 'report'):  # before the conversion, not after it
         check_output_file(getattr(args, flag), f'--{flag}')
+    if args.onnx:
+        for package in ('onnx', 'onnxscript', 'onnxruntime'):
+            if importlib.util.find_spec(package) is None:
+                raise UserError(f"--onnx needs the {package!r} package: pip install 'ssa-timm[export]'")
+    final = {flag: getattr(args, flag) for flag in ('onnx', 'torchscript') if getattr(args, flag)}
+    for flag, path in final.items():  # written beside, put in place only once checked against eager
+        setattr(args, flag, str(Path(path).with_name(f'.{Path(path).name}.tmp-{os.getpid()}')))
+    try:
+        return export(args, final)
+    finally:
+        for flag in final:
+            Path(getattr(args, flag)).unlink(missing_ok=True)
+
+
+def export(args: argparse.Namespace, final: Dict[str, str]) -> Dict:
+    """Convert, check against eager, and replace the ``final`` files only when every check passed."""
     with timm.layers.set_layer_config(scriptable=args.torchscript is not None):  # timm's scriptable layers
         model = load_model(args.model).eval()
     size = args.img_size or model.pretrained_cfg['input_size'][-1]
@@ -90,11 +108,15 @@ def main(argv=None) -> Dict:
     if args.compile:
         report['compile'] = check_compile(model, example, reference)
     failed = [k for k in ('onnx', 'torchscript', 'compile') if k in report and report[k]['max_abs_diff'] > args.atol]
+    for flag, path in final.items():
+        report[flag]['path'] = path
     print(json.dumps(report, indent=1))
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1))
+        atomic_write_text(Path(args.report), json.dumps(report, indent=1))
     if failed:
-        raise UserError(f'{failed} differ from eager by more than {args.atol}')
+        raise UserError(f'{failed} differ from eager by more than {args.atol}; nothing was written but the report')
+    for flag, path in final.items():
+        os.replace(getattr(args, flag), path)
     return report
 
 

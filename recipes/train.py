@@ -27,7 +27,8 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
-from timm.optim import create_optimizer_v2, list_optimizers, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import (
+    create_optimizer_v2, get_optimizer_class, list_optimizers, param_groups_layer_decay, param_groups_weight_decay)
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
@@ -43,7 +44,7 @@ from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
 from ssa_timm.hub import export_model, load_model
 from ssa_timm.metrics import evaluate_heads, report_top1
-from ssa_timm.run_dir import RunLock, atomic_dir, ensure_writable_dir, restore_interrupted, run_files
+from ssa_timm.run_dir import RunLock, atomic_dir, atomic_write_text, ensure_writable_dir, restore_interrupted, run_files
 
 # Defaults of the flags left unset. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
 # built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed, and
@@ -53,6 +54,7 @@ PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='momentum', w
 BUILTIN_RESNET18_FEATURE_INDEX = 2
 STATE_FILE = 'run_state.json'
 EMA_FILE = 'ema.safetensors'
+REPLACED = '.replaced'  # --overwrite moves the old run here, deleted once the new run has a checkpoint
 
 
 @dataclass
@@ -141,7 +143,7 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
 def add_optimization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--epochs', type=at_least(1), default=6)
     p.add_argument('--max-steps', type=at_least(1), default=None, help='stop (after a checkpoint) at this optimizer step')
-    p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
+    p.add_argument('--batch-size', type=at_least(2), default=32, help='per process (BatchNorm needs 2)')
     p.add_argument('--opt', default=None,
                    help="timm optimizer: momentum (SGD with momentum), sgd (Nesterov SGD), adamw, lamb, ...; "
                         'default: adamw on builtin, else momentum (the paper)')
@@ -173,7 +175,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default=None,
                    help='default: what accelerate launch was configured with')
     p.add_argument('--workers', type=at_least(0), default=2)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=at_least(0), default=0)
     p.add_argument('--output-dir', default='runs/builtin')
     p.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
     p.add_argument('--keep-checkpoints', type=at_least(1), default=2)
@@ -198,6 +200,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f'--warmup-epochs ({args.warmup_epochs}) must be below --epochs ({args.epochs})')
     if args.opt.lower() not in list_optimizers():
         p.error(f"--opt {args.opt!r} is not one of timm's optimizers: {', '.join(list_optimizers())}")
+    try:  # listed optimizers whose package (bitsandbytes, apex, ...) is missing fail here
+        get_optimizer_class(args.opt)
+    except (AssertionError, ImportError, RuntimeError) as e:
+        p.error(f'--opt {args.opt} cannot be used here: {e}')
     if args.opt.lower() in ('sgd', 'nesterov') and args.momentum == 0:
         p.error("--opt sgd is timm's Nesterov SGD, which needs --momentum > 0; --opt momentum is plain SGD")
     try:  # the model name and the input size, on the meta device: nothing is allocated
@@ -220,11 +226,11 @@ def claim_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> RunL
     another run, and holding no other run unless resuming it or told to overwrite it."""
     out = Path(args.output_dir)
     lock = RunLock(out)
-    problem = None
-    if accelerator.is_main_process:
+
+    def claim() -> None:
+        ensure_writable_dir(out, '--output-dir')
+        lock.acquire()
         try:
-            ensure_writable_dir(out, '--output-dir')
-            lock.acquire()
             for name in ('best', 'checkpoints'):
                 restore_interrupted(out / name)
             found = run_files(out)
@@ -232,21 +238,24 @@ def claim_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> RunL
                 raise UserError(f'--output-dir {out} already holds a run ({", ".join(found)}); pass --resume latest '
                                 'to continue it, --overwrite to replace it, or another --output-dir')
             if args.overwrite:
-                remove_run(out)
-        except UserError as e:
+                set_aside_run(out)
+        except BaseException:
             lock.release()
-            problem = str(e)
-    problem = broadcast_object_list([problem])[0]
-    if problem:
-        raise UserError(problem)
+            raise
+    on_main_process(accelerator, claim)
     return lock
 
 
-def remove_run(out: Path) -> None:
-    """Delete a run's files for ``--overwrite`` (its feature cache is kept: it is keyed by its inputs)."""
-    for name in ('best', 'checkpoints'):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / 'metrics.jsonl').unlink(missing_ok=True)
+def set_aside_run(out: Path) -> None:
+    """``--overwrite``: move a run's files into ``<out>/.replaced``, deleted when the new run saves its
+    first checkpoint, so a new run that fails before that leaves the old one recoverable there (the
+    feature cache stays: it is keyed by its inputs)."""
+    aside = out / REPLACED
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for name in ('best', 'checkpoints', 'metrics.jsonl'):
+        if (out / name).exists():
+            (out / name).rename(aside / name)
 
 
 def build_data(args: argparse.Namespace, num_processes: int):
@@ -276,6 +285,12 @@ def is_stream(dataset) -> bool:
     return bool(getattr(dataset, 'iterable', False))
 
 
+# training settings a checkpoint's optimizer and scheduler state depend on
+TRAINING_SETTINGS = ('opt', 'lr', 'momentum', 'weight_decay', 'body_lr_scale', 'layer_decay', 'sched', 'epochs',
+                     'plateau_patience', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'min_lr', 'model_ema',
+                     'model_ema_decay', 'loss', 'gamma', 'temperature', 'label_smoothing', 'clip_grad')
+
+
 def run_identity(args: argparse.Namespace, classes, train_count: int, val_count: int, num_processes: int) -> Dict:
     """What a checkpoint must share with the run that resumes it."""
     return dict(model=args.model, model_args=model_kwargs(args), dataset=args.dataset,
@@ -283,7 +298,7 @@ def run_identity(args: argparse.Namespace, classes, train_count: int, val_count:
                 classes=list(classes), train_samples=train_count, val_samples=val_count, img_size=args.img_size,
                 seed=args.seed, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
                 cache_features=args.cache_features, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                num_processes=num_processes)
+                num_processes=num_processes, **{k: getattr(args, k) for k in TRAINING_SETTINGS})
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, drop_last: bool = False) -> DataLoader:
@@ -365,9 +380,9 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         train_data, val_data = cached_datasets(args, accelerator, model, train_data, val_data)
         trainable = HeadsOnCachedFeatures(model)
 
-    per_process = math.ceil(len(train_data) / accelerator.num_processes)
-    train_loader = make_loader(train_data, args.batch_size, not is_stream(train_images), args.workers,
-                               drop_last=per_process % args.batch_size == 1)  # BatchNorm1d can't train on one
+    # BatchNorm1d cannot train on one image; several processes pad their last batches to full size
+    one_left = accelerator.num_processes == 1 and len(train_data) % args.batch_size == 1
+    train_loader = make_loader(train_data, args.batch_size, not is_stream(train_images), args.workers, drop_last=one_left)
     val_loader = make_loader(val_data, args.batch_size, False, args.workers)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer)
@@ -445,8 +460,10 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
             carry_epoch_sums(run, loss_sum, bad_step, counts)
             loss_sum.zero_()
             save_checkpoint(run)
+        if stop and mid_epoch:
+            return True
         if stop:
-            return mid_epoch
+            break
     carry_epoch_sums(run, loss_sum, bad_step, counts)
     return False
 
@@ -456,8 +473,9 @@ def carry_epoch_sums(run: Run, loss_sum: torch.Tensor, bad_step: torch.Tensor, c
     stop the run if a loss was not finite (before anything is saved)."""
     accelerator, progress = run.accelerator, run.progress
     if int(accelerator.reduce(bad_step, reduction='max')) >= 0:
-        step = int(accelerator.reduce(torch.where(bad_step >= 0, bad_step, torch.full_like(bad_step, 2 ** 62)),
-                                      reduction='min'))
+        # the first bad step over all processes: accelerate's reduce has sum and max, so max of the negatives
+        never = torch.full_like(bad_step, -2 ** 62)
+        step = -int(accelerator.reduce(torch.where(bad_step >= 0, -bad_step, never), reduction='max'))
         raise UserError(f'the training loss became NaN or infinite at epoch {progress.epoch}, step {step}; the run '
                         f'stopped without saving, its last good checkpoint is kept (lower --lr or set --clip-grad)')
     count = torch.tensor(float(counts['loss_count']), device=accelerator.device)
@@ -497,22 +515,25 @@ def end_epoch(run: Run, epoch: int) -> None:
     top1, best_model, best_report, is_ema = max(candidates, key=lambda c: c[0])
     lr = max(group['lr'] for group in run.optimizer.param_groups)  # the heads' rate of this epoch
     run.scheduler.step(epoch + 1, report_top1(report))
-    if top1 > progress.best_top1:
-        progress.best_top1 = top1
-        if accelerator.is_main_process:
-            export_best(run, best_model, best_report, epoch, is_ema)
     mean_loss = progress.loss_sum / max(1, progress.loss_count)
     line = dict(epoch=epoch, step=progress.global_step, train_loss=mean_loss, lr=lr,
                 images_per_s=progress.images / max(progress.seconds, 1e-9), val=report)
+    improved = top1 > progress.best_top1
+
+    def write_epoch() -> None:  # the metrics line before the checkpoint: a resume drops lines it redoes
+        if improved:
+            export_best(run, best_model, best_report, epoch, is_ema)
+        with (run.output_dir / 'metrics.jsonl').open('a') as f:
+            f.write(json.dumps(line) + '\n')
+    on_main_process(accelerator, write_epoch)
+    if improved:
+        progress.best_top1 = top1
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     progress.loss_sum, progress.loss_count, progress.images, progress.seconds = 0.0, 0, 0, 0.0
     save_checkpoint(run)
     accelerator.log({'train_loss': mean_loss, 'val_top1': report_top1(report), 'lr': line['lr'],
                      **{f'attention/{k}': v for k, v in report.get('attention', {}).items() if v is not None}},
                     step=epoch)
-    if accelerator.is_main_process:
-        with (run.output_dir / 'metrics.jsonl').open('a') as f:
-            f.write(json.dumps(line) + '\n')
     heads = ', '.join(f'{k} {v["top1"]:.1f}%' for k, v in report['heads'].items())
     attention = report.get('attention')
     accelerator.print(f'epoch {epoch}: loss {mean_loss:.4f}, val top-1 {report["output"]["top1"]:.1f}% ({heads})' + (
@@ -527,6 +548,23 @@ def export_best(run: Run, model: SSANet, report: Dict, epoch: int, is_ema: bool)
                     epoch=epoch, loss=args.loss, freeze_backbone=args.freeze_backbone, ema=is_ema, seed=args.seed)
     with atomic_dir(run.output_dir / 'best') as tmp:
         export_model(model, str(tmp), run.classes, args.img_size, extra_config={'metrics': report, 'training': training})
+
+
+def on_main_process(accelerator: Accelerator, work) -> None:
+    """Run ``work()`` on the main process; its error, if any, is raised on every process (so no
+    process waits at the next barrier for one that failed)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as e:  # re-raised below, on every process
+            if accelerator.num_processes == 1:
+                raise
+            error = str(e) if isinstance(e, UserError) else f'the main process failed: {type(e).__name__}: {e}'
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise UserError(error)
 
 
 def checkpoint_index(folder: Path) -> int:
@@ -554,14 +592,19 @@ def save_checkpoint(run: Run) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def complete() -> None:
         if run.ema is not None:
             save_file({k: v.contiguous() for k, v in run.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
         state = dict(identity=run.identity, progress=asdict(run.progress), scheduler=scheduler_state(run.scheduler))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         tmp.rename(final)
         for old in checkpoints(run.output_dir)[run.args.keep_checkpoints:]:
-            shutil.rmtree(old)
+            doomed = old.with_name(f'.{old.name}.del')  # out of the checkpoint names first, then deleted
+            old.rename(doomed)
+            shutil.rmtree(doomed)
+        shutil.rmtree(run.output_dir / REPLACED, ignore_errors=True)  # --overwrite: the old run, now replaced
+    on_main_process(accelerator, complete)
     accelerator.wait_for_everyone()
 
 
@@ -573,8 +616,9 @@ def read_checkpoint(folder: Path, identity: Dict) -> Dict:
         raise UserError(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
     try:
         state = json.loads(state_path.read_text())
-        saved = state['identity']
-        Progress(**state['progress'])
+        saved, progress = dict(state['identity']), Progress(**state['progress'])
+        if not all(isinstance(getattr(progress, f), (int, float)) for f in asdict(progress)) or 'timm' not in state['scheduler']:
+            raise TypeError('progress or scheduler fields of the wrong type')
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f'{state_path} is damaged ({type(e).__name__}: {e})') from e
     for key, value in identity.items():
@@ -587,7 +631,7 @@ def read_checkpoint(folder: Path, identity: Dict) -> Dict:
             load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise UserError(f'{path} is damaged or truncated ({e})') from e
-    for path in sorted(folder.glob('optimizer*.bin')):
+    for path in sorted([*folder.glob('optimizer*.bin'), *folder.glob('scaler*.pt')]):
         try:
             torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # torch raises several types for a damaged archive
@@ -597,8 +641,31 @@ def read_checkpoint(folder: Path, identity: Dict) -> Dict:
 
 def resume(run: Run) -> None:
     """Load ``--resume``: a folder, or for 'latest' the newest complete checkpoint, skipping (with a
-    warning) damaged ones. A checkpoint of another run (model, data, classes, ...) is refused."""
-    args, accelerator = run.args, run.accelerator
+    warning) damaged ones. A checkpoint of another run (model, data, classes, settings) is refused.
+    The main process picks and checks it; every process then loads the same one."""
+    accelerator = run.accelerator
+    chosen = [None]
+
+    def pick() -> None:
+        chosen[0] = str(pick_checkpoint(run))
+    on_main_process(accelerator, pick)  # a refusal is raised on every process
+    if accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen)
+    folder = Path(chosen[0])
+    state = json.loads((folder / STATE_FILE).read_text())
+    accelerator.load_state(str(folder))
+    load_scheduler_state(run.scheduler, state['scheduler'])
+    run.progress = Progress(**state['progress'])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file()
+                                       else run.model.state_dict())
+    on_main_process(accelerator, lambda: keep_metrics_before(run.output_dir / 'metrics.jsonl', run.progress.epoch))
+    accelerator.print(f'resumed from {folder}: epoch {run.progress.epoch}, step {run.progress.global_step}')
+
+
+def pick_checkpoint(run: Run) -> Path:
+    """The checkpoint ``--resume`` names, checked (``read_checkpoint``); for 'latest' the newest good one."""
+    args = run.args
     candidates = checkpoints(run.output_dir) if args.resume == 'latest' else [Path(args.resume)]
     if not candidates:
         raise UserError(f'--resume latest: no checkpoint under {run.output_dir / "checkpoints"}')
@@ -613,17 +680,26 @@ def resume(run: Run) -> None:
         except UserError as e:
             if args.resume != 'latest' or 'was saved by a run with' in str(e):
                 raise
-            accelerator.print(f'warning: skipping checkpoint {folder}: {e}')
+            print(f'warning: skipping checkpoint {folder}: {e}', flush=True)
             continue
-        accelerator.load_state(str(folder))
-        load_scheduler_state(run.scheduler, state['scheduler'])
-        run.progress = Progress(**state['progress'])
-        if run.ema is not None:
-            run.ema.module.load_state_dict(load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file()
-                                           else run.model.state_dict())
-        accelerator.print(f'resumed from {folder}: epoch {run.progress.epoch}, step {run.progress.global_step}')
-        return
+        return folder
     raise UserError(f'--resume latest: every checkpoint under {run.output_dir / "checkpoints"} is damaged')
+
+
+def keep_metrics_before(path: Path, epoch: int) -> None:
+    """Keep the ``metrics.jsonl`` lines of the epochs before ``epoch`` (a resume redoes the others;
+    a line cut short by a kill is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get('epoch'), int) and line['epoch'] < epoch:
+            kept.append(text)
+    atomic_write_text(path, ''.join(f'{text}\n' for text in kept))
 
 
 def training_function(args: argparse.Namespace) -> Dict:

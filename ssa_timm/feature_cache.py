@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.transforms import FlipSchedule
+from .run_dir import atomic_write_text
 
 __all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
 
@@ -43,20 +44,24 @@ def build_feature_cache(
     """Compute the body map F (``model.forward_body``) of every image of ``dataset`` into ``path`` (``.npy``).
 
     The array has shape ``(N, V, K, h, w)`` with V = 2 (original, flipped) when ``with_flips``.
-    A cache whose recorded ``meta`` matches is reused.
+    A cache whose recorded ``meta`` matches is reused. Returns the path of the cache file.
 
     Args:
         model: SSANet with a frozen body, already on ``accelerator.device``.
         dataset: ``(tensor image, label)`` pairs, no random augmentation.
-        path: The ``.npy`` file; ``path.with_suffix('.json')`` records ``meta`` once complete.
+        path: The ``.npy`` file, named ``<stem>-<hash of meta>.npy``; its ``.json`` sibling records
+            ``meta`` once complete.
         with_flips: Also cache the horizontally flipped view.
         accelerator: The run's ``accelerate.Accelerator``.
         meta: What the features depend on (model, image size, dataset, split); a mismatch rebuilds.
             The body's ``weights_fingerprint`` is added to it.
     """
-    marker = path.with_suffix('.json')
     meta = json.loads(json.dumps({**meta, 'body_weights': weights_fingerprint(model.body)}))  # tuples -> lists
-    if marker.is_file() and json.loads(marker.read_text()) == meta:
+    # one file per setting: a run with other settings never overwrites this one's cache
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = path.with_name(f'{path.stem}-{key}{path.suffix}')
+    marker = path.with_suffix('.json')
+    if marker.is_file() and _read_marker(marker) == meta:
         return path
     views = 2 if with_flips else 1
     model.body.eval()
@@ -85,8 +90,15 @@ def build_feature_cache(
     del out
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker.write_text(json.dumps(meta))
+        atomic_write_text(marker, json.dumps(meta))
     return path
+
+
+def _read_marker(marker: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(marker.read_text())
+    except ValueError:  # unreadable: the cache is rebuilt
+        return None
 
 
 class CachedFeatures(Dataset):

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 
 import timm
 from timm.models import save_for_hf
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .models import SSANet, create_ssanet_by_name
 
 __all__ = ['export_model', 'label_names', 'load_model']
@@ -38,6 +38,12 @@ def load_model(spec: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
         model = _create(spec, pretrained, **kwargs)
     except LocalEntryNotFoundError as e:
         raise UserError(_not_downloadable(spec, e)) from e
+    except HfHubHTTPError as e:  # no such repo or file, no access
+        raise UserError(f'cannot load {spec}: {one_line(e)}') from e
+    except RuntimeError as e:
+        if 'Invalid pretrained tag' not in str(e):
+            raise
+        raise UserError(f'cannot build {spec}: {one_line(e)}') from e
     if not isinstance(model, SSANet):
         raise UserError(f'{spec} is a {type(model).__name__}, not an SSANet')
     return model

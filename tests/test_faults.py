@@ -142,6 +142,7 @@ def test_existing_run_is_refused_unless_resumed_or_overwritten(trained_run, tmp_
     proc = train(*TINY_TRAIN, '--epochs', '1', '--overwrite', '--output-dir', str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['checkpoint_0']
+    assert not (out / '.replaced').exists()  # the old run, set aside, went with the new run's first checkpoint
     assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
 
 
@@ -188,6 +189,8 @@ def test_resume_on_other_data_is_refused_naming_the_field(trained_run, tmp_path)
     other = [*TRAINED_RUN, '--builtin-train-per-class', '9']
     proc = train(*other, '--resume', 'latest', '--output-dir', str(out))
     assert_user_error(proc, 'was saved by a run with train_samples=80; this run has train_samples=90')
+    proc = train(*TRAINED_RUN, '--lr', '0.01', '--resume', 'latest', '--output-dir', str(out))
+    assert_user_error(proc, 'was saved by a run with lr=0.001; this run has lr=0.01')  # its optimizer state would win
     assert files_of(out) == before
 
 
@@ -358,9 +361,12 @@ def test_self_ad_loss_refuses_bad_settings(kwargs):
         SelfADLoss(**kwargs)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained_run, tmp_path):
     out = tmp_path / 'run'
     train(*TRAINED_RUN, '--max-steps', '10', '--output-dir', str(out))  # epoch 0 and its checkpoint
+    epoch0 = json.loads((out / 'metrics.jsonl').read_text())
+    uninterrupted = json.loads((trained_run / 'metrics.jsonl').read_text().splitlines()[0])
+    assert epoch0['train_loss'] == pytest.approx(uninterrupted['train_loss'], rel=1e-5)  # stopped at the epoch's end
     before = files_of(out)
     proc = run_python('-c', NAN_FROM_STEP, '3', str(ROOT / 'recipes' / 'train.py'), *TRAINED_RUN, '--resume', 'latest',
                       '--output-dir', str(out), check=False)

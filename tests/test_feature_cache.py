@@ -65,8 +65,12 @@ def test_cache_is_reused_only_for_the_same_settings(tmp_path):
     build(model, path, meta)
     assert len(calls) > first
     # a build killed before its marker was written is never used
-    build(model, path, meta)
+    built = build(model, path, meta)
     first = len(calls)
-    path.with_suffix('.json').unlink()
+    built.with_suffix('.json').unlink()
     build(model, path, meta)
     assert len(calls) > first
+    build(model, path, {**meta, 'img_size': (32, 32)})  # settings get their own files: both stay usable
+    first = len(calls)
+    build(model, path, meta)
+    assert len(calls) == first
