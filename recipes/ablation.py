@@ -113,24 +113,24 @@ def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '')
     attention = {}
     if picked[0]['attention']:
         for key in ('alpha', 'entropy_ratio', 'row_max'):
-            values = [r['attention'][key] for r in picked if r['attention'][key] is not None]
+            values = [abs(r['attention'][key]) for r in picked if r['attention'][key] is not None]
             attention[key] = statistics.mean(values) if values else None
     return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads, attention=attention)
 
 
 def attention_cells(m: Dict) -> str:
-    """alpha, row entropy as a fraction of uniform, row maximum (best epoch, mean over seeds)."""
+    """abs(alpha), row entropy as a fraction of uniform, row maximum (best epoch, mean over seeds)."""
     a = m['attention']
     if not a:
         return '- | - | -'
-    alpha = f'{a["alpha"]:+.3f}' if a['alpha'] is not None else '-'
+    alpha = f'{a["alpha"]:.3f}' if a['alpha'] is not None else '-'
     return f'{alpha} | {a["entropy_ratio"]:.2f} | {a["row_max"]:.2f}'
 
 
 def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
     """Tables 2 and 3 and the remedies, each with the rows that were trained."""
     fmt = (lambda m: f'{m["top1"]:.1f} ± {m["std"]:.1f}') if len(seeds) > 1 else (lambda m: f'{m["top1"]:.1f}')
-    diagnostics = 'alpha | row entropy / uniform | row max'
+    diagnostics = 'abs(alpha) | row entropy / uniform | row max'
     lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s); Self-AD loss)', '',
              f'| variant | model output (mean of heads) | SSA head | FE head | paper, CUB | {diagnostics} |',
              '|---|---|---|---|---|---|---|---|']

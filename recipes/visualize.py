@@ -42,6 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def model_label(model: SSANet) -> str:
+    """The aggregation, and the attention options a model was built with (``qk_norm``, ``scale_attn``)."""
+    attn = model.head.attn
+    options = [] if attn is None else [name for name, on in (('qk_norm', attn.qk_norm), ('scale_attn', attn.scale != 1))
+                                       if on]
+    return ' + '.join([model.aggregation, *options])
+
+
 def target_layer(model: SSANet) -> torch.nn.Module:
     """The module whose output Grad-CAM explains: the SSA layer (H), or the body's last stage (F)."""
     return model.head.attn if model.head.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
@@ -97,7 +105,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
                 body_map = model.forward_body(x)
                 pred = int(model.forward_head(model.forward_ssa(body_map)).argmax(-1))
             names = label_names(model)
-            title = f'{model.aggregation}: {names[pred] if names else pred}'
+            title = f'{model_label(model)}: {names[pred] if names else pred}'
             with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
                 gradcam = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
             arrays = dict(gradcam=gradcam)
@@ -115,7 +123,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             row.append(show_cam_on_image(rgb, gradcam, use_rgb=True))
         grid_rows.append(row)
     if len(models) > 1:
-        written.append(draw_grid(grid_rows, ['input'] + [m.aggregation for m in models], out / 'grid.png'))
+        written.append(draw_grid(grid_rows, ['input'] + [model_label(m) for m in models], out / 'grid.png'))
     return written
 
 
