@@ -200,7 +200,9 @@ def test_resume_latest_skips_a_damaged_newest_checkpoint(trained_run, tmp_path, 
     path = out / 'checkpoints' / 'checkpoint_1' / damaged
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     proc = train(*TRAINED_RUN, '--resume', str(path.parent), '--output-dir', str(out))
-    assert_user_error(proc, f'{path} is damaged' if damaged != 'run_state.json' else f'{path} is damaged')
+    assert_user_error(proc, f'{path} is damaged')
+    if damaged != 'model.safetensors':
+        return  # the fallback below is the same for every damaged file: run it once
     proc = train(*TRAINED_RUN, '--resume', 'latest', '--output-dir', str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'warning: skipping checkpoint {path.parent}: {path} is damaged' in proc.stdout
@@ -275,9 +277,17 @@ def test_resume_runs_no_code_from_a_checkpoint_folder(trained_run, tmp_path):
 
 @pytest.mark.parametrize('flag,value', [('--batch-size', '0'), ('--epochs', '0'), ('--workers', '-1'),
                                         ('--grad-accum', '0'), ('--img-size', '0'), ('--lr', '-1'), ('--lr', 'nan')])
-def test_train_arguments_checked_at_parse_time(flag, value, tmp_path):
-    proc = train(*TINY_TRAIN, flag, value, '--output-dir', str(tmp_path))
-    assert_user_error(proc, f'argument {flag}:', code=2)
+def test_train_arguments_checked_at_parse_time(flag, value, capsys):
+    sys.path.insert(0, str(ROOT / 'recipes'))
+    import train as recipe
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_args([*TINY_TRAIN, flag, value])
+    assert exit_info.value.code == 2 and f'argument {flag}:' in capsys.readouterr().err
+
+
+def test_parse_errors_are_one_line_without_traceback(tmp_path):
+    assert_user_error(train(*TINY_TRAIN, '--batch-size', '0', '--output-dir', str(tmp_path)),
+                      'argument --batch-size: must be at least 2', code=2)
 
 
 def test_train_image_size_below_the_body_minimum(tmp_path):
@@ -337,7 +347,8 @@ def test_damaged_export_names_the_file(trained_run, tmp_path, image, damage, mes
     else:
         config = json.loads((export / 'config.json').read_text())
         (export / 'config.json').write_text(json.dumps(dict(config, architecture='resnet18')))
-    for recipe, extra in (('predict.py', [str(image)]), ('evaluate.py', ['--workers', '0'])):
+    recipes = [('predict.py', [str(image)])] + ([('evaluate.py', ['--workers', '0'])] if damage == 'truncate' else [])
+    for recipe, extra in recipes:  # the same loader serves every recipe
         proc = run_recipe(recipe, '--model', f'local-dir:{export}', *extra, check=False)
         assert_user_error(proc, message)
         assert str(export) in proc.stderr

@@ -154,14 +154,16 @@ def test_attention_diagnostics_read_uniform_and_one_hot_rows():
 
 
 FLAGS = ['--model-ema', '--clip-grad', '1.0', '--channels-last', '--grad-checkpointing', '--tta', 'flip',
-         '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8', '--compile']
+         '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8']
 
 
 @pytest.mark.parametrize('launcher', ['single', 'two_processes'])
 def test_all_flags_in_a_run(tmp_path, launcher):
+    # --compile runs in the single-process run only: compiling in two CPU processes costs CI minutes
+    # (it passed there too when tried, see the README)
     extra = dict(launcher=TWO_CPU_PROCESSES) if launcher == 'two_processes' else {}
-    cpu = ['--cpu'] if extra else []
-    run_recipe('train.py', *cpu, *TINY_TRAIN, '--epochs', '2', *FLAGS, '--output-dir', str(tmp_path), **extra)
+    flags = ['--cpu', *FLAGS] if extra else [*FLAGS, '--compile']
+    run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', *flags, '--output-dir', str(tmp_path), **extra)
     lines = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert len(lines) == 2
     for line in lines:
