@@ -169,7 +169,8 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 1], results
     refused = next(err for code, _, err in results if code == 1)
-    assert 'is in use by another run' in refused and 'Traceback' not in refused
+    # refused while the other runs, or (if it started late on a busy machine) because the other's run is there
+    assert ('is in use by another run' in refused or 'already holds a run' in refused) and 'Traceback' not in refused
     assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
 
 
