@@ -14,14 +14,14 @@ import argparse
 import json
 from typing import Dict
 
-import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_split, timm_dataset_options
 from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform
-from ssa_timm.diagnostics import attention_diagnostics
+from ssa_timm.data.streams import is_stream
+from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model
 from ssa_timm.metrics import evaluate_heads
@@ -49,16 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def validation_images(args: argparse.Namespace, model, num_processes: int):
+def validation_images(args: argparse.Namespace, model):
     """The validation split, labelled by the model's class names (when the export has them)."""
     names = label_names(model)
     images = build_dataset(args.dataset, dataset_split(args, False), args.data_dir, args.crop_bbox, seed=args.seed,
                            samples_per_class=args.builtin_val_per_class, classes=names,
                            classes_of=f'the model {args.model}', **timm_dataset_options(args, False))
-    if getattr(images, 'iterable', False):
-        images.set_loader_cfg(args.workers)
-        if num_processes > 1:
-            raise UserError(f'{args.dataset} is streamed; evaluate it in one process (or use the map-style hfds/ spec)')
     if model.num_classes != len(images.classes):
         raise UserError(f'{args.model} predicts {model.num_classes} classes, the {args.dataset} '
                         f'validation set has {len(images.classes)}')
@@ -72,22 +68,24 @@ def main(argv=None) -> Dict:
     output = check_output_file(args.output, '--output')
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     model = load_model(args.model)
-    images = validation_images(args, model, accelerator.num_processes)
+    images = validation_images(args, model)
     if images.missing_classes:
         accelerator.print(f'note: no validation images of {len(images.missing_classes)} class(es): '
                           f'{images.missing_classes[:10]}')
     transform, img_size = model_transform(model, args.img_size)
-    data = TransformedStream(images, transform) if getattr(images, 'iterable', False) else Transformed(images, transform)
+    streamed = is_stream(images)  # each process reads its own share: the loader is not prepared
+    data = TransformedStream(images, transform) if streamed else Transformed(images, transform)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-    model, loader = accelerator.prepare(model, loader)
+    model = accelerator.prepare(model)
+    if not streamed:
+        loader = accelerator.prepare(loader)
     net = accelerator.unwrap_model(model).eval()
 
     batches = tqdm(loader, disable=not accelerator.is_local_main_process)
-    report = evaluate_heads(net.forward_per_head, batches, accelerator, per_class=True, tta_flip=args.tta == 'flip')
+    report = evaluate_heads(net.forward_per_head, batches, accelerator, per_class=True, tta_flip=args.tta == 'flip',
+                            per_process=streamed)
     if net.head.attn is not None:
-        probe = first_images(data, 32).to(accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            report['attention'] = attention_diagnostics(net.head.attn, net.forward_body(probe))
+        report['attention'] = probe_attention(net, first_images(data, 32).to(accelerator.device), accelerator.autocast())
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),
                   missing_classes=images.missing_classes)
     summary = ', '.join(f'{k} top-1 {v["top1"]:.2f}%' for k, v in report['heads'].items())

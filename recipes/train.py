@@ -39,7 +39,8 @@ from ssa_timm.cli import (
     add_timm_dataset_args, at_least, dataset_split, fraction, non_negative_float, positive_float, timm_dataset_options)
 from ssa_timm.data import (
     EpochFlip, Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform)
-from ssa_timm.diagnostics import attention_diagnostics
+from ssa_timm.data.streams import batches_on_every_process, epoch_samples, is_stream
+from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
 from ssa_timm.hub import export_model, load_model
@@ -258,7 +259,7 @@ def set_aside_run(out: Path) -> None:
             (out / name).rename(aside / name)
 
 
-def build_data(args: argparse.Namespace, num_processes: int):
+def build_data(args: argparse.Namespace):
     """Training and validation images; validation labels are indices into the training classes."""
     train = build_dataset(args.dataset, dataset_split(args, True), args.data_dir, args.crop_bbox, seed=args.seed,
                           samples_per_class=args.builtin_train_per_class, **timm_dataset_options(args, True))
@@ -267,22 +268,9 @@ def build_data(args: argparse.Namespace, num_processes: int):
                         **timm_dataset_options(args, False))
     if len(train) == 0 or len(val) == 0:
         raise UserError(f'the {args.dataset} dataset has {len(train)} training and {len(val)} validation images')
-    if is_stream(train) or is_stream(val):
-        for stream in (train, val):
-            if is_stream(stream):
-                stream.set_loader_cfg(args.workers)
-        if num_processes > 1:
-            raise UserError(f'{args.dataset} is streamed: timm\'s readers split it by process and worker but do not '
-                            'give each sample exactly once per epoch, so several processes are not supported yet; use '
-                            'one process, or the map-style hfds/ spec')
-        if args.cache_features:
-            raise UserError(f'--cache-features needs a map-style dataset; {args.dataset} is streamed (use hfds/)')
+    if is_stream(train) and args.cache_features:
+        raise UserError(f'--cache-features needs a map-style dataset; {args.dataset} is streamed (use hfds/)')
     return train, val
-
-
-def is_stream(dataset) -> bool:
-    """An iterable (streamed) dataset: timm's hfids/ and wds/ specs."""
-    return bool(getattr(dataset, 'iterable', False))
 
 
 # training settings a checkpoint's optimizer and scheduler state depend on
@@ -355,7 +343,7 @@ def load_scheduler_state(scheduler, state: Dict) -> None:
 
 def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Data, model, loaders, optimizer, scheduler and EMA, prepared by accelerate."""
-    train_images, val_images = build_data(args, accelerator.num_processes)
+    train_images, val_images = build_data(args)
     classes = train_images.classes
     if val_images.missing_classes:
         accelerator.print(f'note: the validation split has no images of {len(val_images.missing_classes)} '
@@ -380,15 +368,23 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         train_data, val_data = cached_datasets(args, accelerator, model, train_data, val_data)
         trainable = HeadsOnCachedFeatures(model)
 
-    # BatchNorm1d cannot train on one image; several processes pad their last batches to full size
+    # BatchNorm1d cannot train on one image; several processes pad their last batches to full size, a
+    # stream's processes stop at the first step one of them cannot fill (ssa_timm.data.streams)
     one_left = accelerator.num_processes == 1 and len(train_data) % args.batch_size == 1
-    train_loader = make_loader(train_data, args.batch_size, not is_stream(train_images), args.workers, drop_last=one_left)
+    train_loader = make_loader(train_data, args.batch_size, not is_stream(train_images), args.workers,
+                               drop_last=one_left or is_stream(train_images))
     val_loader = make_loader(val_data, args.batch_size, False, args.workers)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer)
-    trainable, optimizer, train_loader, val_loader = accelerator.prepare(trainable, optimizer, train_loader, val_loader)
+    # a stream's loaders stay as they are: each process already reads its own share of it
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    if not is_stream(train_data):
+        train_loader = accelerator.prepare(train_loader)
+    if not is_stream(val_data):
+        val_loader = accelerator.prepare(val_loader)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    identity = run_identity(args, classes, len(train_images), len(val_images), accelerator.num_processes)
+    identity = run_identity(args, classes, epoch_samples(train_images), epoch_samples(val_images),
+                            accelerator.num_processes)
     loss_fn = SelfADLoss(gamma=args.gamma, temperature=args.temperature, mode=args.loss,
                          label_smoothing=args.label_smoothing)
     probe_inputs = first_images(val_data, 32)
@@ -434,15 +430,19 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     if args.freeze_backbone:
         run.model.body.eval()  # frozen BatchNorm statistics, as in the cached features
     run.train_data.set_epoch(epoch)
-    run.train_loader.set_epoch(epoch)
-    skip = progress.step_in_epoch * args.grad_accum
-    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    if is_stream(run.train_data):
+        loader = batches_on_every_process(run.train_loader, accelerator, args.grad_accum)
+    else:
+        run.train_loader.set_epoch(epoch)
+        skip = progress.step_in_epoch * args.grad_accum
+        loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     steps_per_epoch = math.ceil(len(run.train_loader) / args.grad_accum)
     loss_sum = torch.zeros((), device=accelerator.device)
     bad_step = torch.full((), -1, device=accelerator.device)  # first non-finite step (1-based), no host sync
     counts = dict(loss_count=0, images=0, start=time.perf_counter())
-    for inputs, labels in tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_local_main_process):
-        loss = training_step(run, inputs, labels)
+    for inputs, labels in tqdm(loader, desc=f'epoch {epoch}', total=len(run.train_loader),
+                               disable=not accelerator.is_local_main_process):
+        loss = training_step(run, inputs.to(accelerator.device), labels.to(accelerator.device))
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, progress.global_step + 1))
         loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
@@ -495,18 +495,17 @@ def validate(run: Run, model: SSANet) -> Dict:
     if run.args.cache_features:
         report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), run.val_loader, run.accelerator)
     else:
-        report = evaluate_heads(model.forward_per_head, run.val_loader, run.accelerator, tta_flip=tta)
+        report = evaluate_heads(model.forward_per_head, run.val_loader, run.accelerator, tta_flip=tta,
+                                per_process=is_stream(run.val_loader.dataset))
     if model.head.attn is not None:
-        inputs = run.probe_inputs.to(run.accelerator.device)
-        with torch.no_grad(), run.accelerator.autocast():
-            body_map = inputs if run.args.cache_features else model.forward_body(inputs)
-            report['attention'] = attention_diagnostics(model.head.attn, body_map)
+        report['attention'] = probe_attention(model, run.probe_inputs.to(run.accelerator.device),
+                                              run.accelerator.autocast(), body_maps=run.args.cache_features)
     return report
 
 
 def end_epoch(run: Run, epoch: int) -> None:
     """Validate (the EMA too), step the scheduler, export a new best, checkpoint, log the epoch."""
-    args, accelerator, progress = run.args, run.accelerator, run.progress
+    accelerator, progress = run.accelerator, run.progress
     report = validate(run, run.model)
     candidates = [(report_top1(report), run.model, report, False)]
     if run.ema is not None:

@@ -83,4 +83,4 @@ def timm_dataset_options(args: argparse.Namespace, training: bool) -> Dict[str, 
         return {}
     return dict(class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
                 num_samples=args.train_num_samples if training else args.val_num_samples,
-                download=args.dataset_download, is_training=training, batch_size=args.batch_size)
+                download=args.dataset_download, is_training=training)

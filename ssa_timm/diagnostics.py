@@ -4,13 +4,14 @@ One-hot attention rows (entropy near 0, row maximum near 1) together with ``alph
 ``H = alpha * O + F ~ F``: the SSA head reads the body map and the module is not used.
 """
 import math
-from typing import Dict
+from contextlib import nullcontext
+from typing import ContextManager, Dict, Optional
 
 import torch
 
 from .layers import SpatialSelfAttention
 
-__all__ = ['attention_diagnostics']
+__all__ = ['attention_diagnostics', 'probe_attention']
 
 
 @torch.no_grad()
@@ -37,3 +38,15 @@ def attention_diagnostics(attn: SpatialSelfAttention, body_map: torch.Tensor) ->
         'logit_std': logits.flatten(1).std(dim=1, correction=0).mean().item(),
         'positions': positions,
     }
+
+
+@torch.no_grad()
+def probe_attention(model: torch.nn.Module, inputs: torch.Tensor, autocast: Optional[ContextManager] = None,
+                    body_maps: bool = False) -> Optional[Dict[str, float]]:
+    """``attention_diagnostics`` of an ``SSANet``'s SSA module on a batch of images (or of body maps
+    when ``body_maps``), under ``autocast`` when given; None for a model without one."""
+    attn = model.head.attn
+    if attn is None:
+        return None
+    with autocast or nullcontext():
+        return attention_diagnostics(attn, inputs if body_maps else model.forward_body(inputs))

@@ -5,9 +5,10 @@ where ``output`` is what the model returns in eval mode (the mean of the heads' 
 head of a ``no_attention`` model). With test-time flips a ``'tta'`` entry holds ``heads`` and
 ``output`` of the logits averaged over each image and its mirror.
 """
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+from accelerate.utils import gather_object
 
 __all__ = ['classification_report', 'evaluate_heads', 'report_top1', 'topk_accuracy']
 
@@ -68,33 +69,50 @@ def evaluate_heads(
         accelerator,
         per_class: bool = False,
         tta_flip: bool = False,
+        per_process: bool = False,
 ) -> Dict:
-    """``classification_report`` over a (prepared) loader of images, gathered over all processes.
+    """``classification_report`` over a loader of images, gathered over all processes.
 
     Args:
         head_logits: Inputs of a batch -> ``{'ssa': ..., 'fe': ...}`` logits (the model in eval mode).
         loader: Batches of ``(inputs, labels)``.
-        accelerator: The run's ``accelerate.Accelerator``; ``gather_for_metrics`` drops its padding.
+        accelerator: The run's ``accelerate.Accelerator``.
         per_class: Also report per-class accuracy and the confusion matrix.
         tta_flip: Also report the logits averaged over each input and its horizontal mirror.
+        per_process: ``loader`` is not prepared by accelerate and yields this process's own share
+            (a stream split by ``ssa_timm.data.streams``), in however many batches: its results are
+            gathered once, at the end. Otherwise each batch is gathered by ``gather_for_metrics``,
+            which drops the padding of a prepared loader.
     """
     logits: Dict[str, list] = {}
     flipped: Dict[str, list] = {}
     targets = []
     with torch.no_grad(), accelerator.autocast():
         for inputs, labels in loader:
+            inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
             heads = head_logits(inputs)
             batch = (heads, labels, head_logits(inputs.flip(-1))) if tta_flip else (heads, labels)
-            heads, labels, *mirror = accelerator.gather_for_metrics(batch)
+            if not per_process:
+                batch = accelerator.gather_for_metrics(batch)
+            heads, labels, *mirror = batch
             mirrored: Optional[Dict[str, torch.Tensor]] = mirror[0] if mirror else None
             for name, z in heads.items():
                 logits.setdefault(name, []).append(z.float().cpu())
                 if mirrored is not None:
                     flipped.setdefault(name, []).append((z.float().cpu() + mirrored[name].float().cpu()) / 2)
             targets.append(labels.cpu())
-    target = torch.cat(targets)
-    report = classification_report({k: torch.cat(v) for k, v in logits.items()}, target, per_class)
+    parts = [(logits, flipped, targets)]
+    if per_process and accelerator.num_processes > 1:
+        parts = gather_object(parts)
+    target = torch.cat([t for _, _, part in parts for t in part])
+    report = classification_report(_concat([p[0] for p in parts]), target, per_class)
     if tta_flip:
-        tta = classification_report({k: torch.cat(v) for k, v in flipped.items()}, target, per_class)
+        tta = classification_report(_concat([p[1] for p in parts]), target, per_class)
         report['tta'] = {'heads': tta['heads'], 'output': tta['output']}
     return report
+
+
+def _concat(parts: List[Dict[str, list]]) -> Dict[str, torch.Tensor]:
+    """Per-head logits of several processes (some may have had no batch), concatenated in order."""
+    names = next((list(part) for part in parts if part), [])
+    return {name: torch.cat([z for part in parts for z in part.get(name, [])]) for name in names}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import ROOT, TINY_TRAIN, TRAINED_RUN, make_image_folder, run_python, run_recipe, write_image
+from fixtures import ROOT, TINY_TRAIN, TRAINED_RUN, run_python, run_recipe, write_image
 from ssa_timm import SelfADLoss
 from ssa_timm.data import DatasetLayoutError, build_dataset
 from ssa_timm.run_dir import atomic_dir, restore_interrupted

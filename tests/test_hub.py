@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-from fixtures import ROOT, TINY_TRAIN, run_python, run_recipe
+from fixtures import ROOT, run_python, run_recipe
 from hub_server import serve
 
 LOGITS = """

@@ -15,7 +15,7 @@ from PIL import Image
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
-from fixtures import TWO_CPU_PROCESSES, run_recipe  # noqa: E402
+from fixtures import TWO_CPU_PROCESSES, run_python, run_recipe  # noqa: E402
 from ssa_timm.data import DatasetLayoutError  # noqa: E402
 from ssa_timm.data.timm_datasets import build_timm_dataset, is_timm_spec  # noqa: E402
 from ssa_timm.errors import UserError  # noqa: E402
@@ -37,14 +37,17 @@ def _rows(count: int, labels: int, offset: int = 0) -> Rows:
     return [((10 * i + offset, 255 - 10 * i, 7 * (i % labels)), i % labels) for i in range(count)]
 
 
-def _write_hf(root: Path, splits: Dict[str, Rows], names: Sequence[str]) -> Path:
+def _write_hf(root: Path, splits: Dict[str, Rows], names: Sequence[str], files: int = 1) -> Path:
     features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=list(names))})
     (root / 'data').mkdir(parents=True)
     for split, rows in splits.items():
-        ds = datasets.Dataset.from_dict(
-            {'image': [{'bytes': _png(c), 'path': None} for c, _ in rows], 'label': [label for _, label in rows]},
-            features=features)
-        ds.to_parquet(str(root / 'data' / f'{split}-00000-of-00001.parquet'))
+        size = -(-len(rows) // files)
+        for f in range(files):
+            part = rows[f * size:(f + 1) * size]
+            ds = datasets.Dataset.from_dict(
+                {'image': [{'bytes': _png(c), 'path': None} for c, _ in part], 'label': [label for _, label in part]},
+                features=features)
+            ds.to_parquet(str(root / 'data' / f'{split}-{f:05d}-of-{files:05d}.parquet'))
     return root
 
 
@@ -114,11 +117,15 @@ def test_hfids_streams_the_same_folder(data):
     val = build_timm_dataset(spec, 'validation', data_dir=data['cache'])
     assert val.iterable is True and val.classes == CLASSES and len(val) == 9
     assert Counter(_items(val)) == Counter(data['splits']['validation'])
-    train = build_timm_dataset(spec, 'train', data_dir=data['cache'], is_training=True, batch_size=5, seed=3)
-    train.set_epoch(1)
-    items = _items(train)
-    assert len(items) == len(train) == 25  # rounded up to whole batches, repeating the stream
-    assert set(items) == set(data['splits']['train'])
+    train = build_timm_dataset(spec, 'train', data_dir=data['cache'], is_training=True, seed=3)
+    orders = []
+    for epoch in (1, 2, 1):
+        train.set_epoch(epoch)
+        orders.append(_items(train))
+    # an epoch is one pass: each sample once (timm's training mode repeats up to a count), shuffled by
+    # (seed, epoch), so the same in every process and different from epoch to epoch
+    assert len(train) == 24 and Counter(orders[0]) == Counter(data['splits']['train'])
+    assert orders[0] == orders[2] != orders[1] and orders[0] != data['splits']['train']
 
 
 def test_wds_shards_with_info(data):
@@ -179,10 +186,9 @@ def test_loader_workers_share_the_shards(data):
     """timm's wds reader splits the shards across loader workers (each sample once per epoch); the
     map-style dataset and its relabelling work in workers too."""
     stream = build_timm_dataset(f'wds/{data["wds"]}', 'validation')
-    stream.set_loader_cfg(num_workers=2)
+    _items(stream)  # read in this process first: the workers must not reuse its reader's state
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=_collate)
-    assert Counter(_items(loader)) == Counter(data['splits']['validation'])
-    assert len(stream) == 8  # timm's estimate: in eval, 9 samples // 2 workers, times 2
+    assert Counter(_items(loader)) == Counter(data['splits']['validation']) and len(stream) == 9
     images = build_timm_dataset(f'hfds/{data["hf"]}', 'validation', data_dir=data['cache'], classes=CLASSES[::-1])
     loader = torch.utils.data.DataLoader(images, batch_size=None, num_workers=2, collate_fn=_collate)
     reversed_labels = [2 - label for _, label in data['splits']['validation']]
@@ -242,10 +248,54 @@ def test_train_and_evaluate_through_timm_specs(data, tmp_path, kind):
     assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])
 
 
-def test_streams_refuse_what_they_cannot_do_exactly(data, tmp_path):
-    proc = run_recipe('train.py', '--cpu', *TRAIN_ARGS, *spec_args(data, 'hfids'), '--output-dir', str(tmp_path / 'a'),
-                      env=OFFLINE, launcher=TWO_CPU_PROCESSES, check=False)
-    assert proc.returncode != 0 and 'several processes are not supported yet' in proc.stderr
+def test_streams_refuse_feature_caching(data, tmp_path):
     proc = run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-backbone', '--cache-features',
                       '--output-dir', str(tmp_path / 'b'), env=OFFLINE, check=False)
     assert proc.returncode == 1 and '--cache-features needs a map-style dataset' in proc.stderr
+
+
+def _id_rows(count: int, first: int) -> Rows:
+    """Images whose first pixel encodes their id (red + 256 * green), labels cycling over 3 classes."""
+    return [(((first + i) % 256, (first + i) // 256, 0), i % 3) for i in range(count)]
+
+
+def test_two_processes_see_each_sample_once(tmp_path):
+    """2 processes (gloo) read hfids/ and wds/ streams as train.py does, with 0 and 2 loader workers:
+    in an epoch every training sample is seen once and every validation sample counted once, and the
+    processes take the same number of steps."""
+    splits = {'train': _id_rows(48, 0), 'validation': _id_rows(9, 100)}
+    hf = _write_hf(tmp_path / 'hf', splits, CLASSES, files=2)
+    wds = _write_wds(tmp_path / 'wds', splits, {'name': 'ids', 'classes': CLASSES}, shards=4)
+    run_python(str(Path(__file__).parent / 'stream_shares.py'), str(hf), str(tmp_path / 'cache'), str(wds),
+               str(tmp_path), env=OFFLINE, launcher=TWO_CPU_PROCESSES)
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['uneven'] == ranks[1]['uneven'] == 3
+    train_ids, val_ids = set(range(48)), set(range(100, 109))
+    for key in ranks[0]:
+        if key == 'uneven':
+            continue
+        batches = [rank[key] for rank in ranks]
+        seen = [i for rank in batches for batch in rank for i in batch]
+        assert len(seen) == len(set(seen)), f'{key}: a sample was seen twice'
+        if 'training=False' in key:
+            assert set(seen) == val_ids, key  # the last, partial batches included
+            continue
+        assert len(batches[0]) == len(batches[1]), f'{key}: the processes took different numbers of steps'
+        assert all(len(batch) == 4 for rank in batches for batch in rank)
+        if 'group=1' in key:
+            assert set(seen) == train_ids, key  # 24 per process, whole batches: nothing dropped
+        else:  # gradient accumulation over 4 batches: one window of 4 of each process's 6 batches
+            assert len(batches[0]) == 4 and set(seen) < train_ids, key
+
+
+def test_two_process_training_and_evaluation_on_a_stream(data, tmp_path):
+    out = tmp_path / 'run'
+    run_recipe('train.py', '--cpu', *TRAIN_ARGS, *spec_args(data, 'wds'), '--output-dir', str(out), env=OFFLINE,
+               launcher=TWO_CPU_PROCESSES)
+    line = json.loads((out / 'metrics.jsonl').read_text())
+    assert line['val']['count'] == 9 and line['step'] == 3  # 12 images of 24 per process, batches of 4
+    report = tmp_path / 'eval.json'
+    run_recipe('evaluate.py', '--cpu', '--model', str(out / 'best'), *spec_args(data, 'wds'), '--workers', '0',
+               '--output', str(report), env=OFFLINE, launcher=TWO_CPU_PROCESSES)
+    evaluated = json.loads(report.read_text())
+    assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])

@@ -9,19 +9,21 @@ class map file. Given the training split's ``classes``, labels are remapped to t
 import importlib
 import os
 import pickle
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from .readers import DatasetLayoutError
+from .streams import buffer_shuffle, process_rank, rank_share
 
-__all__ = ['TIMM_PREFIXES', 'TimmImageStream', 'TimmImages', 'build_timm_dataset', 'is_timm_spec']
+__all__ = ['STREAM_SHUFFLE_SIZE', 'TIMM_PREFIXES', 'TimmImageStream', 'TimmImages', 'build_timm_dataset', 'is_timm_spec']
 
 TIMM_PREFIXES = ('hfds/', 'hfids/', 'wds/', 'tfds/')
 _PACKAGES = {'hfds/': 'datasets', 'hfids/': 'datasets', 'wds/': 'webdataset'}
 _WDS_INFO = ('_info.json', 'info.json')  # what timm's reader_wds reads, in this order
+STREAM_SHUFFLE_SIZE = 4096  # timm's default buffer for hfids/
 _CLASS_MAP_FORMAT = 'a .txt file with one class name per line, or a .pkl {name: index} dict'
 
 
@@ -91,37 +93,56 @@ class TimmImages(Dataset):
 
 class TimmImageStream(IterableDataset):
     """Iterable ``(image, label)`` pairs of a timm dataset (``hfids/``, ``wds/``), relabelled to
-    ``classes`` on the fly. timm's reader shards them by rank and loader worker itself.
+    ``classes`` on the fly; one pass per epoch, each sample once over all processes (``streams``).
+
+    timm's reader runs as if it were alone: one pass over the split, divided only across this
+    process's loader workers (timm's worker split), so every process reads the same streams; each
+    worker's stream is shuffled by a buffer seeded by ``(seed, epoch, worker)`` when ``shuffle_size``
+    is set, and this process keeps its ``rank_share`` of it.
 
     Attributes:
         classes: Class names; labels index them.
         missing_classes: Classes of ``classes`` this split does not declare (only when remapped).
+        num_samples: Samples of an epoch over all processes, as the dataset declares them.
     """
 
     iterable = True
 
     def __init__(self, dataset: IterableDataset, classes: Sequence[str], relabel: _Relabel,
-                 missing_classes: Sequence[str]) -> None:
+                 missing_classes: Sequence[str], shuffle_size: int = 0, seed: int = 0) -> None:
         self.dataset = dataset
         self.classes = list(classes)
         self.relabel = relabel
         self.missing_classes = list(missing_classes)
+        self.num_samples = int(dataset.reader.num_samples)
+        self.shuffle_size = shuffle_size
+        self.seed = seed
+        self.epoch = 0
 
     def __iter__(self) -> Iterator[Tuple[Image.Image, int]]:
-        for img, label in self.dataset:
+        worker = get_worker_info()
+        worker_id = worker.id if worker else 0
+        reader = self.dataset.reader
+        # timm reads the distributed world from torch and splits by it; here it is told it is alone and
+        # set up afresh in this worker (not reused from a copy made in another process)
+        reader.dist_rank, reader.dist_num_replicas = 0, 1
+        reader.ds, reader.worker_info = None, None
+        reader.num_workers = worker.num_workers if worker else 1
+        items: Iterable = iter(self.dataset)
+        if self.shuffle_size:
+            items = buffer_shuffle(items, self.shuffle_size, [self.seed, self.epoch, worker_id])
+        rank, world = process_rank()
+        for img, label in rank_share(items, rank, world):
             yield img, self.relabel(label)
 
     def __len__(self) -> int:
-        """Samples per epoch on this rank, as timm's reader counts them."""
-        return len(self.dataset)
+        """Samples per epoch on this process (within one per loader worker)."""
+        rank, world = process_rank()
+        return max(0, -(-(self.num_samples - rank) // world))
 
     def set_epoch(self, epoch: int) -> None:
-        """Seed this epoch's shuffle (timm's shuffle is ``seed + epoch``, the same in every process)."""
-        self.dataset.set_epoch(epoch)
-
-    def set_loader_cfg(self, num_workers: int) -> None:
-        """Tell timm's reader the loader's worker count before the loader starts, for ``len()``."""
-        self.dataset.set_loader_cfg(num_workers=num_workers)
+        """Seed this epoch's shuffle (the same in every process)."""
+        self.epoch = epoch
 
 
 def build_timm_dataset(
@@ -136,7 +157,6 @@ def build_timm_dataset(
         download: bool = False,
         seed: int = 0,
         is_training: bool = False,
-        batch_size: int = 1,
         classes: Optional[Sequence[str]] = None,
 ) -> Dataset:
     """``(RGB PIL image, label)`` dataset of a timm spec, with ``classes`` and ``missing_classes``.
@@ -151,11 +171,11 @@ def build_timm_dataset(
             names it names its labels.
         input_key: Image column / WebDataset extension(s) (timm's default: 'image', 'jpg;png;webp').
         target_key: Label column (default 'label') / WebDataset json field (default: the .cls file).
-        num_samples: Samples per epoch of an iterable split (default: from the dataset's metadata).
+        num_samples: Samples of an iterable split (default: from the dataset's metadata); an epoch is
+            still one pass over the split, this sizes progress bars and the schedule.
         download: hfids: prepare the dataset in the cache first instead of streaming it.
         seed: Shuffle seed of iterable splits, the same in every process.
-        is_training: Iterable splits: shuffle, and repeat up to ``num_samples`` per epoch.
-        batch_size: Iterable splits in training: per-worker sample counts are rounded up to it.
+        is_training: Iterable splits: shuffle through a buffer of ``STREAM_SHUFFLE_SIZE`` samples.
         classes: The training split's classes: labels become indices into them by name, a class not
             among them raises ``DatasetLayoutError``.
     """
@@ -171,8 +191,9 @@ def build_timm_dataset(
         importlib.import_module(package)
     except ImportError as e:
         raise UserError(f"{prefix} datasets need the {package!r} package: pip install 'ssa-timm[data]'") from e
-    kwargs = dict(split=split, input_key=input_key, target_key=target_key, seed=seed, is_training=is_training,
-                  batch_size=batch_size, num_samples=num_samples, download=download)
+    # timm's reader in evaluation mode: one pass, no repeats (its training mode repeats to a count)
+    kwargs = dict(split=split, input_key=input_key, target_key=target_key, seed=seed, is_training=False,
+                  num_samples=num_samples, download=download)
     if prefix == 'wds/':
         dataset, names, num_classes = _open_wds(spec, rest, data_dir, kwargs)
     else:
@@ -203,7 +224,8 @@ def build_timm_dataset(
         if unknown:
             raise DatasetLayoutError(relabel.unknown(unknown))
     missing = [c for c in classes if c not in set(own)] if remap else []
-    return TimmImageStream(dataset, classes if remap else own, relabel, missing)
+    return TimmImageStream(dataset, classes if remap else own, relabel, missing,
+                           shuffle_size=STREAM_SHUFFLE_SIZE if is_training else 0, seed=seed)
 
 
 def _create(spec: str, prefix: str, name: str, root: Optional[str], kwargs: dict) -> Dataset:

@@ -13,6 +13,8 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
+from .streams import process_rank
+
 __all__ = ['EpochFlip', 'FlipSchedule', 'Transformed', 'TransformedStream', 'eval_transform', 'first_images',
            'model_transform']
 
@@ -76,8 +78,7 @@ class TransformedStream(IterableDataset):
         rng = None
         if self.flip_seed is not None:
             worker = get_worker_info()
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            rng = np.random.default_rng([self.flip_seed, self.epoch, rank, worker.id if worker else 0])
+            rng = np.random.default_rng([self.flip_seed, self.epoch, process_rank()[0], worker.id if worker else 0])
         for img, label in self.dataset:
             x = self.transform(img)
             yield (x.flip(-1) if rng is not None and rng.random() < 0.5 else x), label
