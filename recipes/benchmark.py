@@ -1,6 +1,7 @@
 """Benchmarks for ssa_timm: the SSA layer (SDPA vs the plain reference), a train step of SSANet vs
-its bare body with a GAP + linear head, and a frozen-body training epoch with and without the
-feature cache.
+its bare body with a GAP + linear head, a frozen-body training epoch with and without the feature
+cache, and the training data pipeline (JPEG decode, resize, flip, normalise, collate) by loader
+worker count, next to the images/s of the model's train step.
 
 Cases run interleaved, several repeats each; medians and ratios are reported, as a table on
 stdout and as JSON. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the
@@ -10,6 +11,7 @@ growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
     python recipes/benchmark.py --sections ssa --device cuda
     python recipes/benchmark.py --sections ssa,train --device cuda --amp bf16
     python recipes/benchmark.py --sections cache
+    python recipes/benchmark.py --sections data --data-workers 0,1,2
     python recipes/benchmark.py --sections train --model ssanet_vit_small_patch16_224_plus --img-size 448
 """
 import argparse
@@ -30,7 +32,7 @@ import ssa_timm
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sections', default='ssa,train,cache', help='comma separated: ssa, train, cache')
+    parser.add_argument('--sections', default='ssa,train,cache,data', help='comma separated: ssa, train, cache, data')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none',
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
     parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
+    parser.add_argument('--data-images', type=int, default=128, help='data: JPEG files (500 x 375) to read per epoch')
+    parser.add_argument('--data-workers', default='0,1,2', help='data: comma separated loader worker counts')
+    parser.add_argument('--data-batch', type=int, default=32, help='data: loader batch size')
     parser.add_argument('--out', default='benchmark.json')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = parser.parse_args(argv)
@@ -244,6 +249,71 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
                 uncached_run_s=speed['images']['run_s'], cached_run_s_with_cache_build=speed['cache']['run_s'])
 
 
+class TensorDecoded(torch.utils.data.Dataset):
+    """The same training pipeline with torchvision's decoder on tensors: ``decode_jpeg``, antialiased
+    tensor resize, flip, normalise (the alternative to PIL measured by the data section)."""
+
+    def __init__(self, paths: List[Path], img_size: int, mean, std) -> None:
+        self.paths, self.img_size = paths, img_size
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+        from torchvision.transforms.v2.functional import resize
+        img = decode_jpeg(read_file(str(self.paths[index])), mode=ImageReadMode.RGB)
+        x = resize(img, [self.img_size, self.img_size], antialias=True).float().div_(255)
+        x = (x - self.mean) / self.std
+        return (x.flip(-1) if index % 2 else x), 0
+
+
+def write_jpegs(folder: Path, count: int) -> List[Path]:
+    """``count`` 500 x 375 JPEGs (quality 90, CUB's typical size) of built-in images scaled up, in an
+    ImageFolder layout of two classes."""
+    from PIL import Image
+    from ssa_timm.data import BuiltinFineGrained
+    images = BuiltinFineGrained('train', samples_per_class=-(-count // 10), seed=0)
+    paths = []
+    for i in range(count):
+        path = folder / 'train' / f'class{i % 2}' / f'{i:05d}.jpg'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        images[i][0].resize((500, 375), Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_data(args: argparse.Namespace, device: torch.device, train_images_per_s: float) -> dict:
+    """images/s of the training pipeline of recipes/train.py (PIL decode, timm's squash resize, flip,
+    normalise, collate) and of the torchvision.io one, per loader worker count, interleaved."""
+    import tempfile
+    from torch.utils.data import DataLoader
+    from ssa_timm.data import EpochFlip, Transformed, build_dataset, model_transform
+    model_name = args.model.split(',')[0]
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=2, img_size=args.img_size)
+    transform, _ = model_transform(model, args.img_size)
+    cfg = model.pretrained_cfg
+    workers = [int(w) for w in args.data_workers.split(',')]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), args.data_images)
+        datasets = {'pil': EpochFlip(Transformed(build_dataset('imagefolder', 'train', tmp), transform), seed=0),
+                    'tensor': TensorDecoded(paths, args.img_size, cfg['mean'], cfg['std'])}
+
+        def epoch(name: str, w: int) -> Callable[[], None]:
+            loader = DataLoader(datasets[name], batch_size=args.data_batch, num_workers=w, shuffle=True,
+                                persistent_workers=w > 0)  # steady state: the warm-up epoch starts the workers
+            return lambda: sum(len(labels) for _, labels in loader)
+        cases = {f'{name}_{w}': epoch(name, w) for w in workers for name in datasets}
+        times = run_interleaved(cases, args.repeats, torch.device('cpu'))
+    rows = [dict(workers=w, **{f'{name}_images_per_s': args.data_images / statistics.median(times[f'{name}_{w}'])
+                               for name in datasets}) for w in workers]
+    one_worker = next((r['pil_images_per_s'] for r in rows if r['workers'] == 1), rows[0]['pil_images_per_s'])
+    return dict(model=model_name, img_size=args.img_size, images=args.data_images, batch=args.data_batch,
+                rows=rows, train_images_per_s=train_images_per_s,
+                workers_needed=train_images_per_s / one_worker)
+
+
 def machine(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
@@ -286,6 +356,17 @@ def main(argv=None) -> dict:
         print(f'| cached body maps | {c["cached_images_per_s"]:.1f} |')
         print(f'epoch speed-up: {c["epoch_speedup"]:.0f}x (whole run incl. building the cache: '
               f'{c["cached_run_s_with_cache_build"]:.0f} s vs {c["uncached_run_s"]:.0f} s)')
+    if 'data' in sections:
+        train = result['train'][0] if 'train' in sections else bench_train(args, device, args.model.split(',')[0])
+        d = result['data'] = bench_data(args, device, args.batch_size / train['ssanet_s'])
+        print(f'\nTraining data pipeline, {d["images"]} JPEGs of 500 x 375 to {d["img_size"]} px, batch {d["batch"]}, '
+              f'images/s (median of {args.repeats} epochs)')
+        print('| loader workers | PIL (train.py) | torchvision.io.decode_jpeg | ratio |\n|---|---|---|---|')
+        for r in d['rows']:
+            print(f'| {r["workers"]} | {r["pil_images_per_s"]:.1f} | {r["tensor_images_per_s"]:.1f} | '
+                  f'{r["tensor_images_per_s"] / r["pil_images_per_s"]:.2f}x |')
+        print(f'{d["model"]} train step ({result["device"]}, batch {args.batch_size}): '
+              f'{d["train_images_per_s"]:.1f} images/s, i.e. {d["workers_needed"]:.2f} loader workers\' worth')
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
     return result

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from ssa_timm.cli import at_least
+from ssa_timm.cli import at_least, torch_device
 from ssa_timm.data import IMAGE_SUFFIXES, CorruptImageError, find_images, load_image, model_transform
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--top-k', type=at_least(1), default=5, help='classes per image (at most the model has)')
     p.add_argument('--batch-size', type=at_least(1), default=16)
     p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', type=torch_device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--format', choices=('table', 'json', 'csv'), default='table')
     p.add_argument('--output', default=None, help='write here instead of stdout')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')

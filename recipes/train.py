@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ssa_timm import SelfADLoss, SSANet
 from ssa_timm.cli import (
-    add_timm_dataset_args, at_least, dataset_split, fraction, non_negative_float, positive_float, timm_dataset_options)
+    add_timm_dataset_args, at_least, dataset_split, fraction, non_negative_float, positive_float, timm_dataset_options,
+    trackers)
 from ssa_timm.data import (
     EpochFlip, Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform)
 from ssa_timm.data.streams import batches_on_every_process, epoch_samples, is_stream
@@ -182,7 +183,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--keep-checkpoints', type=at_least(1), default=2)
     p.add_argument('--checkpoint-steps', type=at_least(1), default=None, help='also checkpoint every N optimizer steps')
     p.add_argument('--resume', default=None, help="'latest' or a checkpoint folder")
-    p.add_argument('--log-with', default=None, help='accelerate tracker: tensorboard, wandb, ...')
+    p.add_argument('--log-with', type=trackers, default=None, help='accelerate trackers, comma separated: tensorboard, wandb, ...')
     p.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
 
@@ -711,7 +712,8 @@ def training_function(args: argparse.Namespace) -> Dict:
         set_seed(args.seed)
         run = setup(args, accelerator)
         if args.log_with:
-            accelerator.init_trackers('ssanet', config={k: v for k, v in vars(args).items() if v is not None})
+            accelerator.init_trackers('ssanet', config={k: ','.join(v) if isinstance(v, list) else v
+                                                        for k, v in vars(args).items() if v is not None})
         if args.resume:
             resume(run)
         print(f'process {accelerator.process_index}/{accelerator.num_processes} on {accelerator.device}: '

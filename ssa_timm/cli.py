@@ -1,12 +1,14 @@
 """Argument types the recipes share: numbers checked at parse time, so a bad value is an argparse
 error (exit status 2) that names the flag before any data or model is loaded."""
 import argparse
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
+
+import torch
 
 from .data import is_timm_spec
 
 __all__ = ['add_timm_dataset_args', 'at_least', 'dataset_split', 'fraction', 'non_negative_float', 'positive_float',
-           'timm_dataset_options']
+           'timm_dataset_options', 'torch_device', 'trackers']
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -21,6 +23,37 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
     parse.__name__ = f'integer >= {minimum}'
     return parse
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has: 'cpu', 'cuda', 'cuda:1', 'mps', ..."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f'expected a torch device such as cpu or cuda:0, got {text!r}') from e
+    if device.type == 'cuda':
+        count = torch.cuda.device_count()
+        if not torch.cuda.is_available() or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f'{text}: this machine has {count} CUDA device(s)')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f'{text}: MPS is not available on this machine')
+    return text
+
+
+def trackers(text: str) -> List[str]:
+    """Comma separated accelerate trackers ('tensorboard', 'wandb', ..., 'all') whose packages are installed
+    (accelerate would otherwise drop a missing one with only a debug log line)."""
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+    known = [t.value for t in LoggerType]
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    for name in names:
+        if name not in known:
+            raise argparse.ArgumentTypeError(f'{name!r} is not an accelerate tracker; expected one of {", ".join(known)}')
+        available = getattr(accelerate.utils, f'is_{name}_available', None)
+        if available is not None and not available():
+            raise argparse.ArgumentTypeError(f'{name}: its package is not installed (pip install {name})')
+    return names
 
 
 def _float(text: str) -> float:

@@ -286,6 +286,27 @@ def test_train_arguments_checked_at_parse_time(flag, value, capsys):
     assert exit_info.value.code == 2 and f'argument {flag}:' in capsys.readouterr().err
 
 
+def test_trackers_devices_and_body_index_checked_at_parse_time(monkeypatch, capsys):
+    import accelerate.utils
+    sys.path.insert(0, str(ROOT / 'recipes'))
+    import predict
+    import train as recipe
+
+    def refused(parse, argv, message):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+    refused(recipe.parse_args, [*TINY_TRAIN, '--log-with', 'nosuch'], "'nosuch' is not an accelerate tracker")
+    monkeypatch.setattr(accelerate.utils, 'is_wandb_available', lambda: False)
+    refused(recipe.parse_args, [*TINY_TRAIN, '--log-with', 'wandb'], 'wandb: its package is not installed')
+    monkeypatch.setattr(accelerate.utils, 'is_wandb_available', lambda: True)
+    assert recipe.parse_args([*TINY_TRAIN, '--log-with', 'wandb']).log_with == ['wandb']
+    refused(recipe.parse_args, [*TINY_TRAIN, '--body-feature-index', '9'], 'body_feature_index must be in [-5, 5)')
+    refused(predict.parse_args, ['x.jpg', '--model', 'm', '--device', 'cuda:64'], 'CUDA device(s)')
+    refused(predict.parse_args, ['x.jpg', '--model', 'm', '--device', 'gpu0'], 'expected a torch device')
+
+
 def test_parse_errors_are_one_line_without_traceback(tmp_path):
     assert_user_error(train(*TINY_TRAIN, '--batch-size', '0', '--output-dir', str(tmp_path)),
                       'argument --batch-size: must be at least 2', code=2)
