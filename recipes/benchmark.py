@@ -366,7 +366,7 @@ def main(argv=None) -> dict:
             print(f'| {r["workers"]} | {r["pil_images_per_s"]:.1f} | {r["tensor_images_per_s"]:.1f} | '
                   f'{r["tensor_images_per_s"] / r["pil_images_per_s"]:.2f}x |')
         print(f'{d["model"]} train step ({result["device"]}, batch {args.batch_size}): '
-              f'{d["train_images_per_s"]:.1f} images/s, i.e. {d["workers_needed"]:.2f} loader workers\' worth')
+              f'{d["train_images_per_s"]:.3g} images/s, i.e. {d["workers_needed"]:.3g} loader workers\' worth')
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
     return result
