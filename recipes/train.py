@@ -267,10 +267,14 @@ def build_data(args: argparse.Namespace):
     val = build_dataset(args.dataset, dataset_split(args, False), args.data_dir, args.crop_bbox, seed=args.seed,
                         samples_per_class=args.builtin_val_per_class, classes=train.classes,
                         **timm_dataset_options(args, False))
-    if len(train) == 0 or len(val) == 0:
-        raise UserError(f'the {args.dataset} dataset has {len(train)} training and {len(val)} validation images')
+    counts = epoch_samples(train), epoch_samples(val)  # over all processes: every process decides alike
+    if 0 in counts:
+        raise UserError(f'the {args.dataset} dataset has {counts[0]} training and {counts[1]} validation images')
     if is_stream(train) and args.cache_features:
         raise UserError(f'--cache-features needs a map-style dataset; {args.dataset} is streamed (use hfds/)')
+    if is_stream(train) and args.checkpoint_steps:
+        raise UserError(f'--checkpoint-steps saves in the middle of an epoch, which a streamed dataset ({args.dataset}) '
+                        'cannot resume from; checkpoints are saved at each epoch\'s end')
     return train, val
 
 
@@ -437,7 +441,10 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         run.train_loader.set_epoch(epoch)
         skip = progress.step_in_epoch * args.grad_accum
         loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-    steps_per_epoch = math.ceil(len(run.train_loader) / args.grad_accum)
+    if is_stream(run.train_data):  # the same on every process: the smallest share, in whole accumulation windows
+        steps_per_epoch = run.train_data.num_samples // accelerator.num_processes // args.batch_size // args.grad_accum
+    else:
+        steps_per_epoch = math.ceil(len(run.train_loader) / args.grad_accum)
     loss_sum = torch.zeros((), device=accelerator.device)
     bad_step = torch.full((), -1, device=accelerator.device)  # first non-finite step (1-based), no host sync
     counts = dict(loss_count=0, images=0, start=time.perf_counter())

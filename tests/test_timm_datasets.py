@@ -248,10 +248,13 @@ def test_train_and_evaluate_through_timm_specs(data, tmp_path, kind):
     assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])
 
 
-def test_streams_refuse_feature_caching(data, tmp_path):
+def test_streams_refuse_what_they_cannot_resume(data, tmp_path):
     proc = run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-backbone', '--cache-features',
                       '--output-dir', str(tmp_path / 'b'), env=OFFLINE, check=False)
     assert proc.returncode == 1 and '--cache-features needs a map-style dataset' in proc.stderr
+    proc = run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, 'hfids'), '--checkpoint-steps', '2',
+                      '--output-dir', str(tmp_path / 'c'), env=OFFLINE, check=False)
+    assert proc.returncode == 1 and 'a streamed dataset (hfids/' in proc.stderr
 
 
 def _id_rows(count: int, first: int) -> Rows:
@@ -288,14 +291,20 @@ def test_two_processes_see_each_sample_once(tmp_path):
             assert len(batches[0]) == 4 and set(seen) < train_ids, key
 
 
-def test_two_process_training_and_evaluation_on_a_stream(data, tmp_path):
+def test_two_process_training_and_evaluation_on_a_stream(tmp_path):
+    # 23 training images: 12 on one process (3 batches of 4), 11 on the other (2 batches): both take 2
+    # steps an epoch, and a --max-steps at the end of the second epoch ends it on both
+    wds = _write_wds(tmp_path / 'wds', {'train': _id_rows(23, 0), 'validation': _id_rows(9, 100)},
+                     {'name': 'odd', 'classes': CLASSES}, shards=3)
     out = tmp_path / 'run'
-    run_recipe('train.py', '--cpu', *TRAIN_ARGS, *spec_args(data, 'wds'), '--output-dir', str(out), env=OFFLINE,
+    args = [*TRAIN_ARGS[:-2], '--dataset', f'wds/{wds}']
+    run_recipe('train.py', '--cpu', *args, '--epochs', '3', '--max-steps', '4', '--output-dir', str(out), env=OFFLINE,
                launcher=TWO_CPU_PROCESSES)
-    line = json.loads((out / 'metrics.jsonl').read_text())
-    assert line['val']['count'] == 9 and line['step'] == 3  # 12 images of 24 per process, batches of 4
+    lines = [json.loads(text) for text in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [(line['epoch'], line['step'], line['val']['count']) for line in lines] == [(0, 2, 9), (1, 4, 9)]
+    line = max(lines, key=lambda line: line['val']['output']['top1'])
     report = tmp_path / 'eval.json'
-    run_recipe('evaluate.py', '--cpu', '--model', str(out / 'best'), *spec_args(data, 'wds'), '--workers', '0',
+    run_recipe('evaluate.py', '--cpu', '--model', str(out / 'best'), '--dataset', f'wds/{wds}', '--workers', '0',
                '--output', str(report), env=OFFLINE, launcher=TWO_CPU_PROCESSES)
     evaluated = json.loads(report.read_text())
     assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])

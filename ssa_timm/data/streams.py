@@ -7,8 +7,9 @@ the reader splits the stream only across the loader workers of a process (timm's
 one pass, the same in every process), ``rank_share`` keeps every ``world``-th sample of each worker's
 stream for this process, and ``batches_on_every_process`` stops every process at the first step at
 which one of them has no full batch left. Per-process counts differ by at most one sample per
-loader worker, so what is dropped is less than a batch per process and worker: what ``drop_last``
-drops. The price is that every process decodes the whole stream and keeps its share of it.
+loader worker, so what is dropped is less than a batch per process and worker (what ``drop_last``
+drops), plus, with gradient accumulation over k batches, an unfinished window of up to k - 1
+batches per process. The price is that every process decodes the whole stream and keeps its share.
 """
 import random
 from itertools import islice

@@ -6,9 +6,11 @@ Each yields ``(RGB PIL image, label)`` and has ``classes``, named by the dataset
 ``ClassLabel`` of the target column, the ``classes`` of a WebDataset ``_info.json``) or by a timm
 class map file. Given the training split's ``classes``, labels are remapped to them by name.
 """
+import dataclasses
 import importlib
 import os
 import pickle
+import random
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
@@ -96,9 +98,10 @@ class TimmImageStream(IterableDataset):
     ``classes`` on the fly; one pass per epoch, each sample once over all processes (``streams``).
 
     timm's reader runs as if it were alone: one pass over the split, divided only across this
-    process's loader workers (timm's worker split), so every process reads the same streams; each
-    worker's stream is shuffled by a buffer seeded by ``(seed, epoch, worker)`` when ``shuffle_size``
-    is set, and this process keeps its ``rank_share`` of it.
+    process's loader workers (timm's worker split), so every process reads the same streams. With
+    ``shuffle_size`` set, the shard order is shuffled by ``(seed, epoch)`` before that split and each
+    worker's stream by a buffer seeded by ``(seed, epoch, worker)``, the same in every process; this
+    process keeps its ``rank_share`` of it.
 
     Attributes:
         classes: Class names; labels index them.
@@ -115,6 +118,8 @@ class TimmImageStream(IterableDataset):
         self.relabel = relabel
         self.missing_classes = list(missing_classes)
         self.num_samples = int(dataset.reader.num_samples)
+        split_info = getattr(dataset.reader, 'split_info', None)  # wds: the shards the reader starts from
+        self.shards = tuple(split_info.filenames) if split_info is not None else None
         self.shuffle_size = shuffle_size
         self.seed = seed
         self.epoch = 0
@@ -128,12 +133,26 @@ class TimmImageStream(IterableDataset):
         reader.dist_rank, reader.dist_num_replicas = 0, 1
         reader.ds, reader.worker_info = None, None
         reader.num_workers = worker.num_workers if worker else 1
+        if self.shuffle_size:
+            self._shuffle_shards(reader, random.Random(repr([self.seed, self.epoch])).randrange(2 ** 32))
         items: Iterable = iter(self.dataset)
         if self.shuffle_size:
             items = buffer_shuffle(items, self.shuffle_size, [self.seed, self.epoch, worker_id])
         rank, world = process_rank()
         for img, label in rank_share(items, rank, world):
             yield img, self.relabel(label)
+
+    def _shuffle_shards(self, reader, seed: int) -> None:
+        """Put the split's shards in an order drawn from ``seed`` before the reader divides them among
+        loader workers: a WebDataset shard list, or the data files of a Hugging Face dataset (which
+        ``datasets`` shuffles, with a buffer of one sample, i.e. no sample shuffle of its own)."""
+        if self.shards is not None:
+            order = list(self.shards)
+            random.Random(seed).shuffle(order)
+            reader.split_info = dataclasses.replace(reader.split_info, filenames=tuple(order))
+        else:
+            reader._lazy_init()  # timm builds the datasets IterableDataset here; reused by its __iter__
+            reader.ds = reader.ds.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
 
     def __len__(self) -> int:
         """Samples per epoch on this process (within one per loader worker)."""

@@ -74,6 +74,11 @@ class TransformedStream(IterableDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def num_samples(self) -> int:
+        """Samples of an epoch over all processes."""
+        return self.dataset.num_samples
+
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, int]]:
         rng = None
         if self.flip_seed is not None:
