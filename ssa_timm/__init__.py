@@ -8,7 +8,7 @@ from .layers import AGGREGATIONS, BottleneckHead, SpatialSelfAttention, SSAHead
 from .loss import SelfADLoss
 from .models import SSANet, create_ssanet, create_ssanet_by_name, parse_ssanet_name
 
-__version__ = '0.3.0'
+__version__ = '0.4.0'
 
 __all__ = [
     'AGGREGATIONS', 'BottleneckHead', 'SSAHead', 'SSAHeads', 'SSANet', 'SelfADLoss', 'SpatialSelfAttention',
