@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import ssa_timm
+from ssa_timm.cli import at_least, comma_separated
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
     parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
-    parser.add_argument('--data-images', type=int, default=128, help='data: JPEG files (500 x 375) to read per epoch')
-    parser.add_argument('--data-workers', default='0,1,2', help='data: comma separated loader worker counts')
-    parser.add_argument('--data-batch', type=int, default=32, help='data: loader batch size')
+    parser.add_argument('--data-images', type=at_least(1), default=128,
+                        help='data: JPEG files (500 x 375) to read per epoch')
+    parser.add_argument('--data-workers', type=comma_separated(at_least(0)), default=[0, 1, 2],
+                        help='data: comma separated loader worker counts')
+    parser.add_argument('--data-batch', type=at_least(1), default=32, help='data: loader batch size')
     parser.add_argument('--out', default='benchmark.json')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = parser.parse_args(argv)
@@ -294,7 +297,7 @@ def bench_data(args: argparse.Namespace, device: torch.device, train_images_per_
     model = ssa_timm.create_ssanet_by_name(model_name, num_classes=2, img_size=args.img_size)
     transform, _ = model_transform(model, args.img_size)
     cfg = model.pretrained_cfg
-    workers = [int(w) for w in args.data_workers.split(',')]
+    workers = args.data_workers
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.data_images)
         datasets = {'pil': EpochFlip(Transformed(build_dataset('imagefolder', 'train', tmp), transform), seed=0),

@@ -437,13 +437,12 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     run.train_data.set_epoch(epoch)
     if is_stream(run.train_data):
         loader = batches_on_every_process(run.train_loader, accelerator, args.grad_accum)
+        # the same on every process: the smallest share, in whole accumulation windows
+        steps_per_epoch = run.train_data.num_samples // accelerator.num_processes // args.batch_size // args.grad_accum
     else:
         run.train_loader.set_epoch(epoch)
         skip = progress.step_in_epoch * args.grad_accum
         loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-    if is_stream(run.train_data):  # the same on every process: the smallest share, in whole accumulation windows
-        steps_per_epoch = run.train_data.num_samples // accelerator.num_processes // args.batch_size // args.grad_accum
-    else:
         steps_per_epoch = math.ceil(len(run.train_loader) / args.grad_accum)
     loss_sum = torch.zeros((), device=accelerator.device)
     bad_step = torch.full((), -1, device=accelerator.device)  # first non-finite step (1-based), no host sync

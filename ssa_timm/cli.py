@@ -8,7 +8,7 @@ import torch
 from .data import is_timm_spec
 
 __all__ = ['add_timm_dataset_args', 'at_least', 'dataset_split', 'fraction', 'non_negative_float', 'positive_float',
-           'timm_dataset_options', 'torch_device', 'trackers']
+           'comma_separated', 'timm_dataset_options', 'torch_device', 'trackers']
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -22,6 +22,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
         return value
     parse.__name__ = f'integer >= {minimum}'
+    return parse
+
+
+def comma_separated(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
+    """An argument type for a non-empty comma separated list, each item parsed by ``item``."""
+    def parse(text: str) -> List[Any]:
+        items = [part.strip() for part in text.split(',')]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f'expected a comma separated list without empty items, got {text!r}')
+        return [item(part) for part in items]
+    parse.__name__ = f'comma separated {getattr(item, "__name__", "values")}'
     return parse
 
 

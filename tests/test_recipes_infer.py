@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from fixtures import run_recipe
+from fixtures import ROOT, run_recipe
 from ssa_timm.data import BuiltinFineGrained
 
 
@@ -113,3 +114,17 @@ def test_export_registered_name_random_weights(tmp_path):
 def test_benchmark_refuses_bad_model_names_at_parse_time():
     proc = run_recipe('benchmark.py', '--sections', 'train', '--model', 'ssanet_vgg16_plus,', check=False)
     assert proc.returncode == 2 and "--model: expected a name 'ssanet_<timm body>_<aggregation>'" in proc.stderr
+
+
+@pytest.mark.parametrize('flag,value,message', [('--data-images', '0', 'must be at least 1'),
+                                                ('--data-batch', '-3', 'must be at least 1'),
+                                                ('--data-workers', '0,,2', 'without empty items'),
+                                                ('--data-workers', '1,-1', 'must be at least 0'),
+                                                ('--data-workers', 'two', 'expected an integer')])
+def test_benchmark_data_flags_checked_at_parse_time(flag, value, message, capsys):
+    sys.path.insert(0, str(ROOT / 'recipes'))
+    import benchmark
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--sections', 'data', flag, value])
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 2 and f'argument {flag}:' in last_line and message in last_line

@@ -77,7 +77,6 @@ def batches_on_every_process(loader: Iterable, accelerator, group: int = 1) -> I
         yield from window
 
 
-
 def epoch_samples(dataset) -> int:
     """Samples of an epoch over all processes: a stream's declared count, a map-style dataset's length."""
     return dataset.num_samples if is_stream(dataset) else len(dataset)
