@@ -1,9 +1,11 @@
 """Test helpers: running the recipes in subprocesses, and tiny on-disk fixtures in the real layouts
 of CUB-200-2011, Stanford Dogs, Stanford Cars and ImageFolder."""
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -32,6 +34,29 @@ def run_python(*args: str, env=None, check: bool = True, launcher=(sys.executabl
 def run_recipe(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run ``recipes/<script>`` with ``args`` (see ``run_python``)."""
     return run_python(str(ROOT / 'recipes' / script), *args, **kwargs)
+
+
+def recipe(name: str) -> ModuleType:
+    """``recipes/<name>.py`` imported as a module (once per process), for in-process calls of its ``main(argv)``."""
+    module_name = f'recipe_{name}'
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / 'recipes' / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def run_main(name: str, *argv: str) -> int:
+    """Call ``recipes/<name>.py``'s ``main(argv)`` in this process as its ``__main__`` does: 0, argparse's
+    exit status (2), or 1 for a user error, whose ``error: ...`` line goes to stderr (read it with capsys)."""
+    from ssa_timm.errors import exit_on_user_error
+    module = recipe(name)
+    try:
+        exit_on_user_error(lambda: module.main(list(argv)))
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def write_image(path: Path, seed: int, size=(40, 30)) -> None:
