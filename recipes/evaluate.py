@@ -8,24 +8,27 @@ or many processes (``gather_for_metrics``).
         --dataset cub --data-dir /data/CUB_200_2011 --output cub_eval.json
 
 The validation labels follow the model's class names (``label_names`` of an export): a class the
-model does not know is an error, classes without validation images are reported.
+model does not know is an error, classes without validation images are reported. ``--output`` is
+checked before the work: writable, not inside the model's folder; a failed write is one line.
 """
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Dict
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_split, timm_dataset_options
-from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_name, first_images, model_transform
+from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_name, dataset_split, timm_dataset_options
+from ssa_timm.data import Transformed, TransformedStream, build_dataset, first_images, model_transform
 from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import label_names, load_model
+from ssa_timm.hub import check_img_size, label_names, load_model, model_folder
 from ssa_timm.metrics import evaluate_heads
-from ssa_timm.run_dir import atomic_write_text, check_output_file
+from ssa_timm.run_dir import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--crop-bbox', action='store_true')
     p.add_argument('--builtin-val-per-class', type=at_least(1), default=50)
     p.add_argument('--seed', type=int, default=0, help='builtin: dataset seed')
-    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
+    p.add_argument('--img-size', type=at_least(1), default=None,
+                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
     p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
     p.add_argument('--workers', type=at_least(0), default=2)
     p.add_argument('--tta', choices=('none', 'flip'), default='none', help='also report with mirrored images averaged in')
@@ -63,9 +67,25 @@ def validation_images(args: argparse.Namespace, model):
     return images
 
 
+def write_report(path: Path, report: Dict) -> None:
+    """``report`` as JSON at ``path``, through a temporary sibling and a rename; a failed write is a
+    ``UserError`` naming the file and leaves no temporary file."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f'cannot write --output {path}: {e.strerror or e}') from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    output = check_output_file(args.output, '--output')
+    if args.img_size is not None:
+        check_img_size(args.img_size, '--img-size')
+    folder = model_folder(args.model)
+    output = check_output_path(args.output, '--output', model_folders=[folder] if folder else [])
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     model = load_model(args.model)
     images = validation_images(args, model)
@@ -92,10 +112,16 @@ def main(argv=None) -> Dict:
     accelerator.print(f'{args.model} on {args.dataset} ({report["count"]} images): top-1 '
                       f'{report["output"]["top1"]:.2f}%, top-5 {report["output"]["top5"]:.2f}% ({summary})' +
                       (f'; with flips: top-1 {report["tta"]["output"]["top1"]:.2f}%' if 'tta' in report else ''))
+    failed = None
     if output and accelerator.is_main_process:
-        atomic_write_text(output, json.dumps(report, indent=1))
+        try:
+            write_report(output, report)
+        except UserError as e:  # raised once every process has reached the end
+            failed = e
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears the process group down before exit
+    if failed is not None:
+        raise failed
     return report
 
 

@@ -5,10 +5,10 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from .data import is_timm_spec
+from .data import DATASETS, TIMM_PREFIXES, is_timm_spec
 
 __all__ = ['add_timm_dataset_args', 'at_least', 'dataset_split', 'fraction', 'non_negative_float', 'positive_float',
-           'comma_separated', 'timm_dataset_options', 'torch_device', 'trackers']
+           'comma_separated', 'dataset_name', 'timm_dataset_options', 'torch_device', 'trackers']
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -34,6 +34,14 @@ def comma_separated(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
         return [item(part) for part in items]
     parse.__name__ = f'comma separated {getattr(item, "__name__", "values")}'
     return parse
+
+
+def dataset_name(text: str) -> str:
+    """A ``--dataset`` value: one of ``ssa_timm.data.DATASETS`` or a timm spec (``hfds/...``, ``hfids/...``, ``wds/...``)."""
+    if text in DATASETS or is_timm_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(f'expected one of {", ".join(DATASETS)} or a timm dataset spec '
+                                     f'({", ".join(p + "..." for p in TIMM_PREFIXES[:3])}), got {text!r}')
 
 
 def torch_device(text: str) -> str:

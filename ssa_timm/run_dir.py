@@ -3,24 +3,31 @@ second concurrent run, and written so that a kill at any moment leaves the previ
 
 A folder holds a run when it has ``checkpoints/``, ``best/`` or ``metrics.jsonl``. A new run
 refuses such a folder unless it resumes it or is told to overwrite it. ``.lock`` names the process
-that owns the folder; a lock whose process is gone (same host) is stale and taken over.
+that owns the folder (pid and host) and carries a heartbeat, its modification time, refreshed every
+``HEARTBEAT_SECONDS`` while the run lives. A lock is stale, and taken over, when its process is gone
+(same host) or its heartbeat is older than ``STALE_AFTER_SECONDS`` (any host: a run killed on
+another machine of a cluster, then requeued here).
 """
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .errors import UserError
 
-__all__ = ['RUN_FILES', 'RunLock', 'atomic_dir', 'atomic_write_text', 'check_output_file', 'ensure_writable_dir',
+__all__ = ['HEARTBEAT_SECONDS', 'RUN_FILES', 'RunLock', 'STALE_AFTER_SECONDS', 'atomic_dir', 'atomic_write_text', 'check_output_file', 'ensure_writable_dir',
            'restore_interrupted', 'run_files']
 
 RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
 LOCK_NAME = '.lock'
+HEARTBEAT_SECONDS = 60.0
+STALE_AFTER_SECONDS = 300.0
 
 
 def ensure_writable_dir(path: Path, what: str = 'output folder') -> Path:
@@ -106,45 +113,82 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive ownership of an output folder by one process (``<folder>/.lock``, JSON: pid, host)."""
+    """Exclusive ownership of an output folder by one process (``<folder>/.lock``, JSON: pid, host),
+    kept alive by a heartbeat thread that touches the lock while it is held.
 
-    def __init__(self, folder: Path) -> None:
+    Args:
+        folder: The folder to own.
+        heartbeat: Seconds between two refreshes of the lock's modification time.
+        stale_after: A lock whose heartbeat is older than this many seconds is stale.
+    """
+
+    def __init__(self, folder: Path, heartbeat: float = HEARTBEAT_SECONDS, stale_after: float = STALE_AFTER_SECONDS) -> None:
         self.path = folder / LOCK_NAME
+        self.heartbeat = heartbeat
+        self.stale_after = stale_after
         self.held = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
 
     def acquire(self) -> 'RunLock':
         """Take the lock, taking over a stale one; a live owner raises ``UserError``."""
         me = {'pid': os.getpid(), 'host': socket.gethostname()}
         tmp = self.path.with_name(f'{LOCK_NAME}.{os.getpid()}')
-        tmp.write_text(json.dumps(me))
         try:
+            tmp.write_text(json.dumps(me))
             for _ in range(2):
                 try:
                     os.link(tmp, self.path)  # atomic: the lock appears with its content
                 except FileExistsError:
-                    owner = self._owner()
-                    if owner is not None and (owner.get('host') != me['host'] or _process_alive(int(owner['pid']))):
-                        raise UserError(
-                            f'{self.path.parent} is in use by another run (pid {owner.get("pid")} on '
-                            f'{owner.get("host")}); wait for it or use another --output-dir '
-                            f'(delete {self.path} only if no run is using the folder)')
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    self._refuse_live_owner(me['host'])
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone or its heartbeat stopped
                     continue
                 self.held = True
+                self._start_heartbeat()
                 return self
+        except OSError as e:
+            raise UserError(f'cannot write the lock {self.path}: {e.strerror or e}') from e
         finally:
             tmp.unlink(missing_ok=True)
         raise UserError(f'could not take the lock {self.path}')
 
-    def _owner(self) -> Optional[dict]:
+    def _refuse_live_owner(self, host: str) -> None:
+        owner, age = self._owner()
+        if owner is None or age > self.stale_after:
+            return
+        if owner.get('host') == host and not _process_alive(int(owner['pid'])):
+            return
+        raise UserError(
+            f'{self.path.parent} is in use by another run (pid {owner.get("pid")} on {owner.get("host")}, heartbeat '
+            f'{age:.0f} s ago); wait for it, or use another --output-dir (a lock whose heartbeat is older than '
+            f'{self.stale_after:.0f} s is taken over)')
+
+    def _owner(self) -> Tuple[Optional[dict], float]:
+        """The lock's content and the age of its heartbeat (None for an unreadable lock: stale)."""
         try:
+            age = time.time() - self.path.stat().st_mtime
             owner = json.loads(self.path.read_text())
             int(owner['pid'])
-            return owner
+            return owner, age
         except (OSError, ValueError, KeyError, TypeError):
-            return None  # unreadable lock: treated as stale
+            return None, 0.0
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name='run-lock-heartbeat', daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                os.utime(self.path)
+            except OSError:  # a full or unmounted disk: the run itself reports its write errors
+                pass
 
     def release(self) -> None:
         if self.held:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
             self.path.unlink(missing_ok=True)
             self.held = False

@@ -87,7 +87,7 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 
 def test_dataset_arguments():
-    with pytest.raises(ValueError, match='--data-dir is required'):
+    with pytest.raises(ValueError, match='needs its data folder'):
         build_dataset('cub', 'train')
     with pytest.raises(ValueError, match='dataset must be one of'):
         build_dataset('inat', 'train', '/x')

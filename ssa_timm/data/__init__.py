@@ -1,31 +1,24 @@
 """Datasets and transforms for fine-grained recognition (paper section 4.1)."""
-import argparse
 from typing import Any, Optional, Sequence
 
 from torch.utils.data import Dataset
 
 from .builtin import BuiltinFineGrained
-from .images import IMAGE_SUFFIXES, CorruptImageError, find_images, load_image
+from .images import (
+    BACKGROUND, IMAGE_SUFFIXES, CorruptImageError, ImageTooLargeError, find_images, load_image, max_image_pixels, to_rgb)
 from .readers import (
     DatasetLayoutError, LabeledImages, align_classes, read_cars, read_cub, read_dogs, read_image_folder)
 from .timm_datasets import TIMM_PREFIXES, build_timm_dataset, is_timm_spec
 from .transforms import EpochFlip, FlipSchedule, Transformed, TransformedStream, eval_transform, first_images, model_transform
 
 __all__ = [
-    'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES',
-    'LabeledImages', 'TIMM_PREFIXES', 'Transformed', 'TransformedStream', 'build_dataset', 'dataset_name',
-    'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image', 'model_transform',
+    'BACKGROUND', 'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'FlipSchedule',
+    'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages', 'TIMM_PREFIXES', 'Transformed', 'TransformedStream',
+    'build_dataset', 'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image',
+    'max_image_pixels', 'model_transform', 'to_rgb',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
-
-
-def dataset_name(text: str) -> str:
-    """A ``--dataset`` value: one of ``DATASETS`` or a timm spec (``hfds/...``, ``hfids/...``, ``wds/...``)."""
-    if text in DATASETS or is_timm_spec(text):
-        return text
-    raise argparse.ArgumentTypeError(f'expected one of {", ".join(DATASETS)} or a timm dataset spec '
-                                     f'({", ".join(p + "..." for p in TIMM_PREFIXES[:3])}), got {text!r}')
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
@@ -68,9 +61,9 @@ def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed:
     if name not in DATASETS:
         raise DatasetLayoutError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:
-        raise DatasetLayoutError(f'--data-dir is required for dataset {name!r}')
+        raise DatasetLayoutError(f'dataset {name!r} needs its data folder (data_dir), none was given')
     if name == 'cub':
         return read_cub(data_dir, split, crop_bbox=crop_bbox)
     if crop_bbox:
-        raise DatasetLayoutError('--crop-bbox is only available for cub')
+        raise DatasetLayoutError(f'cropping to bounding boxes (crop_bbox) is only available for cub, not {name}')
     return {'dogs': read_dogs, 'cars': read_cars, 'imagefolder': read_image_folder}[name](data_dir, split)

@@ -1,0 +1,132 @@
+"""The parts a training run is made of, from its ``RunConfig``: datasets, the model and its starting
+weights, the training and validation data (images, or cached body maps) and their loaders."""
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import EpochFlip, Transformed, TransformedStream, build_dataset, model_transform
+from ..data.streams import epoch_samples, is_stream
+from ..errors import UserError, one_line
+from ..feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
+from ..hub import load_model
+from .config import RunConfig
+
+__all__ = ['build_datasets', 'build_loaders', 'build_model', 'build_training_data', 'load_initial_checkpoint',
+           'set_up_model']
+
+
+def build_datasets(config: RunConfig) -> Tuple[Dataset, Dataset]:
+    """Training and validation images; validation labels are indices into the training classes."""
+    train = build_dataset(config.dataset, **config.dataset_options(training=True))
+    val = build_dataset(config.dataset, classes=train.classes, **config.dataset_options(training=False))
+    counts = epoch_samples(train), epoch_samples(val)  # over all processes: every process decides alike
+    if 0 in counts:
+        raise UserError(f'the {config.dataset} dataset has {counts[0]} training and {counts[1]} validation images')
+    if is_stream(train) and config.cache_features:
+        raise UserError(f'--cache-features needs a map-style dataset; {config.dataset} is streamed (use hfds/)')
+    if is_stream(train) and config.checkpoint_steps:
+        raise UserError(f'--checkpoint-steps saves in the middle of an epoch, which a streamed dataset '
+                        f'({config.dataset}) cannot resume from; checkpoints are saved at each epoch\'s end')
+    return train, val
+
+
+def build_model(config: RunConfig, num_classes: int, device: Optional[str] = None) -> torch.nn.Module:
+    """The SSANet of ``config`` for ``num_classes``: ImageNet body weights (``pretrained``), or body
+    weights from ``pretrained_path`` through the body's own checkpoint filter, then a whole SSANet
+    from ``initial_checkpoint`` (``load_initial_checkpoint``)."""
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, img_size=config.img_size, **config.model_kwargs())
+    if device is not None:
+        kwargs['device'] = device
+    if config.pretrained_path:
+        path = Path(config.pretrained_path)
+        if not path.is_file():
+            raise UserError(f'body weights {path}: no such file')
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(path.resolve()))
+    try:
+        model = load_model(config.model, pretrained=bool(config.pretrained or config.pretrained_path), **kwargs)
+    except (RuntimeError, SafetensorError, ValueError) as e:
+        if not config.pretrained_path:
+            raise
+        raise UserError(f'body weights {config.pretrained_path} do not fit the body of {config.model}: '
+                        f'{one_line(e)[:300]}') from e
+    if config.initial_checkpoint:
+        load_initial_checkpoint(model, Path(config.initial_checkpoint))
+    return model
+
+
+def set_up_model(model: torch.nn.Module, config: RunConfig) -> None:
+    """Switch on what training needs: both heads' logits (distilled training), gradient
+    checkpointing, a frozen body, channels-last memory."""
+    model.set_distilled_training(True)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if config.freeze_backbone:
+        model.body.requires_grad_(False)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a whole SSANet's weights (an export folder or a ``.safetensors`` file) into ``model``; the
+    final classifier layers only when the class counts match (else they stay freshly initialised)."""
+    weights = path / 'model.safetensors' if path.is_dir() else path
+    if not weights.is_file():
+        raise UserError(f'initial checkpoint {path}: expected an export folder with model.safetensors or a '
+                        '.safetensors file')
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f'initial checkpoint {weights} is damaged or not a safetensors file ({one_line(e)})') from e
+    own = model.state_dict()
+    classifiers = tuple(f'{name}.' for name in model.pretrained_cfg.get('classifier', ()))
+    fresh = [k for k in own if k.startswith(classifiers) and k in state and state[k].shape != own[k].shape]
+    for key in fresh:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if k not in fresh] + list(unexpected)
+    if wrong:
+        raise UserError(f'initial checkpoint {weights} does not fit {model.pretrained_cfg.get("architecture")}: '
+                        f'{len(wrong)} key(s) missing or unexpected, e.g. {wrong[:3]}')
+
+
+def build_training_data(config: RunConfig, model: torch.nn.Module, train_images: Dataset, val_images: Dataset,
+                        accelerator) -> Tuple[Dataset, Dataset, torch.nn.Module]:
+    """The training data (random flips drawn per epoch), the validation data and the module to train:
+    the model on images, or with ``cache_features`` its SSA module and heads on cached body maps."""
+    transform, _ = model_transform(model, config.img_size)
+    if is_stream(train_images):
+        train_data = TransformedStream(train_images, transform, flip_seed=config.seed)
+    else:
+        train_data = EpochFlip(Transformed(train_images, transform), seed=config.seed)
+    val_data = TransformedStream(val_images, transform) if is_stream(val_images) else Transformed(val_images, transform)
+    if not config.cache_features:
+        return train_data, val_data, model
+    model.to(accelerator.device)
+    cache_dir = config.output_path / 'feature_cache'
+    common = dict(accelerator=accelerator, batch_size=config.batch_size, num_workers=config.workers)
+    train_path = build_feature_cache(model, train_data.dataset, cache_dir / 'train.npy', True,
+                                     meta=config.feature_cache_key('train'), **common)
+    val_path = build_feature_cache(model, val_data, cache_dir / 'val.npy', False,
+                                   meta=config.feature_cache_key('val'), **common)
+    return (CachedFeatures(train_path, train_data.dataset.dataset.targets, flip=train_data.schedule),
+            CachedFeatures(val_path, val_data.dataset.targets), HeadsOnCachedFeatures(model))
+
+
+def build_loaders(config: RunConfig, accelerator, train_data: Dataset, val_data: Dataset) -> Tuple[DataLoader, DataLoader]:
+    """Loaders of the training and validation data (not yet prepared by accelerate).
+
+    BatchNorm1d cannot train on one image: one process drops a last batch of one; several processes
+    pad their last batches to full size; a stream's processes stop at the first step one of them
+    cannot fill (``ssa_timm.data.streams``).
+    """
+    stream = is_stream(train_data)
+    one_left = accelerator.num_processes == 1 and not stream and len(train_data) % config.batch_size == 1
+    train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=not stream,
+                              num_workers=config.workers, drop_last=one_left or stream)
+    val_loader = DataLoader(val_data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
+    return train_loader, val_loader
+

@@ -1,0 +1,249 @@
+"""Checkpoints of a training run, in the spirit of timm's ``CheckpointSaver``.
+
+``<output-dir>/checkpoints/checkpoint_N`` holds accelerate's state (model, optimizer, sampler, RNG),
+the EMA weights when there are any, and ``run_state.json``: the run's identity, its ``Progress`` and
+the scheduler's state, as JSON (no pickles). A checkpoint is written into a temporary sibling and
+renamed into place, so a folder named ``checkpoint_N`` is always complete; the oldest beyond
+``keep`` are renamed out of the way, then deleted. A write that fails (a full disk) removes its
+temporary folder and leaves the earlier checkpoints as they were.
+"""
+import json
+import shutil
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError, one_line
+from .config import RESUMABLE_CHANGES, identity_changes
+from .optim import load_scheduler_state
+from .outputs import drop_replaced_run, keep_metrics_before
+
+__all__ = ['CheckpointError', 'CheckpointStore', 'Progress', 'STATE_FILE', 'resume_run']
+
+STATE_FILE = 'run_state.json'
+EMA_FILE = 'ema.safetensors'
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is damaged, missing, or was saved by another run."""
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint's ``run_state.json``."""
+    epoch: int = 0  # epochs fully done
+    step_in_epoch: int = 0  # optimizer steps done in the current, unfinished epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    # sums over the current epoch's steps so far, all processes: the epoch's metrics survive a resume
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Mark ``epoch`` as the one in progress, with empty sums."""
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.loss_sum, self.loss_count, self.images, self.seconds = 0.0, 0, 0, 0.0
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> 'Progress':
+        progress = cls(**values)
+        if not all(isinstance(getattr(progress, f.name), (int, float)) for f in fields(cls)):
+            raise TypeError('progress fields of the wrong type')
+        return progress
+
+
+def checkpoint_index(folder: Path) -> int:
+    """N of a ``checkpoint_N`` folder (-1 for other names)."""
+    suffix = folder.name.rpartition('_')[2]
+    return int(suffix) if folder.name.startswith('checkpoint_') and suffix.isdigit() else -1
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder.
+
+    Args:
+        output_dir: The run's folder; checkpoints go to ``<output_dir>/checkpoints``.
+        accelerator: The run's ``accelerate.Accelerator`` (every process calls ``save`` and ``load``).
+        keep: How many of the newest checkpoints to keep.
+        on_main: Runs a function on the main process and raises its error on every process
+            (``ssa_timm.train.outputs.run_on_main``).
+    """
+
+    def __init__(self, output_dir: Path, accelerator, keep: int, on_main: Callable[[Callable[[], Any]], None]) -> None:
+        self.folder = Path(output_dir) / 'checkpoints'
+        self.accelerator = accelerator
+        self.keep = keep
+        self.on_main = on_main
+
+    def folders(self) -> List[Path]:
+        """The complete ``checkpoint_N`` folders, newest first."""
+        found = [p for p in self.folder.glob('checkpoint_*') if checkpoint_index(p) >= 0]
+        return sorted(found, key=checkpoint_index, reverse=True)
+
+    def save(self, state: Dict[str, Any], ema: Optional[torch.nn.Module] = None) -> Path:
+        """Write the next ``checkpoint_N``: accelerate's state, ``ema``'s weights and ``state`` as JSON."""
+        existing = self.folders()
+        final = self.folder / f'checkpoint_{checkpoint_index(existing[0]) + 1 if existing else 0}'
+        tmp = self.folder / f'.{final.name}.tmp'
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        self.accelerator.wait_for_everyone()
+        failed = None
+        try:
+            self.accelerator.save_state(str(tmp))
+        except OSError as e:  # a full disk on any process: every process stops below
+            failed = e
+        self._agree_or_raise(failed, tmp)
+        self.on_main(lambda: self._complete(tmp, final, state, ema))
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _agree_or_raise(self, error: Optional[OSError], tmp: Path) -> None:
+        from accelerate.utils import broadcast_object_list, gather_object
+        message = f'cannot write the checkpoint {tmp}: {error.strerror or error}' if error else None
+        if self.accelerator.num_processes > 1:
+            messages = [m for m in gather_object([message]) if m]
+            message = broadcast_object_list([messages[0] if messages else None])[0]
+        if message:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f'{message}; the earlier checkpoints are kept')
+
+    def _complete(self, tmp: Path, final: Path, state: Dict[str, Any], ema: Optional[torch.nn.Module]) -> None:
+        try:
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f'cannot write the checkpoint {tmp}: {e.strerror or e}; the earlier checkpoints '
+                                  'are kept') from e
+        tmp.rename(final)
+        for old in self.folders()[self.keep:]:
+            doomed = old.with_name(f'.{old.name}.del')  # out of the checkpoint names first, then deleted
+            old.rename(doomed)
+            shutil.rmtree(doomed)
+        drop_replaced_run(self.folder.parent)  # --overwrite: the old run, now replaced
+
+    def read(self, folder: Path, identity: Dict[str, Any]) -> Dict[str, Any]:
+        """``run_state.json`` of ``folder``, after checking that the checkpoint is complete, its files
+        readable (headers and archive directories, without loading tensors) and that it was saved
+        by a run with this ``identity`` (``RESUMABLE_CHANGES`` may differ)."""
+        state_path = folder / STATE_FILE
+        if not state_path.is_file():
+            raise CheckpointError(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
+        try:
+            state = json.loads(state_path.read_text())
+            saved = dict(state['identity'])
+            Progress.from_dict(state['progress'])
+            if not isinstance(state['scheduler'], dict) or 'timm' not in state['scheduler']:
+                raise TypeError('no timm scheduler state')
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f'{state_path} is damaged ({type(e).__name__}: {e})') from e
+        for key in identity_changes(saved, identity):
+            if key in RESUMABLE_CHANGES:
+                continue
+            shown = (lambda v: f'{len(v)} classes') if key == 'classes' else repr
+            raise CheckpointError(f'checkpoint {folder} was saved by a run with {key}={shown(saved.get(key))}; this '
+                                  f'run has {key}={shown(identity[key])}')
+        _check_files(folder)
+        return state
+
+    def choose(self, resume: str, identity: Dict[str, Any], end_of_epoch_only: bool = False) -> Optional[Path]:
+        """The checkpoint ``resume`` names, checked (``read``): a folder; for 'latest' the newest good one,
+        skipping damaged ones with a warning; for 'auto' the same, or None when there is none."""
+        candidates = self.folders() if resume in ('latest', 'auto') else [Path(resume)]
+        if not candidates:
+            if resume == 'auto':
+                return None
+            raise CheckpointError(f'--resume latest: no checkpoint under {self.folder}')
+        for folder in candidates:
+            if not folder.is_dir():
+                raise CheckpointError(f'--resume {folder}: not a checkpoint folder')
+            try:
+                state = self.read(folder, identity)
+                if end_of_epoch_only and state['progress']['step_in_epoch']:
+                    raise CheckpointError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; a '
+                                          'streamed dataset resumes only from a checkpoint saved at the end of an epoch')
+            except CheckpointError as e:
+                if resume not in ('latest', 'auto') or 'was saved by a run with' in str(e):
+                    raise
+                print(f'warning: skipping checkpoint {folder}: {e}', flush=True)
+                continue
+            return folder
+        raise CheckpointError(f'--resume {resume}: every checkpoint under {self.folder} is damaged')
+
+    def load(self, folder: Path, ema: Optional[torch.nn.Module] = None,
+             model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+        """Load ``folder`` into the prepared objects (and ``ema``; a checkpoint without EMA weights
+        starts it from ``model``); returns its ``run_state.json``."""
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.accelerator.load_state(str(folder))
+        if ema is not None:
+            ema.load_state_dict(load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file()
+                                else model.state_dict())
+        return state
+
+
+def _check_files(folder: Path) -> None:
+    """Refuse truncated or damaged weight, optimizer and scaler files by their headers: a safetensors
+    header that does not fit the file, a torch archive without its central directory."""
+    for path in sorted(folder.glob('*.safetensors')):
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f'{path} is damaged or truncated ({one_line(e)})') from e
+    for path in sorted([*folder.glob('optimizer*.bin'), *folder.glob('scaler*.pt')]):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f'member {bad} fails its checksum')
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f'{path} is damaged or truncated ({one_line(e)})') from e
+
+
+
+def resume_run(store: CheckpointStore, resume: str, identity: Dict[str, Any], scheduler, ema=None, model=None,
+               end_of_epoch_only: bool = False) -> Tuple[Progress, Optional[str]]:
+    """Load the checkpoint ``resume`` names (``CheckpointStore.choose``) on every process: the main
+    process picks and checks it (a refusal is raised on every process), every process loads it.
+
+    The schedule continues at the resumed epoch (``load_scheduler_state``; a larger ``epochs`` than the
+    checkpoint's run planned re-plans an epoch-based schedule), and ``metrics.jsonl`` keeps the lines
+    of the epochs before it. Returns the progress and a line saying what was resumed, or, for 'auto'
+    without a checkpoint, a fresh ``Progress`` and None.
+    """
+    from accelerate.utils import broadcast_object_list
+    chosen: List[Optional[str]] = [None]
+
+    def pick() -> None:
+        folder = store.choose(resume, identity, end_of_epoch_only)
+        chosen[0] = str(folder) if folder else None
+    store.on_main(pick)
+    if store.accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen)
+    out = store.folder.parent
+    if chosen[0] is None:
+        store.on_main(lambda: keep_metrics_before(out, 0))
+        return Progress(), None
+    folder = Path(chosen[0])
+    state = store.load(folder, ema, model)
+    progress = Progress.from_dict(state['progress'])
+    load_scheduler_state(scheduler, state['scheduler'], progress.epoch)
+    store.on_main(lambda: keep_metrics_before(out, progress.epoch))
+    message = f'resumed from {folder}: epoch {progress.epoch}, step {progress.global_step}'
+    planned, epochs = state['identity'].get('epochs'), identity['epochs']
+    if planned != epochs:
+        continues = ('its schedule continues' if 'torch' in state['scheduler'] else
+                     f'the schedule is re-planned for {epochs} epochs, as timm\'s train.py does')
+        message += f'; epochs {planned} -> {epochs}: {continues}'
+    return progress, message

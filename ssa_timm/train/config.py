@@ -1,0 +1,183 @@
+"""The settings of one training run, made once from the recipe's arguments.
+
+``RunConfig`` is frozen: every later step reads the same values. What a run's files record is
+derived from it here, in one place each: the run identity a resume must share
+(``RunConfig.identity``), the key of the feature cache (``RunConfig.feature_cache_key``) and the
+training notes of an export (``RunConfig.export_notes``).
+"""
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = ['BUILTIN_DEFAULTS', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES', 'RunConfig', 'identity_changes']
+
+# Settings left unset (None) take these. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
+# built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed, and
+# there a ResNet-18 body is read after layer2 (stride 8), so the attention works on an 8 x 8 map.
+BUILTIN_DEFAULTS = dict(model='ssanet_resnet18_plus', img_size=64, opt='adamw', weight_decay=0.05)
+PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='momentum', weight_decay=5e-4)
+_BUILTIN_RESNET18_FEATURE_INDEX = 2
+
+# identity fields a resume may change: the schedule is re-planned for a new length
+RESUMABLE_CHANGES = ('epochs',)
+# settings a checkpoint's optimizer, scheduler and loss depend on (part of the identity)
+_TRAINING_SETTINGS = ('opt', 'lr', 'momentum', 'weight_decay', 'body_lr_scale', 'layer_decay', 'sched', 'epochs',
+                      'plateau_patience', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'min_lr', 'model_ema',
+                      'model_ema_decay', 'loss', 'gamma', 'temperature', 'label_smoothing', 'clip_grad')
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a training run (the recipe's flags, by their ``dest`` names)."""
+    # model
+    model: Optional[str] = None
+    body_feature_index: Optional[int] = None
+    img_size: Optional[int] = None
+    scale_attn: bool = False
+    qk_norm: bool = False
+    pretrained: Optional[bool] = None
+    pretrained_path: Optional[str] = None
+    initial_checkpoint: Optional[str] = None
+    freeze_backbone: bool = False
+    cache_features: bool = False
+    # data
+    dataset: str = 'builtin'
+    data_dir: Optional[str] = None
+    crop_bbox: bool = False
+    builtin_train_per_class: int = 300
+    builtin_val_per_class: int = 50
+    train_split: str = 'train'
+    val_split: str = 'validation'
+    class_map: str = ''
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
+    train_num_samples: Optional[int] = None
+    val_num_samples: Optional[int] = None
+    dataset_download: bool = False
+    workers: int = 2
+    # loss
+    loss: str = 'ad'
+    gamma: float = 0.5
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    # optimization
+    epochs: int = 6
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    opt: Optional[str] = None
+    lr: float = 1e-3
+    body_lr_scale: float = 1.0
+    layer_decay: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: Optional[float] = None
+    sched: str = 'plateau'
+    plateau_patience: int = 2
+    decay_epochs: float = 30
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.998
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    tta: str = 'none'
+    # run
+    seed: int = 0
+    mixed_precision: Optional[str] = None
+    output_dir: str = 'runs/builtin'
+    overwrite: bool = False
+    resume: Optional[str] = None
+    keep_checkpoints: int = 2
+    checkpoint_steps: Optional[int] = None
+    log_with: Optional[Tuple[str, ...]] = None
+    cpu: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> 'RunConfig':
+        """The config of ``values`` (e.g. ``vars(args)``; keys that are no setting are ignored), with
+        the unset defaults that depend on the dataset filled in (``BUILTIN_DEFAULTS`` / ``PAPER_DEFAULTS``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in values.items() if k in names}
+        if isinstance(given.get('log_with'), list):
+            given['log_with'] = tuple(given['log_with'])
+        config = cls(**given)
+        builtin = config.dataset == 'builtin'
+        filled = {k: v for k, v in (BUILTIN_DEFAULTS if builtin else PAPER_DEFAULTS).items() if getattr(config, k) is None}
+        if config.pretrained is None:
+            filled['pretrained'] = not builtin or config.pretrained_path is not None
+        model = filled.get('model', config.model)
+        if config.body_feature_index is None and builtin and model.startswith('ssanet_resnet18_'):
+            filled['body_feature_index'] = _BUILTIN_RESNET18_FEATURE_INDEX
+        return dataclasses.replace(config, **filled)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def data_path(self) -> Optional[str]:
+        """``data_dir`` as an absolute path (None without one)."""
+        return str(Path(self.data_dir).resolve()) if self.data_dir else None
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """SSANet arguments these settings set (and an export's config records)."""
+        kwargs: Dict[str, Any] = {k: True for k in ('scale_attn', 'qk_norm') if getattr(self, k)}
+        if self.body_feature_index is not None:
+            kwargs['body_feature_index'] = self.body_feature_index
+        return kwargs
+
+    def weights_sources(self) -> Dict[str, Any]:
+        """Where the starting weights come from (ImageNet body, a body file, a whole SSANet)."""
+        return dict(pretrained=self.pretrained, pretrained_path=_absolute(self.pretrained_path),
+                    initial_checkpoint=_absolute(self.initial_checkpoint))
+
+    def dataset_options(self, training: bool) -> Dict[str, Any]:
+        """``ssa_timm.data.build_dataset``'s arguments for the training or the validation split."""
+        from ..data import is_timm_spec
+        options: Dict[str, Any] = dict(data_dir=self.data_dir, crop_bbox=self.crop_bbox, seed=self.seed,
+                                       samples_per_class=self.builtin_train_per_class if training
+                                       else self.builtin_val_per_class)
+        if not is_timm_spec(self.dataset):
+            return dict(options, split='train' if training else 'val')
+        return dict(options, split=self.train_split if training else self.val_split, class_map=self.class_map,
+                    input_key=self.input_key, target_key=self.target_key, download=self.dataset_download,
+                    num_samples=self.train_num_samples if training else self.val_num_samples, is_training=training)
+
+    def identity(self, classes: Sequence[str], train_samples: int, val_samples: int,
+                 num_processes: int) -> Dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (``RESUMABLE_CHANGES`` aside)."""
+        return dict(model=self.model, model_args=self.model_kwargs(), dataset=self.dataset, data_dir=self.data_path,
+                    crop_bbox=self.crop_bbox, classes=list(classes), train_samples=train_samples,
+                    val_samples=val_samples, img_size=self.img_size, seed=self.seed, **self.weights_sources(),
+                    freeze_backbone=self.freeze_backbone, cache_features=self.cache_features,
+                    batch_size=self.batch_size, grad_accum=self.grad_accum, num_processes=num_processes,
+                    **{k: getattr(self, k) for k in _TRAINING_SETTINGS})
+
+    def feature_cache_key(self, split: str) -> Dict[str, Any]:
+        """What the frozen body's maps of ``split`` depend on (the body's weights are added by the cache)."""
+        return dict(model=self.model, model_args=self.model_kwargs(), **self.weights_sources(),
+                    img_size=self.img_size, dataset=self.dataset, data_dir=self.data_path, crop_bbox=self.crop_bbox,
+                    seed=self.seed, builtin=[self.builtin_train_per_class, self.builtin_val_per_class], split=split)
+
+    def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:
+        """The ``training`` entry of an export's ``config.json``."""
+        return dict(model=self.model, dataset=self.dataset, **self.weights_sources(), img_size=self.img_size,
+                    epoch=epoch, loss=self.loss, freeze_backbone=self.freeze_backbone, ema=ema, seed=self.seed)
+
+    def trackers_config(self) -> Dict[str, Any]:
+        """The settings as accelerate trackers take them (scalars and strings, no None)."""
+        items = dataclasses.asdict(self).items()
+        return {k: ','.join(v) if isinstance(v, (list, tuple)) else v for k, v in items if v is not None}
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).resolve()) if path else None
+
+
+def identity_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """Identity fields whose values differ between ``saved`` and ``current``."""
+    return [key for key in current if saved.get(key) != current[key]]
