@@ -1,21 +1,39 @@
-"""Shared test setup: the fixtures module is importable, tests never reach the network, and one
-trained run (``trained_run``) serves every test that needs a trained model."""
+"""Shared test setup: the helper modules are importable, tests never reach the network, every test
+starts from a fresh accelerate state, and one trained run (``trained_run``) serves every test that
+needs a trained model: trained once per test session, whichever xdist worker asks first."""
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-from fixtures import TRAINED_RUN, run_recipe  # noqa: E402
+from fixtures import TRAINED_RUN, run_main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons: reset them after each test, as its own
+    test suite does, so in-process recipe runs do not inherit each other's settings."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope='session')
 def trained_run(tmp_path_factory) -> Path:
-    """Output folder of ``train.py`` with ``TRAINED_RUN`` (2 epochs, cosine attention): checkpoints,
-    ``metrics.jsonl`` and the ``best/`` export. Tests must not change it."""
-    out = tmp_path_factory.mktemp('trained_run')
-    run_recipe('train.py', *TRAINED_RUN, '--output-dir', str(out))
+    """Output folder of ``train.py`` with ``TRAINED_RUN`` (2 epochs, cosine attention on a 4 x 4 map):
+    checkpoints, ``metrics.jsonl`` and the ``best/`` export. Tests must not change it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):  # the xdist workers' common parent folder
+        shared = shared.parent
+    out, done = shared / 'trained_run', shared / 'trained_run.done'
+    with FileLock(str(shared / 'trained_run.lock')):
+        if not done.is_file():
+            assert run_main('train', *TRAINED_RUN, '--output-dir', str(out)) == 0
+            done.touch()
     return out

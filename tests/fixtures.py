@@ -11,9 +11,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-# A train.py configuration that runs in seconds: timm's test_resnet body, 32 px, 80 + 50 images.
-TINY_TRAIN = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--builtin-train-per-class', '8',
-              '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
+# A train.py configuration that runs in seconds: timm's test_resnet body at 32 px read after its layer2
+# (stride 8), so the attention works on a 4 x 4 map (16 positions); 80 + 50 images.
+TINY_TRAIN = ['--model', 'ssanet_test_resnet_plus', '--img-size', '32', '--body-feature-index', '2',
+              '--builtin-train-per-class', '8', '--builtin-val-per-class', '5', '--batch-size', '8', '--workers', '0']
+TINY_POSITIONS = 16
 # The session's shared trained run (conftest.trained_run): two epochs, cosine attention (--qk-norm), so
 # the exports it feeds check that option too.
 TRAINED_RUN = [*TINY_TRAIN, '--epochs', '2', '--qk-norm']

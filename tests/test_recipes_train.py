@@ -1,16 +1,20 @@
-"""End-to-end runs of recipes/train.py and recipes/evaluate.py on the built-in dataset (CPU)."""
+"""recipes/train.py and recipes/evaluate.py end to end, in this process through their ``main(argv)``, on
+the built-in dataset: what a run writes, the attention it learns on a 4 x 4 map, exact resume, longer
+resume, ``--resume auto``, starting weights, cached features, evaluation."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
-import ssa_timm  # noqa: F401  (registers the models for local-dir: loading)
-from fixtures import ROOT, TINY_TRAIN, TRAINED_RUN, TWO_CPU_PROCESSES, make_image_folder, run_recipe
+import ssa_timm
+from fixtures import TINY_POSITIONS, TINY_TRAIN, TRAINED_RUN, make_image_folder, run_main
+from ssa_timm.data import BuiltinFineGrained, Transformed, model_transform
+from ssa_timm.train import build_scheduler
+from ssa_timm.train.config import RunConfig
 
 VAL_SIZE = 50
 
@@ -24,65 +28,152 @@ def latest_weights(out: Path) -> dict:
     return load_file(ckpt / 'model.safetensors')
 
 
-@pytest.fixture
-def trained(trained_run) -> Path:
-    return trained_run
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_two_process_cpu_run(tmp_path):
-    proc = run_recipe('train.py', '--cpu', *TINY_TRAIN, '--epochs', '1', '--output-dir', str(tmp_path), launcher=TWO_CPU_PROCESSES)
-    assert 'process 0/2 on cpu' in proc.stdout and 'process 1/2 on cpu' in proc.stdout
-    lines = metrics(tmp_path)
-    assert len(lines) == 1 and lines[0]['val']['count'] == VAL_SIZE  # gathered without the padding duplicates
-    assert 0 <= lines[0]['val']['attention']['entropy_ratio'] <= 1
-    assert lines[0]['step'] == 80 // (8 * 2)
-    assert (tmp_path / 'checkpoints' / 'checkpoint_0' / 'model.safetensors').is_file()
-    assert json.loads((tmp_path / 'best' / 'config.json').read_text())['label_names'][0] == 'glyph_00'
+def train(*argv: str) -> int:
+    return run_main('train', *argv)
 
 
-def test_run_writes_metrics_checkpoints_and_export(trained):
-    lines = metrics(trained)
+def test_run_writes_metrics_checkpoints_and_export(trained_run):
+    lines = metrics(trained_run)
     assert [m['epoch'] for m in lines] == [0, 1]
     val = lines[0]['val']
     assert set(val['heads']) == {'ssa', 'fe'} and val['count'] == VAL_SIZE and 'top1' in val['output']
     assert all(m['images_per_s'] > 0 and m['lr'] > 0 for m in lines)
-    assert sorted(p.name for p in (trained / 'checkpoints').iterdir()) == ['checkpoint_0', 'checkpoint_1']
-    state = json.loads((trained / 'checkpoints' / 'checkpoint_1' / 'run_state.json').read_text())
+    assert sorted(p.name for p in (trained_run / 'checkpoints').iterdir()) == ['checkpoint_0', 'checkpoint_1']
+    state = json.loads((trained_run / 'checkpoints' / 'checkpoint_1' / 'run_state.json').read_text())
     assert state['progress']['epoch'] == 2 and state['identity']['classes'][0] == 'glyph_00'
-    assert state['identity']['train_samples'] == 80 and state['identity']['model_args'] == {'qk_norm': True}
-    assert not list((trained / 'checkpoints' / 'checkpoint_1').glob('custom_checkpoint_*'))  # no pickled state
-    model = timm.create_model(f'local-dir:{trained / "best"}', pretrained=True)
-    assert model.pretrained_cfg['input_size'] == (3, 32, 32) and model.num_classes == 10
+    assert state['identity']['train_samples'] == 80
+    assert state['identity']['model_args'] == {'qk_norm': True, 'body_feature_index': 2}
+    assert not list((trained_run / 'checkpoints' / 'checkpoint_1').glob('custom_checkpoint_*'))  # no pickled state
+    model = timm.create_model(f'local-dir:{trained_run / "best"}', pretrained=True)
+    assert tuple(model.pretrained_cfg['input_size']) == (3, 32, 32) and model.num_classes == 10
+    best = max(lines, key=lambda m: m['val']['output']['top1'])  # the first best epoch is exported
+    config = json.loads((trained_run / 'best' / 'config.json').read_text())
+    assert config['training']['epoch'] == best['epoch'] and config['metrics'] == best['val']
 
 
-def test_attention_diagnostics_in_every_epoch(trained):
-    for line in metrics(trained):
-        attention = line['val']['attention']
-        assert attention['positions'] == 1  # test_resnet at 32 px: a 1 x 1 map
-        assert {'alpha', 'entropy', 'entropy_ratio', 'row_max', 'logit_std'} <= set(attention)
-        assert attention['row_max'] == pytest.approx(1.0)  # one position: every row attends to it
+def test_exported_attention_reads_the_map_and_is_not_one_hot(trained_run):
+    model = timm.create_model(f'local-dir:{trained_run / "best"}', pretrained=True).eval()
+    transform, _ = model_transform(model)
+    images = Transformed(BuiltinFineGrained('val', samples_per_class=1), transform)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    with torch.no_grad():
+        _, attention = model.head.attn.forward_with_attention(model.forward_body(x))
+    assert attention.shape == (10, TINY_POSITIONS, TINY_POSITIONS)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(10, TINY_POSITIONS))
+    assert attention.amax(-1).mean() < 0.9  # rows spread over the map, not collapsed to one position
+    assert (attention.amax(-1) - attention.amin(-1)).mean() > 1e-3  # and not uniform either
+    diagnostics = metrics(trained_run)[-1]['val']['attention']
+    assert diagnostics['positions'] == TINY_POSITIONS and 0 < diagnostics['entropy_ratio'] < 1
 
 
-def test_resume_reaches_the_uninterrupted_weights_and_metrics(trained, tmp_path):
-    stopped = run_recipe('train.py', *TRAINED_RUN, '--max-steps', '13', '--output-dir', str(tmp_path))
+def test_resume_reaches_the_uninterrupted_weights_and_metrics(trained_run, tmp_path, capsys):
+    assert train(*TRAINED_RUN, '--max-steps', '13', '--output-dir', str(tmp_path)) == 0
     assert len(metrics(tmp_path)) == 1  # stopped in the second epoch, before its evaluation
-    assert 'best val top-1' in stopped.stdout
-    resumed = run_recipe('train.py', *TRAINED_RUN, '--resume', 'latest', '--output-dir', str(tmp_path))
-    assert 'resumed from' in resumed.stdout and 'step 13' in resumed.stdout
-    expected, got = latest_weights(trained), latest_weights(tmp_path)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    uninterrupted, interrupted = metrics(trained)[-1], metrics(tmp_path)[-1]
+    capsys.readouterr()
+    assert train(*TRAINED_RUN, '--resume', 'latest', '--output-dir', str(tmp_path)) == 0
+    assert 'resumed from' in capsys.readouterr().out
+    assert_same_weights(latest_weights(tmp_path), latest_weights(trained_run))
+    uninterrupted, interrupted = metrics(trained_run)[-1], metrics(tmp_path)[-1]
     assert interrupted['val'] == uninterrupted['val']
-    # the resumed epoch's loss covers the whole epoch, the steps before the kill included
+    # the resumed epoch's loss covers the whole epoch, the steps before the stop included
     assert interrupted['train_loss'] == pytest.approx(uninterrupted['train_loss'], rel=1e-5)
+
+
+@pytest.mark.parametrize('sched', ['plateau', 'step', 'cosine'])
+def test_a_finished_run_resumed_with_more_epochs_trains_them(tmp_path, sched, capsys):
+    flags = [*TINY_TRAIN, '--sched', sched, '--decay-epochs', '1', '--lr', '0.01', '--output-dir', str(tmp_path)]
+    assert train(*flags, '--epochs', '2') == 0
+    capsys.readouterr()
+    assert train(*flags, '--epochs', '4', '--resume', 'latest') == 0
+    out = capsys.readouterr().out
+    assert 'epochs 2 -> 4' in out and ('continues' if sched == 'plateau' else 're-planned for 4 epochs') in out
+    lines = metrics(tmp_path)
+    assert [m['epoch'] for m in lines] == [0, 1, 2, 3]
+    lrs = [m['lr'] for m in lines]
+    if sched == 'plateau':
+        assert lrs == pytest.approx([0.01] * 4)  # patience 2: no decay yet in these few epochs
+        return
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = build_scheduler(optimizer, RunConfig(sched=sched, epochs=4, decay_epochs=1, lr=0.01))
+    expected = []
+    for epoch in range(4):
+        expected.append(optimizer.param_groups[0]['lr'])
+        scheduler.step(epoch + 1)
+    assert lrs[2:] == pytest.approx(expected[2:])  # timm's schedule of the new length from the resumed epoch on
+    if sched == 'step':
+        assert lrs == pytest.approx([0.01, 0.001, 0.0001, 0.00001])
+
+
+def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys):
+    flags = [*TINY_TRAIN, '--epochs', '1', '--resume', 'auto', '--output-dir', str(tmp_path)]
+    assert train(*flags) == 0
+    assert 'no checkpoint yet, a fresh run' in capsys.readouterr().out
+    assert train(*flags) == 0  # a requeued finished run: nothing left to train
+    assert 'resumed from' in capsys.readouterr().out and len(metrics(tmp_path)) == 1
+
+
+def body_file(tmp_path: Path, name: str, **kwargs) -> Path:
+    torch.manual_seed(1)
+    body = timm.create_model(name, **kwargs)
+    path = tmp_path / f'{name}.safetensors'
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(path))
+    return path
+
+
+def test_pretrained_path_loads_the_body_file_into_a_frozen_body(tmp_path):
+    weights = body_file(tmp_path, 'test_resnet')
+    out = tmp_path / 'run'
+    assert train(*TINY_TRAIN, '--epochs', '1', '--freeze-backbone', '--pretrained-path', str(weights),
+                 '--output-dir', str(out)) == 0
+    exported, saved = load_file(out / 'best' / 'model.safetensors'), load_file(weights)
+    body = {k[len('body.'):]: v for k, v in exported.items() if k.startswith('body.')}
+    assert body and all(torch.equal(v, saved[k]) for k, v in body.items())  # layers after layer2 are pruned
+    config = json.loads((out / 'best' / 'config.json').read_text())
+    assert config['training']['pretrained_path'] == str(weights.resolve())
+    state = json.loads((out / 'checkpoints' / 'checkpoint_0' / 'run_state.json').read_text())
+    assert state['identity']['pretrained_path'] == str(weights.resolve())
+
+
+def test_pretrained_path_through_the_body_filter_and_a_file_that_does_not_fit(tmp_path, capsys):
+    from ssa_timm.train import build_model
+    weights = body_file(tmp_path, 'test_vit')  # its own grid; the model reads 64 px: pos_embed is resampled
+    config = RunConfig.from_mapping(dict(model='ssanet_test_vit_plus', img_size=64, pretrained_path=str(weights)))
+    model = build_model(config, 3)
+    saved = load_file(weights)
+    assert model.body.pos_embed.shape != saved['pos_embed'].shape
+    torch.testing.assert_close(model.body.blocks[0].attn.qkv.weight, saved['blocks.0.attn.qkv.weight'])
+    other = body_file(tmp_path, 'resnet18')
+    assert train(*TINY_TRAIN, '--pretrained-path', str(other), '--output-dir', str(tmp_path / 'run')) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f'error: body weights {other} do not fit the body')
+
+
+def test_initial_checkpoint_loads_a_whole_ssanet(trained_run, tmp_path):
+    from ssa_timm.train import build_model
+    config = RunConfig.from_mapping(dict(zip(['model', 'img_size', 'body_feature_index', 'qk_norm'],
+                                             ['ssanet_test_resnet_plus', 32, 2, True]),
+                                         initial_checkpoint=str(trained_run / 'best')))
+    exported = load_file(trained_run / 'best' / 'model.safetensors')
+    same = build_model(config, 10).state_dict()
+    assert all(torch.equal(same[k], v) for k, v in exported.items())  # the heads too: 10 classes
+    fewer = build_model(config, 3).state_dict()
+    for key, value in exported.items():
+        if key.startswith(('head.ssa.fc.', 'head.fe.fc.')):
+            assert fewer[key].shape[0] == 3  # new classifiers for 3 classes
+        else:
+            assert torch.equal(fewer[key], value), key
 
 
 def test_cached_features_match_uncached_frozen_run(tmp_path):
     frozen = [*TINY_TRAIN, '--epochs', '2', '--freeze-backbone']
-    run_recipe('train.py', *frozen, '--output-dir', str(tmp_path / 'plain'))
-    run_recipe('train.py', *frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached'))
+    assert train(*frozen, '--output-dir', str(tmp_path / 'plain')) == 0
+    assert train(*frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached')) == 0
     plain, cached = metrics(tmp_path / 'plain'), metrics(tmp_path / 'cached')
     for a, b in zip(plain, cached):
         assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
@@ -90,37 +181,41 @@ def test_cached_features_match_uncached_frozen_run(tmp_path):
             assert b['val']['heads'][head]['top1'] == pytest.approx(a['val']['heads'][head]['top1'])
         assert b['val']['output']['top1'] == pytest.approx(a['val']['output']['top1'])
         assert b['val']['attention']['alpha'] == pytest.approx(a['val']['attention']['alpha'], abs=1e-6)
+        assert b['val']['attention']['entropy'] == pytest.approx(a['val']['attention']['entropy'], rel=1e-4)
     cache = tmp_path / 'cached' / 'feature_cache'
     assert len(list(cache.glob('train-*.json'))) == 1 and len(list(cache.glob('val-*.json'))) == 1
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(trained, tmp_path):
-    ckpt = trained / 'checkpoints' / 'checkpoint_0'
+def test_resume_refuses_a_checkpoint_of_another_model(trained_run, tmp_path, capsys):
+    ckpt = trained_run / 'checkpoints' / 'checkpoint_0'
     other = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_multiply' for a in TRAINED_RUN]
-    proc = run_recipe('train.py', *other, '--resume', str(ckpt), '--output-dir', str(tmp_path), check=False)
-    assert proc.returncode == 1
+    assert train(*other, '--resume', str(ckpt), '--output-dir', str(tmp_path)) == 1
     assert ("was saved by a run with model='ssanet_test_resnet_plus'; this run has "
-            "model='ssanet_test_resnet_multiply'") in proc.stderr
-    proc = run_recipe('train.py', *TINY_TRAIN, '--resume', 'latest', '--output-dir', str(tmp_path), check=False)
-    assert proc.returncode == 1 and 'no checkpoint under' in proc.stderr
+            "model='ssanet_test_resnet_multiply'") in capsys.readouterr().err
+    assert train(*TINY_TRAIN, '--resume', 'latest', '--output-dir', str(tmp_path / 'empty')) == 1
+    assert 'no checkpoint under' in capsys.readouterr().err
 
 
-def test_bad_dataset_and_flags(tmp_path):
-    proc = run_recipe('train.py', *TINY_TRAIN, '--dataset', 'cub', '--data-dir', str(tmp_path), check=False)
-    assert proc.returncode != 0 and 'images.txt' in proc.stderr
-    proc = run_recipe('train.py', *TINY_TRAIN, '--cache-features', check=False)
-    assert proc.returncode != 0 and '--cache-features needs --freeze-backbone' in proc.stderr
-    proc = run_recipe('train.py', *TINY_TRAIN, '--qk-norm', '--scale-attn', check=False)
-    assert proc.returncode == 2 and '--qk-norm and --scale-attn exclude each other' in proc.stderr
+def test_bad_dataset_and_flags(tmp_path, capsys):
+    assert train(*TINY_TRAIN, '--dataset', 'cub', '--data-dir', str(tmp_path), '--output-dir', str(tmp_path / 'o')) == 1
+    assert 'images.txt' in capsys.readouterr().err
+    assert train(*TINY_TRAIN, '--cache-features') == 2
+    assert '--cache-features needs --freeze-backbone' in capsys.readouterr().err
+    assert train(*TINY_TRAIN, '--qk-norm', '--scale-attn') == 2
+    assert '--qk-norm and --scale-attn exclude each other' in capsys.readouterr().err
 
 
-def test_evaluate_reports_heads_per_class_and_confusion(trained, tmp_path):
+def evaluate(*argv: str) -> int:
+    return run_main('evaluate', *argv)
+
+
+def test_evaluate_reports_heads_per_class_and_confusion(trained_run, tmp_path):
     out = tmp_path / 'eval.json'
-    run_recipe('evaluate.py', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
-        '--tta', 'flip', '--output', str(out))
+    assert evaluate('--model', str(trained_run / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
+                    '--tta', 'flip', '--output', str(out)) == 0
     report = json.loads(out.read_text())
     assert report['count'] == VAL_SIZE and report['img_size'] == 32
-    best = json.loads((trained / 'best' / 'config.json').read_text())['metrics']
+    best = json.loads((trained_run / 'best' / 'config.json').read_text())['metrics']
     entries = [(report['heads'][h], best['heads'][h]) for h in ('ssa', 'fe')] + [(report['output'], best['output'])]
     for got, exported in entries:
         assert got['top1'] == pytest.approx(exported['top1'])  # the export is the best epoch's model
@@ -130,51 +225,23 @@ def test_evaluate_reports_heads_per_class_and_confusion(trained, tmp_path):
     assert len(report['output']['per_class_top1']) == 10
     assert set(report['tta']) == {'heads', 'output'} and 0 <= report['tta']['output']['top1'] <= 100
     assert report['attention']['alpha'] == pytest.approx(best['attention']['alpha'], abs=1e-6)
+    assert report['attention']['entropy'] == pytest.approx(best['attention']['entropy'], rel=1e-4)
 
 
-def test_evaluate_two_processes_gathers_every_image(trained, tmp_path):
-    out = tmp_path / 'eval.json'
-    run_recipe('evaluate.py', '--cpu', '--model', str(trained / 'best'), '--builtin-val-per-class', '5', '--workers', '0',
-        '--batch-size', '8', '--output', str(out), launcher=TWO_CPU_PROCESSES)
-    assert json.loads(out.read_text())['count'] == VAL_SIZE
-
-
-def test_evaluate_refuses_other_architectures_and_class_counts(trained, tmp_path):
+def test_evaluate_refuses_other_architectures_and_class_counts(trained_run, tmp_path, capsys):
     save_for_hf(timm.create_model('test_resnet', num_classes=10), str(tmp_path / 'resnet'), safe_serialization=True)
-    proc = run_recipe('evaluate.py', '--model', str(tmp_path / 'resnet'), '--workers', '0', check=False)
-    assert proc.returncode == 1 and "config.json describes a 'test_resnet' model, not an SSANet" in proc.stderr
-    proc = run_recipe('evaluate.py', '--model', str(tmp_path), '--workers', '0', check=False)
-    assert proc.returncode != 0 and 'has no config.json' in proc.stderr
-    proc = run_recipe('evaluate.py', '--model', str(trained / 'best'), '--dataset', 'imagefolder', '--data-dir',
-               str(make_image_folder(tmp_path / 'folder')), '--workers', '0', check=False)
-    assert proc.returncode == 1 and "the val split has class(es) ['cat', 'dog'] that the model" in proc.stderr
-
-
-
-def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
-    small = [a for a in TINY_TRAIN if a not in ('--model', 'ssanet_test_resnet_plus')]
-    args = ['--body', 'test_resnet', '--seeds', '0', '--variants', 'no_attention,plus', '--output-dir', str(tmp_path),
-            '--epochs', '1', *small]  # three runs: a Table 2 pair and the plus row of Table 3
-    run_recipe('ablation.py', *args)
-    result = json.loads((tmp_path / 'ablation.json').read_text())
-    assert sorted((r['variant'], r['loss']) for r in result['runs']) == [('no_attention', 'ad'), ('plus', 'ad'),
-                                                                          ('plus', 'ce')]
-    for r in result['runs']:
-        best = json.loads((tmp_path / f'{r["variant"]}_{r["loss"]}_seed0' / 'best' / 'config.json').read_text())
-        assert r['top1'] == best['metrics']['output']['top1']
-        assert (r['attention'] is None) == (r['variant'] == 'no_attention')
-    table = (tmp_path / 'ablation.md').read_text()
-    assert '| plus |' in table and '| no_attention |' in table and '87.1 -> 88.4' in table
-    assert 'row entropy / uniform' in table and '| alpha |' not in table
-    again = run_recipe('ablation.py', *args)
-    assert 'process 0/1' not in again.stdout  # every run was finished: nothing retrained
-    assert (tmp_path / 'ablation.md').read_text() == table
-
+    assert evaluate('--model', str(tmp_path / 'resnet'), '--workers', '0') == 1
+    assert "config.json describes a 'test_resnet' model, not an SSANet" in capsys.readouterr().err
+    assert evaluate('--model', str(tmp_path), '--workers', '0') != 0
+    assert 'has no config.json' in capsys.readouterr().err
+    assert evaluate('--model', str(trained_run / 'best'), '--dataset', 'imagefolder', '--data-dir',
+                    str(make_image_folder(tmp_path / 'folder')), '--workers', '0') == 1
+    assert "the val split has class(es) ['cat', 'dog'] that the model" in capsys.readouterr().err
 
 
 def test_ablation_configs_cover_tables_and_remedies():
-    sys.path.insert(0, str(ROOT / 'recipes'))
-    import ablation
+    from fixtures import recipe
+    ablation = recipe('ablation')
     args, _ = ablation.parse_args(['--losses', 'ad,ce', '--remedies', 'qk-norm'])
     configs = ablation.configs(args)
     assert [c for c in configs if c[1] == 'ad' and not c[2]] == [(v, 'ad', '') for v in ablation.PAPER_TABLE2_CUB]
@@ -182,3 +249,6 @@ def test_ablation_configs_cover_tables_and_remedies():
     assert [c for c in configs if c[2]] == [('plus', 'ad', 'qk-norm'), ('plus', 'ce', 'qk-norm')]
     with pytest.raises(SystemExit):
         ablation.parse_args(['--remedies', 'no-such-flag'])
+
+
+assert ssa_timm  # registers the models for local-dir: loading
