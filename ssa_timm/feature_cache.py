@@ -9,6 +9,7 @@ included (``weights_fingerprint``), and only a completed build is ever read.
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.transforms import FlipSchedule
+from .errors import UserError
 from .run_dir import atomic_write_text
 
 __all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
@@ -68,11 +70,12 @@ def build_feature_cache(
     sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         shape = model.forward_body(sample).shape[1:]
-    if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        marker.unlink(missing_ok=True)
-        np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=(len(dataset), views, *shape)).flush()
-    accelerator.wait_for_everyone()
+    error = _allocate(path, marker, (len(dataset), views, *shape)) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise UserError(error)
 
     out = np.load(path, mmap_mode='r+')
     shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -92,6 +95,21 @@ def build_feature_cache(
     if accelerator.is_main_process:
         atomic_write_text(marker, json.dumps(meta))
     return path
+
+
+def _allocate(path: Path, marker: Path, shape: Tuple[int, ...]) -> Optional[str]:
+    """Create the cache file with all its blocks allocated up front: a memory map written on a full
+    disk would end the process with SIGBUS instead of an error. Returns the error message, if any."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=shape).flush()
+        with open(path, 'r+b') as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        return f'cannot write the feature cache {path}: {e.strerror or e}'
+    return None
 
 
 def _read_marker(marker: Path) -> Optional[Dict[str, Any]]:

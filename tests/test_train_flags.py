@@ -1,28 +1,51 @@
 """recipes/train.py's timm building blocks, each checked by its effect: optimizer groups and their
 learning rates, the schedule per epoch, EMA weights, channels-last, gradient checkpointing,
-gradient clipping, torch.compile, test-time flips and the attention diagnostics; then all of
-them together in a single-process and a 2-process CPU run."""
+gradient clipping, torch.compile (as accelerate applies it), test-time flips, the EMA's selection
+and the attention diagnostics; then all of them together in one run (in two processes: tests/e2e)."""
 import copy
 import json
 import math
-import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 
-from fixtures import ROOT, TINY_TRAIN, TWO_CPU_PROCESSES, run_recipe
-from ssa_timm import SpatialSelfAttention
+from fixtures import TINY_TRAIN, recipe, run_main
+from ssa_timm import SelfADLoss, SpatialSelfAttention
 from ssa_timm.diagnostics import attention_diagnostics
-from ssa_timm.metrics import evaluate_heads
+from ssa_timm.metrics import evaluate_heads, report_top1
+from ssa_timm.train import (
+    Trainee, build_datasets, build_loaders, build_model, build_optimizer, build_scheduler, build_training_data,
+    set_up_model, training_step)
 
-sys.path.insert(0, str(ROOT / 'recipes'))
-import train  # noqa: E402
+
+class Parts:
+    """A run's parts, wired as recipes/train.py wires them, without the run folder."""
+
+    def __init__(self, *flags: str) -> None:
+        self.config = recipe('train').parse_args([*TINY_TRAIN, '--output-dir', 'unused', *flags])
+        self.accelerator = Accelerator(cpu=True, dynamo_backend='inductor' if self.config.compile else None)
+        train_images, val_images = build_datasets(self.config)
+        self.model = build_model(self.config, len(train_images.classes))
+        set_up_model(self.model, self.config)
+        train_data, _, trainable = build_training_data(self.config, self.model, train_images, val_images,
+                                                       self.accelerator)
+        self.train_loader, _ = build_loaders(self.config, self.accelerator, train_data, train_data)
+        optimizer = build_optimizer(self.model, self.config)
+        self.scheduler = build_scheduler(optimizer, self.config)  # applies each group's lr_scale
+        trainable, self.optimizer = self.accelerator.prepare(trainable, optimizer)
+        ema = ModelEmaV3(self.model, decay=self.config.model_ema_decay) if self.config.model_ema else None
+        self.loss_fn = SelfADLoss()
+        self.trainee = Trainee(self.model, trainable, self.optimizer, self.loss_fn, ema)
+        self.ema = ema
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return training_step(self.trainee, self.config, self.accelerator, inputs, labels)
 
 
-def setup_run(*flags: str) -> 'train.Run':
-    args = train.parse_args([*TINY_TRAIN, '--output-dir', 'unused', *flags])
-    return train.setup(args, Accelerator(cpu=True))
+def setup_run(*flags: str) -> Parts:
+    return Parts(*flags)
 
 
 def groups_of(run, prefix: str):
@@ -38,10 +61,9 @@ def test_optimizer_groups_body_lr_scale_and_no_decay():
     assert [g['lr'] for g in body] == pytest.approx([0.001] * len(body))
     assert [g['lr'] for g in head] == pytest.approx([0.01] * len(head))
     params = dict(run.model.named_parameters())
-    for name in ('head.attn.alpha', 'head.attn.logit_scale', 'head.fe.fc.bias', 'body.conv1.0.bias'):
-        if name in params:
-            group = next(g for g in run.optimizer.param_groups if any(p is params[name] for p in g['params']))
-            assert group['weight_decay'] == 0, name
+    for name in ('head.attn.alpha', 'head.attn.logit_scale', 'head.fe.fc.bias', 'body.bn1.weight', 'body.conv1.1.bias'):
+        group = next(g for g in run.optimizer.param_groups if any(p is params[name] for p in g['params']))
+        assert group['weight_decay'] == 0, name
     decayed = next(g for g in run.optimizer.param_groups if any(p is params['head.fe.fc.weight'] for p in g['params']))
     assert decayed['weight_decay'] == 0.05
     frozen = setup_run('--freeze-backbone')
@@ -55,16 +77,16 @@ def test_layer_decay_and_timm_optimizer_names():
     assert len(body_scales) >= 3 and max(body_scales) < 1  # deeper body layers learn faster, all below the heads
     assert {g['lr_scale'] for g in groups_of(run, 'head.')} == {1.0}
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args([*TINY_TRAIN, '--opt', 'no_such_opt'])
+        recipe('train').parse_args([*TINY_TRAIN, '--opt', 'no_such_opt'])
     assert exit_info.value.code == 2
 
 
 def lr_per_epoch(*flags: str, metric=lambda epoch: 50.0):
-    args = train.parse_args([*TINY_TRAIN, *flags])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    scheduler = train.build_scheduler(args, optimizer)
+    config = recipe('train').parse_args([*TINY_TRAIN, *flags])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = build_scheduler(optimizer, config)
     lrs = []
-    for epoch in range(args.epochs):
+    for epoch in range(config.epochs):
         lrs.append(optimizer.param_groups[0]['lr'])
         scheduler.step(epoch + 1, metric(epoch))
     return lrs
@@ -93,15 +115,15 @@ def test_ema_channels_last_grad_checkpointing_and_clipping(monkeypatch):
 
     inputs, labels = next(iter(run.train_loader))
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    run.trainable.train()
-    train.training_step(run, inputs, labels)
+    run.trainee.trainable.train()
+    run.step(inputs, labels)
     assert calls  # the body's stages ran under torch.utils.checkpoint
     step = math.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in run.model.named_parameters()))
     assert 0 < step <= 0.1 * 0.001 * 1.001  # SGD moved by lr x the clipped gradient norm (float32 rounding)
 
     after_one = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     run.ema.update(run.model, step=1)  # timm's first EMA update copies the weights
-    train.training_step(run, inputs, labels)
+    run.step(inputs, labels)
     run.ema.update(run.model, step=2)  # then decay 0.5: the mean of the two
     ema = dict(run.ema.module.named_parameters())
     for name, p in run.model.named_parameters():
@@ -110,32 +132,43 @@ def test_ema_channels_last_grad_checkpointing_and_clipping(monkeypatch):
 
 
 def test_compiled_training_step_matches_eager():
-    eager = setup_run('--opt', 'sgd', '--lr', '0.1')
-    inputs, labels = next(iter(eager.train_loader))
-    model = copy.deepcopy(eager.model).train()
-    compiled = torch.compile(copy.deepcopy(model))
-    loss_eager = eager.loss_fn(model(inputs), labels)
-    loss_compiled = eager.loss_fn(compiled(inputs), labels)
+    parts = Parts('--compile', '--opt', 'sgd', '--lr', '0.1')  # accelerate compiles what it prepares, as in the recipe
+    compiled = parts.trainee.trainable.train()
+    assert compiled is not parts.model and compiled._orig_mod is parts.model
+    eager = copy.deepcopy(parts.model).train()
+    inputs, labels = next(iter(parts.train_loader))
+    loss_eager = parts.loss_fn(eager(inputs), labels)
+    loss_compiled = parts.loss_fn(compiled(inputs), labels)
     loss_eager.backward()
     loss_compiled.backward()
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-4, atol=1e-5)
-    grads = dict(compiled.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[f'_orig_mod.{name}'].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    grads = dict(parts.model.named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_ema_is_exported_when_it_validates_better(monkeypatch):
+    from ssa_timm.train import loop
+    parts = Parts('--model-ema')
+    scores = {id(parts.model): 40.0, id(parts.ema.module): 60.0}
+    monkeypatch.setattr(loop, 'validate', lambda model, *a: {'output': {'top1': scores[id(model)]}})
+    report, (top1, best, best_report, is_ema) = loop.best_of(parts.trainee, parts.config, parts.accelerator, [], None)
+    assert best is parts.ema.module and is_ema and top1 == 60 and report['ema'] is best_report
+    scores[id(parts.ema.module)] = 40.0  # a tie keeps the model
+    _, (_, best, _, is_ema) = loop.best_of(parts.trainee, parts.config, parts.accelerator, [], None)
+    assert best is parts.model and not is_ema
 
 
 def test_tta_flip_averages_each_image_and_its_mirror():
-    images = torch.randn(6, 3, 4, 4)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    weight = torch.randn(3, 3 * 4 * 4)
-    head_logits = lambda x: {'fe': x.flatten(1) @ weight.T, 'ssa': 2 * x.flatten(1) @ weight.T}  # noqa: E731
-    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    # 1 x 2 px images [left, right]; class 0 scores the left pixel, class 1 a constant 0: the plain logits
+    # and the mean over each image and its mirror ((left + right) / 2 against 0) disagree on every image
+    images = torch.tensor([[1.0, -3.0], [-1.0, 3.0], [2.0, -5.0]]).reshape(3, 1, 1, 2)
+    labels = torch.tensor([1, 0, 1])
+    head_logits = lambda x: {'fe': torch.stack([x[:, 0, 0, 0], torch.zeros(len(x))], 1)}  # noqa: E731
+    loader = [(images[:2], labels[:2]), (images[2:], labels[2:])]
     report = evaluate_heads(head_logits, loader, Accelerator(cpu=True), tta_flip=True)
-    mirrored = (images.flatten(1) + images.flip(-1).flatten(1)) / 2 @ weight.T
-    expected = (mirrored.argmax(1) == labels).float().mean().item() * 100
-    assert report['tta']['heads']['fe']['top1'] == pytest.approx(expected)
-    plain = ((images.flatten(1) @ weight.T).argmax(1) == labels).float().mean().item() * 100
-    assert report['heads']['fe']['top1'] == pytest.approx(plain) and report['count'] == 6
+    assert report['heads']['fe']['top1'] == 0 and report['tta']['heads']['fe']['top1'] == pytest.approx(100)
+    assert report_top1(report) == pytest.approx(100) and report['count'] == 3
 
 
 def test_attention_diagnostics_read_uniform_and_one_hot_rows():
@@ -153,25 +186,26 @@ def test_attention_diagnostics_read_uniform_and_one_hot_rows():
     assert peaked['entropy_ratio'] < 0.05 and peaked['row_max'] > 0.95 and peaked['logit_std'] > 100
 
 
-FLAGS = ['--model-ema', '--clip-grad', '1.0', '--channels-last', '--grad-checkpointing', '--tta', 'flip',
+ALL_FLAGS = ['--model-ema', '--clip-grad', '1.0', '--channels-last', '--grad-checkpointing', '--tta', 'flip',
          '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8']
 
 
-@pytest.mark.parametrize('launcher', ['single', 'two_processes'])
-def test_all_flags_in_a_run(tmp_path, launcher):
-    # --compile runs in the single-process run only: compiling in two CPU processes costs CI minutes
-    # (it passed there too when tried, see the README)
-    extra = dict(launcher=TWO_CPU_PROCESSES) if launcher == 'two_processes' else {}
-    flags = ['--cpu', *FLAGS] if extra else [*FLAGS, '--compile']
-    run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', *flags, '--output-dir', str(tmp_path), **extra)
+def test_all_flags_in_a_run(tmp_path):
+    assert run_main('train', *TINY_TRAIN, '--epochs', '2', *ALL_FLAGS, '--output-dir', str(tmp_path)) == 0
     lines = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert_all_flags_run(tmp_path, lines)
+
+
+def assert_all_flags_run(out, lines) -> None:
+    """What a run with ``ALL_FLAGS`` writes: flip and EMA reports every epoch, the warm-up rate, the EMA
+    exported exactly when it validated better than the model at the exported epoch, its weights saved."""
     assert len(lines) == 2
     for line in lines:
         val = line['val']
         assert val['count'] == 50 and set(val['tta']) == {'heads', 'output'}
         assert set(val['ema']['heads']) == {'ssa', 'fe'} and 'attention' in val['ema']
     assert lines[0]['lr'] == pytest.approx(1e-5)  # the warm-up epoch starts at 1 % of --lr (the heads' rate)
-    config = json.loads((tmp_path / 'best' / 'config.json').read_text())
-    assert isinstance(config['training']['ema'], bool)
-    checkpoint = tmp_path / 'checkpoints' / 'checkpoint_1'
-    assert (checkpoint / 'ema.safetensors').is_file()
+    training = json.loads((out / 'best' / 'config.json').read_text())['training']
+    exported = lines[training['epoch']]['val']
+    assert training['ema'] == (report_top1(exported['ema']) > report_top1(exported))
+    assert (out / 'checkpoints' / 'checkpoint_1' / 'ema.safetensors').is_file()

@@ -193,8 +193,11 @@ class CheckpointStore:
 
 
 def _check_files(folder: Path) -> None:
-    """Refuse truncated or damaged weight, optimizer and scaler files by their headers: a safetensors
-    header that does not fit the file, a torch archive without its central directory."""
+    """Refuse truncated or damaged weight, optimizer and scaler files by their headers (a safetensors
+    header that does not fit the file, a torch archive whose directory or checksums fail), and pickled
+    custom objects, which this recipe never saves and accelerate would unpickle."""
+    for path in sorted(folder.glob('custom_checkpoint_*')):
+        raise CheckpointError(f'{path} is not a file this recipe writes (accelerate would unpickle it); refused')
     for path in sorted(folder.glob('*.safetensors')):
         try:
             with safe_open(str(path), framework='pt') as f:
