@@ -17,12 +17,12 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 
 __all__ = ['HEARTBEAT_SECONDS', 'RUN_FILES', 'RunLock', 'STALE_AFTER_SECONDS', 'atomic_dir', 'atomic_write_text', 'check_output_file', 'ensure_writable_dir',
-           'restore_interrupted', 'run_files']
+           'check_output_path', 'restore_interrupted', 'run_files']
 
 RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
 LOCK_NAME = '.lock'
@@ -52,6 +52,60 @@ def check_output_file(path: Optional[str], what: str = 'output file') -> Optiona
     if out.is_dir():
         raise UserError(f'{what} {out} is a folder; give a file name')
     ensure_writable_dir(out.parent if str(out.parent) else Path('.'), f'folder of the {what}')
+    return out
+
+
+def _same_or_inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_path(
+        path: str | None,
+        what: str,
+        inputs: Sequence[str | Path] = (),
+        model_folders: Sequence[str | Path] = (),
+        is_folder: bool = False,
+) -> Path | None:
+    """Check, before the expensive work, that an output neither clobbers an input nor fails late.
+
+    Refused: an output equal to one of ``inputs`` (or the same file under another name), an output
+    inside one of ``model_folders`` (a report written over ``config.json`` would break the model), a
+    file output that is a folder, and a folder where a written byte does not land (a full disk fails
+    here, in one line, not after the work). Nothing is left behind by the check.
+
+    Args:
+        path: The output (None: nothing to check).
+        what: The flag that names it, for messages (e.g. '--output').
+        inputs: Files the command reads.
+        model_folders: Model folders the command reads.
+        is_folder: ``path`` is an output folder (created) rather than a file.
+
+    Returns:
+        ``path`` as a ``Path``, or None.
+
+    Raises:
+        UserError: Naming ``what``, the path and the reason.
+    """
+    if not path:
+        return None
+    out = Path(path)
+    for folder in model_folders:
+        if _same_or_inside(out, Path(folder)):
+            raise UserError(f'{what} {out} is inside the model folder {folder}; write it elsewhere '
+                            "(it would replace or mix with the model's files)")
+    for item in inputs:
+        item = Path(item)
+        if out.resolve() == item.resolve() or (out.exists() and item.exists() and os.path.samefile(out, item)):
+            raise UserError(f'{what} {out} is also an input; give another path')
+    parent = ensure_writable_dir(out, what) if is_folder else check_output_file(path, what).parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix='.write-check-') as probe:
+            probe.write(b'\0')
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        raise UserError(f'{what} {out}: cannot write to {parent}: {e.strerror or e}') from e
     return out
 
 
