@@ -353,3 +353,58 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_later(trained_run, tmp_path
     assert train(*flags, '--resume', 'latest') == 0  # space freed: it goes on from the last good checkpoint
     if writer != 'feature_cache':
         assert_same_weights(latest_weights(out), latest_weights(trained_run))
+
+
+# predict, evaluate and export: arguments, unreadable inputs, damaged exports
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    write_image(tmp_path / 'image.png', 0)
+    return tmp_path / 'image.png'
+
+
+@pytest.mark.parametrize('top_k', ['0', '-2'])
+def test_predict_top_k_checked(trained_run, image, top_k, capsys):
+    assert run_main('predict', '--model', str(trained_run / 'best'), str(image), '--top-k', top_k) == 2
+    assert 'argument --top-k: must be at least 1' in capsys.readouterr().err
+
+
+def test_predict_with_no_readable_image(trained_run, tmp_path, capsys):
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'a.jpg').write_bytes(b'not an image')
+    assert run_main('predict', '--model', str(trained_run / 'best'), str(tmp_path / 'bad')) == 1
+    one_error_line(capsys, 'none of the 1 image file(s) could be read')
+    (tmp_path / 'empty').mkdir()
+    assert run_main('predict', '--model', str(trained_run / 'best'), str(tmp_path / 'empty')) == 1
+    one_error_line(capsys, 'no images found in')
+
+
+def test_export_writes_into_a_new_folder_and_checks_paths_first(trained_run, tmp_path, capsys):
+    target = tmp_path / 'missing_dir' / 'm.pt'
+    assert run_main('export', '--model', str(trained_run / 'best'), '--torchscript', str(target)) == 0
+    assert target.stat().st_size > 0
+    (tmp_path / 'a_file').write_text('')
+    assert run_main('export', '--model', str(trained_run / 'best'), '--torchscript', str(tmp_path / 'a_file' / 'm.pt')) == 1
+    one_error_line(capsys, f'{tmp_path / "a_file"} is a file, not a folder')
+
+
+@pytest.mark.parametrize('damage,message', [
+    ('truncate', 'model.safetensors is damaged or truncated'),
+    ('bad_json', 'config.json is not valid JSON'),
+    ('other_architecture', "config.json describes a 'resnet18' model, not an SSANet"),
+])
+def test_damaged_export_names_the_file(trained_run, tmp_path, image, damage, message, capsys):
+    export = tmp_path / 'export'
+    shutil.copytree(trained_run / 'best', export)
+    if damage == 'truncate':
+        weights = export / 'model.safetensors'
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == 'bad_json':
+        (export / 'config.json').write_text('{"architecture": ')
+    else:
+        config = json.loads((export / 'config.json').read_text())
+        (export / 'config.json').write_text(json.dumps(dict(config, architecture='resnet18')))
+    recipes = [('predict', [str(image)])] + ([('evaluate', ['--workers', '0'])] if damage == 'truncate' else [])
+    for name, extra in recipes:  # the same loader serves every recipe
+        assert run_main(name, '--model', f'local-dir:{export}', *extra) == 1
+        assert str(export) in one_error_line(capsys, message)
