@@ -15,7 +15,7 @@ from PIL import Image
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
-from fixtures import TWO_CPU_PROCESSES, run_python, run_recipe  # noqa: E402
+from fixtures import TWO_CPU_PROCESSES, run_main, run_python, run_recipe  # noqa: E402
 from ssa_timm.data import DatasetLayoutError  # noqa: E402
 from ssa_timm.data.timm_datasets import build_timm_dataset, is_timm_spec  # noqa: E402
 from ssa_timm.errors import UserError  # noqa: E402
@@ -233,28 +233,37 @@ def spec_args(data: dict, kind: str) -> list:
     return ['--dataset', f'{kind}/{data["hf"]}', '--data-dir', data['cache']]
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """The datasets library offline, as ``HF_DATASETS_OFFLINE=1`` sets it at import."""
+    import datasets.config
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_OFFLINE', True)
+
+
 @pytest.mark.parametrize('kind', ['hfds', 'hfids', 'wds'])
-def test_train_and_evaluate_through_timm_specs(data, tmp_path, kind):
+def test_train_and_evaluate_through_timm_specs(data, tmp_path, kind, offline):
     out = tmp_path / 'run'
-    run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, kind), '--output-dir', str(out), env=OFFLINE)
+    assert run_main('train', *TRAIN_ARGS, *spec_args(data, kind), '--output-dir', str(out)) == 0
     line = json.loads((out / 'metrics.jsonl').read_text())
     assert line['val']['count'] == 9 and line['step'] == 6  # every validation image once; 24 / 4 steps
     config = json.loads((out / 'best' / 'config.json').read_text())
     assert config['label_names'] == CLASSES and config['training']['dataset'] == spec_args(data, kind)[1]
     report = tmp_path / 'eval.json'
-    run_recipe('evaluate.py', '--model', str(out / 'best'), *spec_args(data, kind), '--workers', '0',
-               '--output', str(report), env=OFFLINE)
+    assert run_main('evaluate', '--model', str(out / 'best'), *spec_args(data, kind), '--workers', '0',
+                    '--output', str(report)) == 0
     evaluated = json.loads(report.read_text())
     assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])
 
 
-def test_streams_refuse_what_they_cannot_resume(data, tmp_path):
-    proc = run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-backbone', '--cache-features',
-                      '--output-dir', str(tmp_path / 'b'), env=OFFLINE, check=False)
-    assert proc.returncode == 1 and '--cache-features needs a map-style dataset' in proc.stderr
-    proc = run_recipe('train.py', *TRAIN_ARGS, *spec_args(data, 'hfids'), '--checkpoint-steps', '2',
-                      '--output-dir', str(tmp_path / 'c'), env=OFFLINE, check=False)
-    assert proc.returncode == 1 and 'a streamed dataset (hfids/' in proc.stderr
+def test_streams_refuse_what_they_cannot_resume(data, tmp_path, offline, capsys):
+    assert run_main('train', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-backbone', '--cache-features',
+                    '--output-dir', str(tmp_path / 'b')) == 1
+    assert '--cache-features needs a map-style dataset' in capsys.readouterr().err
+    assert run_main('train', *TRAIN_ARGS, *spec_args(data, 'hfids'), '--checkpoint-steps', '2',
+                    '--output-dir', str(tmp_path / 'c')) == 1
+    assert 'a streamed dataset (hfids/' in capsys.readouterr().err
 
 
 def _id_rows(count: int, first: int) -> Rows:
@@ -262,6 +271,7 @@ def _id_rows(count: int, first: int) -> Rows:
     return [(((first + i) % 256, (first + i) // 256, 0), i % 3) for i in range(count)]
 
 
+@pytest.mark.slow
 def test_two_processes_see_each_sample_once(tmp_path):
     """2 processes (gloo) read hfids/ and wds/ streams as train.py does, with 0 and 2 loader workers:
     in an epoch every training sample is seen once and every validation sample counted once, and the
@@ -291,6 +301,7 @@ def test_two_processes_see_each_sample_once(tmp_path):
             assert len(batches[0]) == 4 and set(seen) < train_ids, key
 
 
+@pytest.mark.slow
 def test_two_process_training_and_evaluation_on_a_stream(tmp_path):
     # 23 training images: 12 on one process (3 batches of 4), 11 on the other (2 batches): both take 2
     # steps an epoch, and a --max-steps at the end of the second epoch ends it on both
