@@ -40,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument('--epochs', type=at_least(1), default=6, help='passed to train.py')
     p.add_argument('--seeds', default='0', help='comma separated; numbers are means over seeds')
     p.add_argument('--variants', default=','.join(PAPER_TABLE2_CUB), help='comma separated aggregation variants')
-    p.add_argument('--losses', default='ad,ce', help="comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)")
-    p.add_argument('--remedies', default='', help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn')
+    p.add_argument('--losses', default='ad,ce',
+                   help='comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)')
+    p.add_argument('--remedies', default='',
+                   help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn')
     p.add_argument('--output-dir', default='runs/ablation')
     p.add_argument('--launcher', default=sys.executable,
                    help='command that runs train.py, e.g. "accelerate launch --multi_gpu --num_processes 8"')
@@ -53,7 +55,8 @@ def parse_args(argv=None):
         p.error(f'--seeds must be comma separated integers, got {args.seeds!r}')
     args.variants, args.losses = args.variants.split(','), args.losses.split(',')
     args.remedies = [r for r in args.remedies.split(',') if r]
-    for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'), (args.losses, ('ad', 'ce'), '--losses'),
+    for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'),
+                                  (args.losses, ('ad', 'ce'), '--losses'),
                                   (args.remedies, REMEDIES, '--remedies')):
         unknown = [v for v in values if v not in allowed]
         if unknown:
@@ -149,7 +152,8 @@ def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
     remedies = sorted({r['remedy'] for r in rows if r['remedy']})
     if remedies:
         lines += ['', f'Attention remedies on plus ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s))', '',
-                  f'| setting | loss | model output | SSA head | FE head | {diagnostics} |', '|---|---|---|---|---|---|---|---|']
+                  f'| setting | loss | model output | SSA head | FE head | {diagnostics} |',
+                  '|---|---|---|---|---|---|---|---|']
         for remedy in ['', *remedies]:
             for loss in ('ad', 'ce'):
                 m = mean_over_seeds(rows, 'plus', loss, remedy)

@@ -199,7 +199,8 @@ def run_interleaved(cases: Dict[str, Callable[[], None]], repeats: int, device: 
 def bench_ssa(args: argparse.Namespace, device: torch.device) -> List[dict]:
     rows = []
     for side in (int(s) for s in args.ssa_sizes.split(',')):
-        case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device), args.amp) for p in ('sdpa', 'reference')}
+        case_args = {p: (p, args.ssa_batch, args.ssa_channels, side, str(device), args.amp)
+                     for p in ('sdpa', 'reference')}
         cases = {f'{p}_{mode}': ssa_case(*a, backward=mode == 'train')
                  for p, a in case_args.items() for mode in ('train', 'infer')}
         median = {k: statistics.median(t) * 1e3 for k, t in run_interleaved(cases, args.repeats, device).items()}
@@ -341,7 +342,8 @@ def main(argv=None) -> dict:
         for r in result['ssa']:
             print(f'| {r["N"]} | {r["K"]} | {r["batch"]} | {r["sdpa_ms"]:.1f} | {r["reference_ms"]:.1f} | '
                   f'{r["speedup"]:.2f}x | {r["sdpa_infer_ms"]:.1f} | {r["reference_infer_ms"]:.1f} | '
-                  f'{r["infer_speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | {r["kernel"]} |')
+                  f'{r["infer_speedup"]:.2f}x | {r["sdpa_peak_mb"]:.0f} | {r["reference_peak_mb"]:.0f} | '
+                  f'{r["kernel"]} |')
     if 'train' in sections:
         result['train'] = [bench_train(args, device, name) for name in args.model.split(',')]
         print(f'\nTrain step, SSANet vs its bare body + GAP + linear, {args.img_size} px, batch {args.batch_size}, '

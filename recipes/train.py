@@ -19,37 +19,48 @@ from functools import partial
 from pathlib import Path
 from typing import Dict
 
-from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from timm.optim import get_optimizer_class, list_optimizers
 from timm.utils import ModelEmaV3
 
 from ssa_timm import SelfADLoss
-from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_name, fraction, non_negative_float, positive_float, trackers
+from ssa_timm.cli import (
+    add_timm_dataset_args, at_least, dataset_name, fraction, non_negative_float, positive_float, trackers)
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.metrics import report_top1
 from ssa_timm.train import (
-    CheckpointStore, Progress, RunConfig, StopRequest, Trainee, append_metrics, best_of, build_datasets, build_loaders,
-    build_model, build_optimizer, build_scheduler, build_training_data, claim_output_dir, export_best, run_on_main,
-    scheduler_state, set_up_model, train_one_epoch)
+    CheckpointStore, Progress, RunConfig, StopRequest, Trainee, best_of, build_datasets, build_loaders,
+    build_model, build_optimizer, build_scheduler, build_training_data, claim_output_dir, make_accelerator, prepare,
+    run_on_main, scheduler_state, set_up_model, train_one_epoch)
 from ssa_timm.train.checkpoint import resume_run
 from ssa_timm.train.config import BUILTIN_DEFAULTS, PAPER_DEFAULTS
-from ssa_timm.train.outputs import epoch_record, epoch_summary, tracker_values
+from ssa_timm.train.outputs import epoch_record, epoch_summary, tracker_values, write_epoch
 
 DEFAULT = RunConfig()
 
 
 def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_data_args(p)
+    add_optimization_args(p)
+    add_run_args(p)
+    add_timm_dataset_args(p)
+    config = RunConfig.from_mapping(vars(p.parse_args(argv)))
+    check_config(p, config)
+    return config
+
+
+def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Model')
     g.add_argument('--model', help='ssanet_<timm body>_<aggregation> (registered or not); '
                    f'default {BUILTIN_DEFAULTS["model"]} on builtin, else {PAPER_DEFAULTS["model"]}')
     g.add_argument('--body-feature-index', type=int, help="read the body's map at this feature_info index, pruning "
                    "later stages (default: 2, ResNet-18's layer2, for ResNet-18 on builtin; else the last map)")
     g.add_argument('--img-size', type=at_least(1), help='default 64 on builtin, else 448')
-    g.add_argument('--scale-attn', action='store_true', help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
+    g.add_argument('--scale-attn', action='store_true',
+                   help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
     g.add_argument('--qk-norm', action='store_true', help='cosine attention: L2-normalised A and B with a learnable '
                    'temperature (paper: unscaled dot products)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
@@ -76,6 +87,9 @@ def parse_args(argv=None) -> RunConfig:
     g.add_argument('--temperature', type=positive_float, default=DEFAULT.temperature)
     g.add_argument('--label-smoothing', type=fraction, default=DEFAULT.label_smoothing)
 
+
+
+def add_optimization_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', help="timm optimizer: momentum (SGD with momentum), sgd (Nesterov SGD), adamw, lamb, ...; "
                    'default: adamw on builtin, else momentum (the paper)')
@@ -95,17 +109,24 @@ def parse_args(argv=None) -> RunConfig:
     g.add_argument('--sched', choices=('plateau', 'cosine', 'step'), default=DEFAULT.sched,
                    help='plateau: lr x0.3 after --plateau-patience epochs without a better val top-1 (paper)')
     g.add_argument('--plateau-patience', type=at_least(0), default=DEFAULT.plateau_patience)
-    g.add_argument('--decay-epochs', type=positive_float, default=DEFAULT.decay_epochs, help='step: epochs between decays')
+    g.add_argument('--decay-epochs', type=positive_float, default=DEFAULT.decay_epochs,
+                   help='step: epochs between decays')
     g.add_argument('--decay-rate', type=positive_float, default=DEFAULT.decay_rate, help='step: lr factor')
     g.add_argument('--warmup-epochs', type=at_least(0), default=DEFAULT.warmup_epochs)
     g.add_argument('--min-lr', type=non_negative_float, default=DEFAULT.min_lr)
 
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Weights averaging, speed and evaluation')
-    g.add_argument('--model-ema', action='store_true', help="keep timm's ModelEmaV3 of the weights; evaluated each epoch")
+    g.add_argument('--model-ema', action='store_true',
+                   help="keep timm's ModelEmaV3 of the weights; evaluated each epoch")
     g.add_argument('--model-ema-decay', type=fraction, default=DEFAULT.model_ema_decay)
-    g.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), help='default: what accelerate was configured with')
+    g.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'),
+                   help='default: what accelerate launch was configured with')
     g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--compile', action='store_true', help='torch.compile the training step (eval and export stay eager)')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the training step (eval and export stay eager)')
     g.add_argument('--grad-checkpointing', action='store_true', help="recompute the body's activations in backward")
     g.add_argument('--tta', choices=('none', 'flip'), default=DEFAULT.tta,
                    help='validation also with logits averaged over each image and its mirror; flip then picks the best')
@@ -121,10 +142,6 @@ def parse_args(argv=None) -> RunConfig:
     g.add_argument('--log-with', type=trackers, help='accelerate trackers, comma separated: tensorboard, wandb, ...')
     g.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
     g.add_argument('--debug', action='store_true', help='show the traceback of user errors')
-    add_timm_dataset_args(p)
-    config = RunConfig.from_mapping(vars(p.parse_args(argv)))
-    check_config(p, config)
-    return config
 
 
 def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
@@ -157,51 +174,37 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
 
 
 def training_function(config: RunConfig) -> Dict:
-    accelerator = Accelerator(
-        cpu=config.cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-        log_with=list(config.log_with or ()) or None, project_dir=config.output_dir,
-        dynamo_backend='inductor' if config.compile else None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = make_accelerator(config)
     out = config.output_path
     with claim_output_dir(out, accelerator, config.resume, config.overwrite), StopRequest() as stop:
         set_seed(config.seed)
         # data: validation labels index the training classes
-        train_images, val_images = build_datasets(config)
+        train_images, val_images = build_datasets(config, accelerator)
         classes = train_images.classes
-        if val_images.missing_classes:
-            accelerator.print(f'note: the validation split has no images of {len(val_images.missing_classes)} '
-                              f'training class(es): {val_images.missing_classes[:10]}')
         # model, and the data it trains on (images, or cached maps of a frozen body)
         model = build_model(config, len(classes))
         set_up_model(model, config)
         train_data, val_data, trainable = build_training_data(config, model, train_images, val_images, accelerator)
         train_loader, val_loader = build_loaders(config, accelerator, train_data, val_data)
-        # optimizer, schedule, loss
+        # optimizer, schedule, loss; then accelerate prepares what it runs
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         loss_fn = SelfADLoss(gamma=config.gamma, temperature=config.temperature, mode=config.loss,
                              label_smoothing=config.label_smoothing)
-        # prepare: a stream's loaders stay as they are, each process already reads its own share
-        trainable, optimizer = accelerator.prepare(trainable, optimizer)
-        if not is_stream(train_data):
-            train_loader = accelerator.prepare(train_loader)
-        if not is_stream(val_data):
-            val_loader = accelerator.prepare(val_loader)
+        trainable, optimizer, train_loader, val_loader = prepare(accelerator, trainable, optimizer, train_loader,
+                                                                 val_loader)
         ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
         trainee = Trainee(model, trainable, optimizer, loss_fn, ema)
         if config.log_with:
             accelerator.init_trackers('ssanet', config=config.trackers_config())
-        # resume
+        # resume: the checkpoint must come from a run with this identity
         identity = config.identity(classes, epoch_samples(train_images), epoch_samples(val_images),
                                    accelerator.num_processes)
-        on_main = partial(run_on_main, accelerator)
-        store = CheckpointStore(out, accelerator, config.keep_checkpoints, on_main)
+        store = CheckpointStore(out, accelerator, config.keep_checkpoints, partial(run_on_main, accelerator))
+        progress, message = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None, model,
+                                       end_of_epoch_only=is_stream(train_data)) if config.resume else (Progress(), None)
         if config.resume:
-            progress, message = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None, model,
-                                           end_of_epoch_only=is_stream(train_data))
             accelerator.print(message or f'--resume {config.resume}: no checkpoint yet, a fresh run')
-        else:
-            progress = Progress()
 
         def checkpoint() -> None:
             state = dict(identity=identity, progress=dataclasses.asdict(progress), scheduler=scheduler_state(scheduler))
@@ -215,21 +218,11 @@ def training_function(config: RunConfig) -> Dict:
             if not train_one_epoch(trainee, config, accelerator, train_loader, train_data, progress, epoch,
                                    checkpoint, stop):
                 break  # --max-steps or a stop signal, after a mid-epoch checkpoint
-            report, (top1, best_model, best_report, is_ema) = best_of(trainee, config, accelerator, val_loader,
-                                                                      probe_inputs)
-            lr = max(group['lr'] for group in optimizer.param_groups)  # the heads' rate of this epoch
+            report, best = best_of(trainee, config, accelerator, val_loader, probe_inputs)
+            record = epoch_record(epoch, progress, optimizer, report)
             scheduler.step(epoch + 1, report_top1(report))
-            record = epoch_record(epoch, progress.global_step, lr, progress.loss_sum / max(1, progress.loss_count),
-                                  progress.images / max(progress.seconds, 1e-9), report)
-            improved = top1 > progress.best_top1
-
-            def write_epoch() -> None:  # the metrics line before the checkpoint: a resume drops lines it redoes
-                if improved:
-                    export_best(best_model, out, classes, config.img_size, best_report,
-                                config.export_notes(epoch, is_ema))
-                append_metrics(out, record)
-            on_main(write_epoch)
-            progress.best_top1 = max(progress.best_top1, top1)
+            run_on_main(accelerator, partial(write_epoch, out, record, best, progress.best_top1, classes, config))
+            progress.best_top1 = max(progress.best_top1, best[0])
             progress.start_epoch(epoch + 1)
             checkpoint()
             accelerator.log(tracker_values(record, report_top1(report)), step=epoch)
@@ -238,13 +231,20 @@ def training_function(config: RunConfig) -> Dict:
                 break
         accelerator.wait_for_everyone()
         accelerator.end_training()
+    return finish(accelerator, config, progress, stop, store, len(classes))
+
+
+def finish(accelerator, config: RunConfig, progress: Progress, stop: StopRequest, store: CheckpointStore,
+           num_classes: int) -> Dict:
+    """Say where the run ended; a run a stop signal ended exits with status 128 + the signal."""
+    out = config.output_path
     if stop.signum and progress.epoch < config.epochs:
         accelerator.print(f'stopped by {stop.name} at epoch {progress.epoch}, step {progress.global_step}: checkpoint '
                           f'{store.folders()[0]}; continue with --resume latest (or auto)', flush=True)
         raise SystemExit(stop.exit_code)
     if progress.best_top1 >= 0:
         accelerator.print(f'best val top-1 (model output): {progress.best_top1:.2f}% '
-                          f'(chance {100 / len(classes):.1f}%); model exported to {out / "best"}')
+                          f'(chance {100 / num_classes:.1f}%); model exported to {out / "best"}')
     return dict(best_top1=progress.best_top1, epochs_done=progress.epoch, global_step=progress.global_step,
                 output_dir=str(out))
 

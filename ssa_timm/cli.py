@@ -37,7 +37,8 @@ def comma_separated(item: Callable[[str], Any]) -> Callable[[str], List[Any]]:
 
 
 def dataset_name(text: str) -> str:
-    """A ``--dataset`` value: one of ``ssa_timm.data.DATASETS`` or a timm spec (``hfds/...``, ``hfids/...``, ``wds/...``)."""
+    """A ``--dataset`` value: one of ``ssa_timm.data.DATASETS`` or a timm spec (``hfds/...``, ``hfids/...``,
+    ``wds/...``)."""
     if text in DATASETS or is_timm_spec(text):
         return text
     raise argparse.ArgumentTypeError(f'expected one of {", ".join(DATASETS)} or a timm dataset spec '
@@ -68,7 +69,8 @@ def trackers(text: str) -> List[str]:
     names = [name.strip() for name in text.split(',') if name.strip()]
     for name in names:
         if name not in known:
-            raise argparse.ArgumentTypeError(f'{name!r} is not an accelerate tracker; expected one of {", ".join(known)}')
+            raise argparse.ArgumentTypeError(
+                f'{name!r} is not an accelerate tracker; expected one of {", ".join(known)}')
         available = getattr(accelerate.utils, f'is_{name}_available', None)
         if available is not None and not available():
             raise argparse.ArgumentTypeError(f'{name}: its package is not installed (pip install {name})')
@@ -123,7 +125,8 @@ def add_timm_dataset_args(p: argparse.ArgumentParser) -> None:
 
 
 def dataset_split(args: argparse.Namespace, training: bool) -> str:
-    """The split to read: 'train' / 'val' of the built-in readers, ``--train-split`` / ``--val-split`` of a timm spec."""
+    """The split to read: 'train' / 'val' of the built-in readers, ``--train-split`` / ``--val-split`` of a
+    timm spec."""
     if is_timm_spec(args.dataset):
         return args.train_split if training else args.val_split
     return 'train' if training else 'val'

@@ -115,7 +115,8 @@ def _checked_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if target.dtype != torch.long:
         raise ValueError(f'expected class indices of dtype torch.long as target, got {target.dtype}')
     if target.shape != (batch,):
-        raise ValueError(f'expected target of shape ({batch},) for logits {tuple(logits.shape)}, got {tuple(target.shape)}')
+        raise ValueError(
+            f'expected target of shape ({batch},) for logits {tuple(logits.shape)}, got {tuple(target.shape)}')
     valid = (target >= 0) & (target < num_classes)
     if target.device.type != 'cpu':
         return target.where(valid, num_classes)

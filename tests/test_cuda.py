@@ -42,7 +42,8 @@ def test_bf16_autocast_uses_a_fused_kernel_and_stays_close():
         with torch.profiler.profile() as prof, torch.autocast('cuda', dtype=torch.bfloat16):
             out = layer(x)
     kernels = {e.key for e in prof.key_averages()}
-    assert any(k.startswith(('aten::_flash', 'aten::_efficient', 'aten::_scaled_dot_product_cudnn')) for k in kernels), kernels
+    fused = ('aten::_flash', 'aten::_efficient', 'aten::_scaled_dot_product_cudnn')
+    assert any(k.startswith(fused) for k in kernels), kernels
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
@@ -87,7 +88,8 @@ def test_out_of_range_gpu_labels_fail_instead_of_being_ignored(label):
 
 
 def test_train_recipe_on_one_gpu_with_bf16(tmp_path):
-    proc = run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', '--mixed-precision', 'bf16', '--output-dir', str(tmp_path))
+    proc = run_recipe('train.py', *TINY_TRAIN, '--epochs', '2', '--mixed-precision', 'bf16',
+                      '--output-dir', str(tmp_path))
     assert 'process 0/1 on cuda' in proc.stdout
     lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert [m['epoch'] for m in lines] == [0, 1] and all(m['train_loss'] == m['train_loss'] for m in lines)

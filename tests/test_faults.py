@@ -384,7 +384,8 @@ def test_export_writes_into_a_new_folder_and_checks_paths_first(trained_run, tmp
     assert run_main('export', '--model', str(trained_run / 'best'), '--torchscript', str(target)) == 0
     assert target.stat().st_size > 0
     (tmp_path / 'a_file').write_text('')
-    assert run_main('export', '--model', str(trained_run / 'best'), '--torchscript', str(tmp_path / 'a_file' / 'm.pt')) == 1
+    inside_a_file = str(tmp_path / 'a_file' / 'm.pt')
+    assert run_main('export', '--model', str(trained_run / 'best'), '--torchscript', inside_a_file) == 1
     one_error_line(capsys, f'{tmp_path / "a_file"} is a file, not a folder')
 
 

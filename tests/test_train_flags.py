@@ -93,7 +93,8 @@ def lr_per_epoch(*flags: str, metric=lambda epoch: 50.0):
 
 
 def test_schedules_per_epoch():
-    cosine = lr_per_epoch('--sched', 'cosine', '--epochs', '5', '--warmup-epochs', '1', '--lr', '0.1', '--min-lr', '0.001')
+    cosine = lr_per_epoch('--sched', 'cosine', '--epochs', '5', '--warmup-epochs', '1', '--lr', '0.1',
+                          '--min-lr', '0.001')
     assert cosine[0] == pytest.approx(0.001)  # warm-up starts at 1 % of --lr
     assert cosine[1] > cosine[2] > cosine[3] > cosine[4] >= 0.001 and cosine[1] <= 0.1
     step = lr_per_epoch('--sched', 'step', '--epochs', '5', '--decay-epochs', '2', '--decay-rate', '0.5', '--lr', '0.1')
@@ -106,7 +107,8 @@ def test_schedules_per_epoch():
 
 def test_ema_channels_last_grad_checkpointing_and_clipping(monkeypatch):
     run = setup_run('--model-ema', '--model-ema-decay', '0.5', '--channels-last', '--grad-checkpointing',
-                    '--clip-grad', '0.001', '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0', '--lr', '0.1')
+                    '--clip-grad', '0.001', '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0',
+                    '--lr', '0.1')
     conv = next(m for m in run.model.body.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     calls = []

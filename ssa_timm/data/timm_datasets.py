@@ -20,7 +20,8 @@ from ..errors import UserError
 from .readers import DatasetLayoutError
 from .streams import buffer_shuffle, process_rank, rank_share
 
-__all__ = ['STREAM_SHUFFLE_SIZE', 'TIMM_PREFIXES', 'TimmImageStream', 'TimmImages', 'build_timm_dataset', 'is_timm_spec']
+__all__ = ['STREAM_SHUFFLE_SIZE', 'TIMM_PREFIXES', 'TimmImageStream', 'TimmImages', 'build_timm_dataset',
+           'is_timm_spec']
 
 TIMM_PREFIXES = ('hfds/', 'hfids/', 'wds/', 'tfds/')
 _PACKAGES = {'hfds/': 'datasets', 'hfids/': 'datasets', 'wds/': 'webdataset'}

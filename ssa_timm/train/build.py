@@ -16,13 +16,17 @@ from ..hub import load_model
 from .config import RunConfig
 
 __all__ = ['build_datasets', 'build_loaders', 'build_model', 'build_training_data', 'load_initial_checkpoint',
-           'set_up_model']
+           'make_accelerator', 'prepare', 'set_up_model']
 
 
-def build_datasets(config: RunConfig) -> Tuple[Dataset, Dataset]:
-    """Training and validation images; validation labels are indices into the training classes."""
+def build_datasets(config: RunConfig, accelerator=None) -> Tuple[Dataset, Dataset]:
+    """Training and validation images; validation labels are indices into the training classes (a
+    note is printed through ``accelerator`` for training classes the validation split lacks)."""
     train = build_dataset(config.dataset, **config.dataset_options(training=True))
     val = build_dataset(config.dataset, classes=train.classes, **config.dataset_options(training=False))
+    if val.missing_classes and accelerator is not None:
+        accelerator.print(f'note: the validation split has no images of {len(val.missing_classes)} training '
+                          f'class(es): {val.missing_classes[:10]}')
     counts = epoch_samples(train), epoch_samples(val)  # over all processes: every process decides alike
     if 0 in counts:
         raise UserError(f'the {config.dataset} dataset has {counts[0]} training and {counts[1]} validation images')
@@ -116,7 +120,30 @@ def build_training_data(config: RunConfig, model: torch.nn.Module, train_images:
             CachedFeatures(val_path, val_data.dataset.targets), HeadsOnCachedFeatures(model))
 
 
-def build_loaders(config: RunConfig, accelerator, train_data: Dataset, val_data: Dataset) -> Tuple[DataLoader, DataLoader]:
+def make_accelerator(config: RunConfig):
+    """The run's ``accelerate.Accelerator``: device, mixed precision, accumulation, trackers, compile, and
+    a seedable sampler (the shuffle order of an epoch is a function of the seed and the epoch)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    return Accelerator(
+        cpu=config.cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+        log_with=list(config.log_with or ()) or None, project_dir=config.output_dir,
+        dynamo_backend='inductor' if config.compile else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def prepare(accelerator, trainable: torch.nn.Module, optimizer, train_loader: DataLoader, val_loader: DataLoader):
+    """``accelerator.prepare`` the module, the optimizer and the loaders; a stream's loaders stay as they
+    are (each process already reads its own share of the stream)."""
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    if not is_stream(train_loader.dataset):
+        train_loader = accelerator.prepare(train_loader)
+    if not is_stream(val_loader.dataset):
+        val_loader = accelerator.prepare(val_loader)
+    return trainable, optimizer, train_loader, val_loader
+
+
+def build_loaders(config: RunConfig, accelerator, train_data: Dataset,
+                  val_data: Dataset) -> Tuple[DataLoader, DataLoader]:
     """Loaders of the training and validation data (not yet prepared by accelerate).
 
     BatchNorm1d cannot train on one image: one process drops a last batch of one; several processes

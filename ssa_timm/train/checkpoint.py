@@ -10,7 +10,7 @@ temporary folder and leaves the earlier checkpoints as they were.
 import json
 import shutil
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -170,8 +170,9 @@ class CheckpointStore:
             try:
                 state = self.read(folder, identity)
                 if end_of_epoch_only and state['progress']['step_in_epoch']:
-                    raise CheckpointError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; a '
-                                          'streamed dataset resumes only from a checkpoint saved at the end of an epoch')
+                    raise CheckpointError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; '
+                                          'a streamed dataset resumes only from a checkpoint saved at the end of an '
+                                          'epoch')
             except CheckpointError as e:
                 if resume not in ('latest', 'auto') or 'was saved by a run with' in str(e):
                     raise

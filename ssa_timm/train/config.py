@@ -106,7 +106,8 @@ class RunConfig:
             given['log_with'] = tuple(given['log_with'])
         config = cls(**given)
         builtin = config.dataset == 'builtin'
-        filled = {k: v for k, v in (BUILTIN_DEFAULTS if builtin else PAPER_DEFAULTS).items() if getattr(config, k) is None}
+        defaults = BUILTIN_DEFAULTS if builtin else PAPER_DEFAULTS
+        filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
         if config.pretrained is None:
             filled['pretrained'] = not builtin or config.pretrained_path is not None
         model = filled.get('model', config.model)

@@ -101,7 +101,8 @@ def _epoch_batches(loader, train_data, config: RunConfig, accelerator, progress:
         return batches_on_every_process(loader, accelerator, config.grad_accum), steps
     loader.set_epoch(epoch)
     skip = progress.step_in_epoch * config.grad_accum
-    return (accelerator.skip_first_batches(loader, skip) if skip else loader), math.ceil(len(loader) / config.grad_accum)
+    steps = math.ceil(len(loader) / config.grad_accum)
+    return (accelerator.skip_first_batches(loader, skip) if skip else loader), steps
 
 
 def train_one_epoch(trainee: Trainee, config: RunConfig, accelerator, loader, train_data, progress: Progress,

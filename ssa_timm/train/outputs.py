@@ -10,7 +10,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Sequence
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -20,7 +20,7 @@ from ..hub import export_model
 from ..run_dir import RunLock, atomic_dir, atomic_write_text, ensure_writable_dir, restore_interrupted, run_files
 
 __all__ = ['REPLACED', 'append_metrics', 'claim_output_dir', 'drop_replaced_run', 'epoch_record', 'epoch_summary',
-           'export_best', 'keep_metrics_before', 'run_on_main', 'tracker_values']
+           'export_best', 'keep_metrics_before', 'run_on_main', 'tracker_values', 'write_epoch']
 
 REPLACED = '.replaced'  # --overwrite moves the old run here, deleted once the new run has a checkpoint
 METRICS = 'metrics.jsonl'
@@ -124,16 +124,31 @@ def keep_metrics_before(out: Path, epoch: int) -> None:
     atomic_write_text(path, ''.join(f'{text}\n' for text in kept))
 
 
-def epoch_record(epoch: int, step: int, lr: float, loss: float, images_per_s: float, report: Dict) -> Dict[str, Any]:
-    """The ``metrics.jsonl`` line of an epoch."""
-    return dict(epoch=epoch, step=step, train_loss=loss, lr=lr, images_per_s=images_per_s, val=report)
+def epoch_record(epoch: int, progress, optimizer, report: Dict) -> Dict[str, Any]:
+    """The ``metrics.jsonl`` line of an epoch that ``progress`` has just finished (before the schedule
+    steps: ``lr`` is the heads' rate of this epoch)."""
+    return dict(epoch=epoch, step=progress.global_step, train_loss=progress.loss_sum / max(1, progress.loss_count),
+                lr=max(group['lr'] for group in optimizer.param_groups),
+                images_per_s=progress.images / max(progress.seconds, 1e-9), val=report)
+
+
+def write_epoch(out: Path, record: Dict[str, Any], best: Tuple[float, torch.nn.Module, Dict, bool], best_so_far: float,
+                classes: Sequence[str], config) -> None:
+    """Export ``best`` (``(top-1, model, report, is the EMA)``) when it beats ``best_so_far``, then add
+    the epoch's metrics line: a resume drops the lines of the epochs it redoes, so the line goes
+    before the epoch's checkpoint."""
+    top1, model, report, is_ema = best
+    if top1 > best_so_far:
+        export_best(model, out, classes, config.img_size, report, config.export_notes(record['epoch'], is_ema))
+    append_metrics(out, record)
 
 
 def epoch_summary(record: Dict[str, Any]) -> str:
     """One printed line for an epoch: loss, top-1 of the output and each head, the attention's state."""
     report = record['val']
     heads = ', '.join(f'{k} {v["top1"]:.1f}%' for k, v in report['heads'].items())
-    text = f'epoch {record["epoch"]}: loss {record["train_loss"]:.4f}, val top-1 {report["output"]["top1"]:.1f}% ({heads})'
+    text = (f'epoch {record["epoch"]}: loss {record["train_loss"]:.4f}, '
+            f'val top-1 {report["output"]["top1"]:.1f}% ({heads})')
     attention = report.get('attention')
     if attention and attention['alpha'] is not None:
         text += (f'; attention: alpha {attention["alpha"]:+.3f}, row entropy {attention["entropy_ratio"]:.2f} of '

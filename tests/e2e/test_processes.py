@@ -110,7 +110,8 @@ def test_sigkill_while_exporting_best_then_resume(trained_run, tmp_path):
     assert not (out / 'best').exists() and list(out.glob('.best.tmp-*'))
     run_recipe('train.py', *TRAINED_RUN, '--resume', 'latest', '--output-dir', str(out))
     assert_same_weights(latest_weights(out), latest_weights(trained_run))
-    assert_same_weights(load_file(out / 'best' / 'model.safetensors'), load_file(trained_run / 'best' / 'model.safetensors'))
+    assert_same_weights(load_file(out / 'best' / 'model.safetensors'),
+                        load_file(trained_run / 'best' / 'model.safetensors'))
     assert not list(out.glob('.best.*'))
 
 
@@ -127,14 +128,15 @@ def test_sigterm_to_a_training_process(tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in stderr, stderr[-3000:]
-    assert f'stopped by SIGTERM at epoch 0' in stdout and 'continue with --resume latest' in stdout
+    assert 'stopped by SIGTERM at epoch 0' in stdout and 'continue with --resume latest' in stdout
     state = json.loads((out / 'checkpoints' / 'checkpoint_0' / 'run_state.json').read_text())
     assert 0 < state['progress']['step_in_epoch'] < 500 and not (out / '.lock').exists()
 
 
 def test_two_concurrent_runs_into_one_folder(tmp_path):
     out = tmp_path / 'run'
-    command = [sys.executable, str(ROOT / 'recipes' / 'train.py'), *TINY_TRAIN, '--epochs', '1', '--output-dir', str(out)]
+    command = [sys.executable, str(ROOT / 'recipes' / 'train.py'), *TINY_TRAIN, '--epochs', '1',
+               '--output-dir', str(out)]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -161,7 +163,8 @@ def test_offline_without_cached_weights_names_the_repo(tmp_path):
     env = {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'empty_cache')}
     proc = run_recipe('predict.py', '--model', 'hf-hub:someone/not-cached', str(tmp_path / 'image.png'), env=env,
                       check=False)
-    assert_user_error(proc, 'config.json of someone/not-cached is not in the Hugging Face cache and HF_HUB_OFFLINE is set')
+    assert_user_error(proc, 'config.json of someone/not-cached is not in the Hugging Face cache and HF_HUB_OFFLINE '
+                            'is set')
     proc = run_recipe('train.py', '--model', 'ssanet_resnet18_plus', '--pretrained', '--epochs', '1',
                       '--builtin-train-per-class', '1', '--builtin-val-per-class', '1', '--output-dir',
                       str(tmp_path / 'run'), env=env, check=False)

@@ -22,7 +22,8 @@ import ssa_timm  # noqa: F401  (registers the models)
 _CI_SUBSET = ','.join([
     'ssanet', 'ssanet_vgg16_multiply', 'ssanet_resnet50_alpha', 'ssanet_inception_v3_no_alpha',
     'ssanet_densenet121_no_attention', 'ssanet_convnext_tiny_plus', 'ssanet_efficientnet_b0_plus',
-    'ssanet_vit_small_patch16_384_plus', 'ssanet_eva02_tiny_patch14_336_plus', 'ssanet_swin_tiny_patch4_window7_224_plus',
+    'ssanet_vit_small_patch16_384_plus', 'ssanet_eva02_tiny_patch14_336_plus',
+    'ssanet_swin_tiny_patch4_window7_224_plus',
 ])
 _PATTERNS = os.environ.get('SSANET_MODELS', _CI_SUBSET).split(',')
 _list_models = timm.list_models
