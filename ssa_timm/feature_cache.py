@@ -77,6 +77,16 @@ def build_feature_cache(
     if error:
         raise UserError(error)
 
+    _fill(model, dataset, path, views, accelerator, batch_size, num_workers)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(marker, json.dumps(meta))
+    return path
+
+
+def _fill(model: torch.nn.Module, dataset: Dataset, path: Path, views: int, accelerator, batch_size: int,
+          num_workers: int) -> None:
+    """Write this process's rows (every ``world_size``-th image) of the cache file at ``path``."""
     out = np.load(path, mmap_mode='r+')
     shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers)
@@ -90,11 +100,6 @@ def build_feature_cache(
                 batch = images.flip(-1) if view else images
                 out[rows, view] = model.forward_body(batch).float().cpu().numpy()
     out.flush()
-    del out
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(marker, json.dumps(meta))
-    return path
 
 
 def _allocate(path: Path, marker: Path, shape: Tuple[int, ...]) -> Optional[str]:

@@ -199,18 +199,7 @@ def build_timm_dataset(
         classes: The training split's classes: labels become indices into them by name, a class not
             among them raises ``DatasetLayoutError``.
     """
-    prefix, _, rest = spec.partition('/')
-    prefix = prefix.lower() + '/'
-    if prefix not in TIMM_PREFIXES:
-        raise UserError(f'{spec!r} is not a timm dataset spec: it must start with one of {TIMM_PREFIXES}')
-    if prefix == 'tfds/':
-        raise UserError(f'{spec}: tfds/ datasets are not supported (they need tensorflow-datasets); '
-                        'use an hfds/, hfids/ or wds/ copy of the dataset')
-    package = _PACKAGES[prefix]
-    try:
-        importlib.import_module(package)
-    except ImportError as e:
-        raise UserError(f"{prefix} datasets need the {package!r} package: pip install 'ssa-timm[data]'") from e
+    prefix, rest = _check_spec(spec)
     # timm's reader in evaluation mode: one pass, no repeats (its training mode repeats to a count)
     kwargs = dict(split=split, input_key=input_key, target_key=target_key, seed=seed, is_training=False,
                   num_samples=num_samples, download=download)
@@ -227,7 +216,29 @@ def build_timm_dataset(
         names = own or ([str(i) for i in range(num_classes)] if num_classes else None)
         if names is None:
             raise UserError(f'{where} does not name its classes; pass a class map file ({_CLASS_MAP_FORMAT})')
-    own = own or names
+    return _labelled(dataset, prefix, names, own or names, classes, where, STREAM_SHUFFLE_SIZE if is_training else 0,
+                     seed)
+
+def _check_spec(spec: str) -> Tuple[str, str]:
+    """``(prefix, rest)`` of a timm spec whose reader can run here (its package installed)."""
+    prefix, _, rest = spec.partition('/')
+    prefix = prefix.lower() + '/'
+    if prefix not in TIMM_PREFIXES:
+        raise UserError(f'{spec!r} is not a timm dataset spec: it must start with one of {TIMM_PREFIXES}')
+    if prefix == 'tfds/':
+        raise UserError(f'{spec}: tfds/ datasets are not supported (they need tensorflow-datasets); '
+                        'use an hfds/, hfids/ or wds/ copy of the dataset')
+    package = _PACKAGES[prefix]
+    try:
+        importlib.import_module(package)
+    except ImportError as e:
+        raise UserError(f"{prefix} datasets need the {package!r} package: pip install 'ssa-timm[data]'") from e
+    return prefix, rest
+
+
+def _labelled(dataset, prefix: str, names: List[str], own: List[str], classes: Optional[Sequence[str]], where: str,
+              shuffle_size: int, seed: int) -> Dataset:
+    """The dataset with labels as indices into ``classes`` (by name) or else into its ``own`` names."""
     remap = classes is not None and list(classes) != own
     relabel = _Relabel(names, own, classes if remap else own, where)
     if prefix == 'hfds/':
@@ -245,7 +256,8 @@ def build_timm_dataset(
             raise DatasetLayoutError(relabel.unknown(unknown))
     missing = [c for c in classes if c not in set(own)] if remap else []
     return TimmImageStream(dataset, classes if remap else own, relabel, missing,
-                           shuffle_size=STREAM_SHUFFLE_SIZE if is_training else 0, seed=seed)
+                           shuffle_size=shuffle_size, seed=seed)
+
 
 
 def _create(spec: str, prefix: str, name: str, root: Optional[str], kwargs: dict) -> Dataset:
