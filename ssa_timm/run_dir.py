@@ -21,8 +21,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 
-__all__ = ['HEARTBEAT_SECONDS', 'RUN_FILES', 'RunLock', 'STALE_AFTER_SECONDS', 'atomic_dir', 'atomic_write_text', 'check_output_file', 'ensure_writable_dir',
-           'check_output_path', 'restore_interrupted', 'run_files']
+__all__ = [
+    'HEARTBEAT_SECONDS', 'RUN_FILES', 'RunLock', 'STALE_AFTER_SECONDS', 'atomic_dir', 'atomic_write_text',
+    'check_output_file', 'ensure_writable_dir', 'check_output_path', 'restore_interrupted', 'run_files',
+]
 
 RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
 LOCK_NAME = '.lock'
@@ -176,7 +178,8 @@ class RunLock:
         stale_after: A lock whose heartbeat is older than this many seconds is stale.
     """
 
-    def __init__(self, folder: Path, heartbeat: float = HEARTBEAT_SECONDS, stale_after: float = STALE_AFTER_SECONDS) -> None:
+    def __init__(self, folder: Path, heartbeat: float = HEARTBEAT_SECONDS,
+                 stale_after: float = STALE_AFTER_SECONDS) -> None:
         self.path = folder / LOCK_NAME
         self.heartbeat = heartbeat
         self.stale_after = stale_after
