@@ -6,6 +6,10 @@ a timm body's (that is ``SSANet``), a torchvision model's through
 output. In eval mode it returns one tensor, the mean of the two heads' logits; in train mode with
 ``set_distilled_training(True)`` it returns ``(z_ssa, z_fe)`` for ``SelfADLoss``.
 
+Order: the maps are F then H (``forward_features``: the input map first, then the map the SSA
+module adds); the heads are SSA then FE everywhere they are listed (the train-mode logits pair,
+``pre_logits``, ``heads()``, the per-head dicts).
+
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` (Baffour et al., JVCIR 2021), sections 3.2 and 3.4.
 """
@@ -14,24 +18,22 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .layers import AGGREGATIONS, BottleneckHead, SpatialSelfAttention
+from .layers import VARIANTS, BottleneckHead, SpatialSelfAttention
 
-__all__ = ['SSAHeads', 'VARIANTS']
-
-# Paper Table 2 rows: the four SSA aggregations plus the body-only baseline.
-VARIANTS = AGGREGATIONS + ('no_attention',)
+__all__ = ['VARIANTS', 'SSAHeads']
 
 
 class SSAHeads(nn.Module):
-    """SSA module + SSA head (reads H) + FE head (reads F) over a ``(B, C, H, W)`` map F.
+    """SSA module + SSA head (reads H) + FE head (reads F) over a ``(B, K, H, W)`` map F.
 
     ``forward_features(F)`` gives F and H concatenated on the channel axis (F alone for
     ``no_attention``); ``forward_head`` turns that into logits. ``forward(F)`` does both.
+    Heads are listed SSA then FE (see the module docstring).
     """
 
     def __init__(
             self,
-            in_chans: int,
+            in_channels: int,
             num_classes: int,
             aggregation: str = 'plus',
             width: int = 1024,
@@ -47,7 +49,7 @@ class SSAHeads(nn.Module):
     ) -> None:
         """
         Args:
-            in_chans: Channels C of the input map.
+            in_channels: Channels K of the input map F.
             num_classes: Classes of both heads; 0 keeps the heads' hidden layers only.
             aggregation: One of ``VARIANTS`` ('plus', 'multiply', 'alpha', 'no_alpha', 'no_attention').
             width: Hidden width of each head (paper: 1024).
@@ -61,25 +63,23 @@ class SSAHeads(nn.Module):
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
         """
         super().__init__()
-        if aggregation not in VARIANTS:
-            raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
         dd = {'device': device, 'dtype': dtype}
         head_args = dict(width=width, pool_type=pool_type, drop_rate=drop_rate, act_layer=act_layer, **dd)
-        self.in_chans = in_chans
+        self.in_channels = in_channels
         self.num_classes = num_classes
         self.aggregation = aggregation
         self.distilled_training = False
         if aggregation == 'no_attention':
             self.attn = None
             self.ssa = None
-        else:
+        else:  # SpatialSelfAttention checks the aggregation
             self.attn = SpatialSelfAttention(
-                in_chans, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm,
+                in_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm,
                 fused_attn=fused_attn, **dd)
-            self.ssa = BottleneckHead(in_chans, num_classes, **head_args)
-        self.fe = BottleneckHead(in_chans, num_classes, **head_args)
+            self.ssa = BottleneckHead(in_channels, num_classes, **head_args)
+        self.fe = BottleneckHead(in_channels, num_classes, **head_args)
         num_heads = 1 if self.attn is None else 2
-        self.num_features = in_chans * num_heads
+        self.num_features = in_channels * num_heads
         self.head_hidden_size = width * num_heads
 
     def heads(self) -> List[BottleneckHead]:
@@ -105,12 +105,12 @@ class SSAHeads(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``forward_features`` output -> mean logits (eval), ``(z_ssa, z_fe)`` (distilled training),
-        or with ``pre_logits`` (or no classes) the hidden vectors, FE then SSA, concatenated."""
+        or with ``pre_logits`` (or no classes) the hidden vectors, SSA then FE, concatenated."""
         if self.ssa is None:  # no_attention
             return self.fe(x, pre_logits=pre_logits)
-        fe_map, ssa_map = x[:, :self.in_chans], x[:, self.in_chans:]
+        fe_map, ssa_map = x[:, :self.in_channels], x[:, self.in_channels:]
         if pre_logits or self.num_classes == 0:
-            return torch.cat([self.fe(fe_map, pre_logits=True), self.ssa(ssa_map, pre_logits=True)], dim=1)
+            return torch.cat([self.ssa(ssa_map, pre_logits=True), self.fe(fe_map, pre_logits=True)], dim=1)
         z_ssa, z_fe = self.ssa(ssa_map), self.fe(fe_map)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             # separate logits for the Self-AD loss only when training in distilled mode
@@ -125,8 +125,8 @@ class SSAHeads(nn.Module):
             raise RuntimeError('the heads have no classifier (num_classes=0)')
         if self.ssa is None:
             return {'fe': self.fe(features)}
-        return {'ssa': self.ssa(features[:, self.in_chans:]), 'fe': self.fe(features[:, :self.in_chans])}
+        return {'ssa': self.ssa(features[:, self.in_channels:]), 'fe': self.fe(features[:, :self.in_channels])}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """F ``(B, C, H, W)`` -> logits (see ``forward_head``)."""
+        """F ``(B, K, H, W)`` -> logits (see ``forward_head``)."""
         return self.forward_head(self.forward_features(x))

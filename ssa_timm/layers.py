@@ -1,5 +1,8 @@
 """SSANet layers: the spatial self-attention module and the classifier head.
 
+``in_channels`` is the channel count K of the feature map F ``(B, K, H, W)`` that both layers read
+(an image's channels are ``in_chans``, as in timm).
+
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` (Baffour et al., JVCIR 2021), sections 3.2 (spatial self-attention, Fig. 3) and
 3.4 (classifier).
@@ -13,17 +16,33 @@ import torch.nn.functional as F
 
 from timm.layers import SelectAdaptivePool2d, use_fused_attn
 
-__all__ = ['AGGREGATIONS', 'BottleneckHead', 'SSAHead', 'SpatialSelfAttention']
+__all__ = ['AGGREGATIONS', 'VARIANTS', 'BottleneckHead', 'SpatialSelfAttention', 'check_aggregation']
 
-# How the attended map O is combined with the body map F (paper Table 2 rows); the fifth
-# variant, 'no_attention', has no SSA module at all and lives in the model.
+# How the attended map O is combined with the body map F (paper Table 2 rows 2-5).
 AGGREGATIONS = ('plus', 'multiply', 'alpha', 'no_alpha')
+# Paper Table 2 rows: the four aggregations plus the body-only baseline, which has no SSA module.
+VARIANTS = AGGREGATIONS + ('no_attention',)
 
 
-def _check_feature_map(x: torch.Tensor, dim: int) -> None:
+def check_aggregation(aggregation: str) -> str:
+    """The one check of an ``aggregation`` argument: it must be one of ``VARIANTS``.
+
+    ``SpatialSelfAttention`` calls it (``SSAHeads`` passes its aggregation on to that layer) and so
+    does ``SSANet``, before it builds its body; ``create_ssanet`` and the entrypoints pass theirs to
+    ``SSANet``.
+
+    Returns:
+        ``aggregation``, unchanged.
+    """
+    if aggregation not in VARIANTS:
+        raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
+    return aggregation
+
+
+def _check_feature_map(x: torch.Tensor, in_channels: int) -> None:
     """Fail with the expected and actual shapes (``torch._assert`` keeps it FX-traceable)."""
-    torch._assert(x.ndim == 4, f'expected a (B, {dim}, H, W) feature map, got shape {x.shape}')
-    torch._assert(x.shape[1] == dim, f'expected a (B, {dim}, H, W) feature map, got shape {x.shape}')
+    torch._assert(x.ndim == 4, f'expected a (B, {in_channels}, H, W) feature map, got shape {x.shape}')
+    torch._assert(x.shape[1] == in_channels, f'expected a (B, {in_channels}, H, W) feature map, got shape {x.shape}')
 
 
 class SpatialSelfAttention(nn.Module):
@@ -50,7 +69,7 @@ class SpatialSelfAttention(nn.Module):
 
     def __init__(
             self,
-            dim: int,
+            in_channels: int,
             aggregation: str = 'plus',
             qk_ratio: float = 1.0,
             scale_attn: bool = False,
@@ -61,9 +80,9 @@ class SpatialSelfAttention(nn.Module):
     ) -> None:
         """
         Args:
-            dim: Channels K of the input map (C keeps K channels, as O is combined with F).
-            aggregation: One of ``AGGREGATIONS``.
-            qk_ratio: Channels of A and B as a fraction of ``dim`` (the paper uses 1.0).
+            in_channels: Channels K of the input map F (C keeps K channels, as O is combined with F).
+            aggregation: One of ``AGGREGATIONS`` ('no_attention' means no such layer at all).
+            qk_ratio: Channels of A and B as a fraction of ``in_channels`` (the paper uses 1.0).
             scale_attn: Scale the logits by 1/sqrt(channels of A); the paper does not.
             qk_norm: Cosine attention: L2-normalise A and B per position and scale by a learnable
                 temperature (the paper does not); replaces ``scale_attn``.
@@ -72,23 +91,23 @@ class SpatialSelfAttention(nn.Module):
                 layer config turns it off), plain in training.
         """
         super().__init__()
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f'aggregation must be one of {AGGREGATIONS}, got {aggregation!r}')
+        if check_aggregation(aggregation) == 'no_attention':
+            raise ValueError("aggregation 'no_attention' means no SpatialSelfAttention at all (SSAHeads builds none)")
         if not 0. < qk_ratio <= 1.:
             raise ValueError(f'qk_ratio must be in (0, 1], got {qk_ratio}')
         if qk_norm and scale_attn:
             raise ValueError('qk_norm and scale_attn exclude each other: qk_norm scales the logits by its own '
                              'learnable temperature')
         dd = {'device': device, 'dtype': dtype}
-        qk_dim = max(1, int(dim * qk_ratio))
-        self.dim = dim
+        qk_dim = max(1, int(in_channels * qk_ratio))
+        self.in_channels = in_channels
         self.aggregation = aggregation
         self.scale = qk_dim ** -0.5 if scale_attn else 1.0
         self.fused_attn_train = bool(fused_attn)
         self.fused_attn_eval = use_fused_attn() if fused_attn is None else fused_attn
-        self.conv_a = nn.Conv2d(dim, qk_dim, 1, **dd)
-        self.conv_b = nn.Conv2d(dim, qk_dim, 1, **dd)
-        self.conv_c = nn.Conv2d(dim, dim, 1, **dd)
+        self.conv_a = nn.Conv2d(in_channels, qk_dim, 1, **dd)
+        self.conv_b = nn.Conv2d(in_channels, qk_dim, 1, **dd)
+        self.conv_c = nn.Conv2d(in_channels, in_channels, 1, **dd)
         self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
         self.qk_norm = qk_norm
         # log of the cosine attention's temperature (Swin-V2: init 10, clamped at 100)
@@ -143,14 +162,14 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the aggregated map H, same shape as ``x``."""
-        _check_feature_map(x, self.dim)
+        _check_feature_map(x, self.in_channels)
         fused = self.fused_attn_train if self.training else self.fused_attn_eval
         attended = self._fused(x) if fused else self._plain(x)[0]
         return self._combine(attended, x)
 
     def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return H and the attention map S of shape ``(B, N, N)`` (row j: query position j)."""
-        _check_feature_map(x, self.dim)
+        _check_feature_map(x, self.in_channels)
         attended, attn = self._plain(x)
         return self._combine(attended, x), attn
 
@@ -167,7 +186,7 @@ class BottleneckHead(nn.Module):
 
     def __init__(
             self,
-            in_features: int,
+            in_channels: int,
             num_classes: int,
             width: int = 1024,
             pool_type: str = 'avg',
@@ -178,7 +197,7 @@ class BottleneckHead(nn.Module):
     ) -> None:
         """
         Args:
-            in_features: Channels of the map the head reads.
+            in_channels: Channels K of the map the head reads (its pooled width).
             num_classes: Classes; 0 removes the final Linear.
             width: Hidden width (the paper: 1024).
             pool_type: timm global pool type with one output per channel ('avg', 'max', 'avgmax')
@@ -188,11 +207,11 @@ class BottleneckHead(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.in_features = in_features
+        self.in_channels = in_channels
         self.width = width
         self.global_pool = self._make_pool(pool_type)
         self.is_pooled = bool(pool_type)
-        self.fc_hidden = nn.Linear(in_features, width, **dd)
+        self.fc_hidden = nn.Linear(in_channels, width, **dd)
         self.norm = nn.BatchNorm1d(width, **dd)
         self.act = act_layer() if act_layer is not None else None
         self.drop = nn.Dropout(drop_rate)
@@ -227,7 +246,3 @@ class BottleneckHead(nn.Module):
         if pre_logits or self.fc is None:
             return x
         return self.fc(x)
-
-
-# name before 0.2 (it is the classifier of both heads, not only of the SSA head)
-SSAHead = BottleneckHead

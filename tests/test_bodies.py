@@ -129,7 +129,8 @@ def _layer_ids(model: nn.Module, prefix: str = '') -> dict:
 
 
 @pytest.mark.parametrize('body,size', [
-    ('resnet18', 64), ('densenet121', 64), ('efficientnet_b0', 64), ('test_vit', 64), ('swin_tiny_patch4_window7_224', 224),
+    ('resnet18', 64), ('densenet121', 64), ('efficientnet_b0', 64), ('test_vit', 64),
+    ('swin_tiny_patch4_window7_224', 224),
 ])
 def test_group_matcher_gives_body_parameters_the_bare_models_layer_ids(body, size):
     model = build(body, size, device='meta')
@@ -166,7 +167,8 @@ def test_torchvision_backbone_with_the_reusable_head_trains_with_self_ad():
         loss = SelfADLoss()((z_ssa, z_fe), y)
         optimizer.zero_grad()
         loss.backward()
-        assert heads.attn.alpha.grad is not None and dict(backbone.named_parameters())['layer4.1.conv2.weight'].grad is not None
+        assert heads.attn.alpha.grad is not None
+        assert dict(backbone.named_parameters())['layer4.1.conv2.weight'].grad is not None
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
@@ -184,8 +186,9 @@ def test_old_checkpoint_keys_still_load(tmp_path):
     assert 'attn.alpha' in old and 'head_ssa.fc.weight' in old
     from safetensors.torch import save_file
     save_file(old, tmp_path / 'old.safetensors')
+    overlay = dict(file=str(tmp_path / 'old.safetensors'), num_classes=5)
     reloaded = timm.create_model('ssanet', body='test_resnet', img_size=64, num_classes=5, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'old.safetensors'), num_classes=5)).eval()
+                                 pretrained_cfg_overlay=overlay).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model(x))

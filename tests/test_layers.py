@@ -1,9 +1,9 @@
-"""SpatialSelfAttention and SSAHead against the paper's formulas."""
+"""SpatialSelfAttention and BottleneckHead against the paper's formulas."""
 import pytest
 import timm.layers.config
 import torch
 
-from ssa_timm import AGGREGATIONS, SpatialSelfAttention, SSAHead
+from ssa_timm import AGGREGATIONS, VARIANTS, BottleneckHead, SpatialSelfAttention, SSAHeads
 
 
 def reference_ssa(layer: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def test_sdpa_matches_reference(aggregation, batch, k, hw, scale, qk_norm):
 
 def _runs_sdpa(layer: SpatialSelfAttention) -> bool:
     with torch.profiler.profile() as prof:
-        layer(torch.randn(1, layer.dim, 3, 3))
+        layer(torch.randn(1, layer.in_channels, 3, 3))
     return any(e.key == 'aten::scaled_dot_product_attention' for e in prof.key_averages())
 
 
@@ -103,8 +103,9 @@ def test_qk_ratio_and_scale():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(dim=8, aggregation='sum'), 'aggregation must be one of'),
-    (dict(dim=8, qk_ratio=0.0), 'qk_ratio'),
+    (dict(in_channels=8, aggregation='sum'), r"must be one of \(.*'no_alpha', 'no_attention'\), got 'sum'"),
+    (dict(in_channels=8, aggregation='no_attention'), "'no_attention' means no SpatialSelfAttention"),
+    (dict(in_channels=8, qk_ratio=0.0), 'qk_ratio'),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -118,7 +119,7 @@ def test_bad_input_shape_names_expected(shape):
 
 
 def test_head_layers_and_outputs():
-    head = SSAHead(16, num_classes=5, width=32).eval()
+    head = BottleneckHead(16, num_classes=5, width=32).eval()
     x = torch.randn(3, 16, 4, 4)
     assert isinstance(head.norm, torch.nn.BatchNorm1d) and head.fc_hidden.out_features == 32
     hidden = head(x, pre_logits=True)
@@ -128,7 +129,7 @@ def test_head_layers_and_outputs():
 
 
 def test_head_reset_keeps_hidden_layers_and_pool():
-    head = SSAHead(16, num_classes=5, width=32, pool_type='max').requires_grad_(False).eval()
+    head = BottleneckHead(16, num_classes=5, width=32, pool_type='max').requires_grad_(False).eval()
     hidden = head.fc_hidden
     head.reset(0)
     assert head.fc is None and head.fc_hidden is hidden
@@ -146,7 +147,7 @@ def test_head_reset_keeps_hidden_layers_and_pool():
 
 def test_head_rejects_pool_that_changes_channels():
     with pytest.raises(ValueError, match='changes the channel count'):
-        SSAHead(16, 5, pool_type='catavgmax')
+        BottleneckHead(16, 5, pool_type='catavgmax')
 
 
 def test_qk_norm_bounds_the_logits_by_its_temperature():
@@ -163,3 +164,11 @@ def test_qk_norm_bounds_the_logits_by_its_temperature():
     layer.logit_scale.data.fill_(10.)  # clamped at a temperature of 100
     q, _ = layer._queries_keys(x)
     torch.testing.assert_close(q.norm(dim=1), torch.full((2, 25), 100.))
+
+
+def test_one_name_for_the_map_channels():
+    """``in_channels`` is the map's K in the SSA layer, the head and the SSA head module alike."""
+    attn, head = SpatialSelfAttention(in_channels=12), BottleneckHead(in_channels=12, num_classes=3)
+    heads = SSAHeads(in_channels=12, num_classes=3)
+    assert attn.in_channels == head.in_channels == heads.in_channels == heads.attn.in_channels == 12
+    assert VARIANTS == AGGREGATIONS + ('no_attention',)

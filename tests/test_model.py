@@ -25,7 +25,8 @@ def test_registry_lists_the_paper_and_curated_names():
     assert sorted(timm.list_models('ssanet_*')) == sorted(NAMES + CURATED_NAMES)
     assert 'ssanet' in timm.list_models('ssanet')  # the generic entrypoint of create_ssanet
     curated_tags = [f'ssanet_{b}_{v}.{t}' for b, t in CURATED.items() for v in ('plus', 'no_attention')]
-    assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted([f'{n}.tv_in1k' for n in NAMES] + curated_tags)
+    paper_tags = [f'{n}.tv_in1k' for n in NAMES]
+    assert sorted(timm.list_models('ssanet_*', pretrained=True)) == sorted(paper_tags + curated_tags)
     for name in curated_tags:  # every tag names body weights that exist in timm's own Hub repos
         body = name.split('.')[0][len('ssanet_'):].rsplit('_plus', 1)[0].rsplit('_no_attention', 1)[0]
         assert timm.models.get_pretrained_cfg(name).hf_hub_id == f'timm/{body}.{name.split(".")[1]}'
@@ -52,13 +53,14 @@ def test_registered_names_train_a_step(name):
 
 
 def test_vgg_body_has_no_fc_layers():
-    model = timm.create_model('ssanet_vgg16_plus', num_classes=200)
+    # structure only: the full-size VGG-16 on the meta device (shapes propagate, nothing is allocated)
+    model = timm.create_model('ssanet_vgg16_plus', num_classes=200, device='meta')
     names = [n for n, _ in model.named_parameters()]
     assert not [n for n in names if n.startswith(('body.pre_logits', 'body.head'))]
     body_params = sum(p.numel() for p in model.body.parameters())
     assert body_params == sum(p.numel() for p in timm.create_model('vgg16', device='meta').features.parameters())
     assert model.num_features == 1024 and model.head_hidden_size == 2048
-    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    feats = model.forward_features(torch.empty(1, 3, 64, 64, device='meta'))
     assert feats.shape == (1, 1024, 2, 2)
 
 
@@ -110,8 +112,40 @@ def test_pre_logits_determine_eval_logits():
     pre = model.forward_head(model.forward_features(x), pre_logits=True)
     assert pre.shape == (2, model.head_hidden_size)
     w = model.head_hidden_size // 2
-    expected = (model.head.fe.fc(pre[:, :w]) + model.head.ssa.fc(pre[:, w:])) / 2
+    expected = (model.head.ssa.fc(pre[:, :w]) + model.head.fe.fc(pre[:, w:])) / 2
     torch.testing.assert_close(model(x), expected)
+
+
+def test_one_head_order_ssa_then_fe():
+    """Maps are F then H; wherever heads are listed, SSA comes first (SSANet's docstring)."""
+    model = small(num_classes=4)
+    with torch.no_grad():
+        model.head.attn.alpha.fill_(0.5)  # H != F
+    ssa, fe = model.head.ssa, model.head.fe
+    assert model.head.heads() == [ssa, fe] and model.get_classifier() == (ssa.fc, fe.fc)
+    assert model.pretrained_cfg['classifier'] == ('head.ssa.fc', 'head.fe.fc')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        body_map = model.forward_body(x)
+        feats = model.forward_features(x)
+        k = model.body_channels
+        torch.testing.assert_close(feats, torch.cat([body_map, model.head.attn(body_map)], dim=1))  # F, H
+        model.eval()
+        pre = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pre, torch.cat([ssa(feats[:, k:], pre_logits=True), fe(feats[:, :k], True)], 1))
+        per_head = model.logits_per_head(feats)
+        assert list(per_head) == ['ssa', 'fe']
+        model.train().set_distilled_training(True)
+        z_ssa, z_fe = model(x)  # SelfADLoss's order: the teacher first
+    for z, head in ((z_ssa, 'ssa'), (z_fe, 'fe')):  # BatchNorm in train mode: compare with the train-mode dict
+        torch.testing.assert_close(z, model.forward_per_head(x)[head])
+    single = small(aggregation='no_attention', num_classes=4)
+    assert single.get_classifier() is single.head.fe.fc and single.head.heads() == [single.head.fe]
+
+
+def test_0_3_aliases_are_gone():
+    assert not [n for n in ('attend', 'head_logits', 'forward_heads') if hasattr(SSANet, n)]
+    assert not hasattr(ssa_timm, 'SSAHead') and 'SSAHead' not in ssa_timm.__all__
 
 
 def test_reset_classifier_keeps_frozen_model_frozen_and_pool():
@@ -149,8 +183,8 @@ def test_prune_removes_attention_and_heads():
 
 
 def test_features_only_uses_forward_intermediates():
-    model = timm.create_model('ssanet_resnet50_plus', features_only=True, out_indices=(2, 3, 4))
-    outs = model(torch.randn(1, 3, 64, 64))
+    model = timm.create_model('ssanet_resnet50_plus', features_only=True, out_indices=(2, 3, 4), device='meta')
+    outs = model(torch.empty(1, 3, 64, 64, device='meta'))
     assert [o.shape[1] for o in outs] == [512, 1024, 2048]
 
 
@@ -168,7 +202,7 @@ def test_create_ssanet_on_other_bodies(body):
 def test_names_parse_into_body_and_aggregation():
     assert ssa_timm.parse_ssanet_name('ssanet_inception_v3_no_alpha') == ('inception_v3', 'no_alpha')
     assert ssa_timm.parse_ssanet_name('ssanet_resnet18_alpha') == ('resnet18', 'alpha')
-    model = ssa_timm.create_ssanet_by_name('ssanet_resnet18_no_attention', num_classes=2)
+    model = ssa_timm.create_ssanet_by_name('ssanet_resnet18_no_attention', num_classes=2, device='meta')
     assert model.head.attn is None and model.body.__class__.__name__ == 'ResNet'
     for bad in ('resnet18_plus', 'ssanet_plus', 'ssanet_resnet18_sum'):
         with pytest.raises(ValueError, match='ssanet_<timm body>_<aggregation>'):
@@ -176,7 +210,11 @@ def test_names_parse_into_body_and_aggregation():
 
 
 def test_registered_body_through_builder_and_bad_arguments():
-    assert create_ssanet('densenet121', 'alpha', num_classes=2).pretrained_cfg['architecture'] == 'ssanet_densenet121_alpha'
+    registered = create_ssanet('densenet121', 'alpha', num_classes=2, device='meta')
+    assert registered.pretrained_cfg['architecture'] == 'ssanet_densenet121_alpha'
+    # another tag or input size than the registered one: the generic entrypoint
+    assert create_ssanet('resnet18.tv_in1k', 'plus', device='meta').pretrained_cfg['architecture'] == 'ssanet'
+    assert create_ssanet('resnet18', 'plus', img_size=224, device='meta').pretrained_cfg['architecture'] == 'ssanet'
     with pytest.raises(ValueError, match='aggregation must be one of'):
         create_ssanet('resnet18', 'sum')
     with pytest.raises(ValueError, match="unknown timm model 'not_a_net'"):

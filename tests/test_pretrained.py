@@ -20,7 +20,8 @@ def write_hub_cache(cache: Path, repo_id: str, state_dict: dict) -> None:
     snapshot.mkdir(parents=True)
     (repo_dir / 'refs').mkdir()
     (repo_dir / 'refs' / 'main').write_text(COMMIT)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / 'model.safetensors', metadata={'format': 'pt'})
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / 'model.safetensors',
+              metadata={'format': 'pt'})
 
 
 def run_offline(cache: Path, code: str) -> dict:
@@ -36,7 +37,8 @@ CHECK = """
     ref = load_file(hf_hub_download('{repo}', 'model.safetensors'))
     model = {build}
     sd = model.state_dict()
-    body_ok = all(torch.equal(sd['body.' + k], v) for k, v in ref.items() if 'body.' + k in sd and k != '{first_conv}.weight')
+    body_ok = all(torch.equal(sd['body.' + k], v) for k, v in ref.items()
+                  if 'body.' + k in sd and k != '{first_conv}.weight')
     print(json.dumps(dict(
         body_ok=body_ok,
         n_body=sum(1 for k in sd if k.startswith('body.')),
@@ -53,7 +55,8 @@ def test_registered_name_loads_imagenet_body_offline(tmp_path):
     body = timm.create_model('densenet121')
     write_hub_cache(tmp_path, 'timm/densenet121.tv_in1k', body.state_dict())
     build = "timm.create_model('ssanet_densenet121_plus', pretrained=True, num_classes=200, in_chans=1)"
-    result = run_offline(tmp_path, CHECK.format(repo='timm/densenet121.tv_in1k', build=build, first_conv='features.conv0'))
+    code = CHECK.format(repo='timm/densenet121.tv_in1k', build=build, first_conv='features.conv0')
+    result = run_offline(tmp_path, code)
     assert result['body_ok'] and result['n_loaded'] == result['n_body']
     assert result['first_conv'] == [64, 1, 7, 7] and result['first_conv_sum']  # in_chans=1 adapted by timm
     assert result['out'] == [2, 200] and result['alpha'] == 0.0
@@ -80,14 +83,29 @@ def test_checkpoint_of_another_body_is_refused(tmp_path):
 
 def test_body_checkpoint_file_overlay_goes_through_the_body_filter(tmp_path):
     """A bare body checkpoint given as a file (timm's ``pretrained_cfg_overlay``) loads into the body."""
-    from ssa_timm.models.ssanet import _filter_checkpoint
+    from ssa_timm.models.ssanet import checkpoint_filter_fn
     model = timm.create_model('ssanet_resnet18_plus', num_classes=5)
     checkpoint = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.body.state_dict().items()}
     checkpoint['fc.weight'] = torch.zeros(1000, 512)  # the bare model's classifier is dropped
-    out = _filter_checkpoint(checkpoint, model)
+    out = checkpoint_filter_fn(checkpoint, model)
     assert set(out) == set(model.state_dict())
     model.load_state_dict(out)
     assert all(torch.equal(model.body.state_dict()[k], v) for k, v in checkpoint.items() if k != 'fc.weight')
+
+
+def test_checkpoint_keys_of_0_1_are_converted():
+    """Checkpoints from before the SSA head module (``attn.*``, ``head_ssa.*``, ``head_fe.*``) load strictly."""
+    from ssa_timm.models.ssanet import checkpoint_filter_fn
+    model = timm.create_model('ssanet', body='test_resnet', img_size=64, num_classes=3)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    legacy = {k.replace('head.attn.', 'attn.').replace('head.ssa.', 'head_ssa.').replace('head.fe.', 'head_fe.'): v
+              for k, v in state.items()}
+    assert {'attn.alpha', 'head_ssa.fc.weight', 'head_fe.fc.weight'} <= set(legacy) and not any(
+        k.startswith('head.') for k in legacy)
+    converted = checkpoint_filter_fn(legacy, model)
+    assert converted.keys() == state.keys()
+    model.load_state_dict(converted, strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 # the same load through timm itself: what a bare body with these weights holds

@@ -1,4 +1,5 @@
 """SSANet models; importing this package registers them with timm."""
-from .ssanet import SSANet, VARIANTS, create_ssanet, create_ssanet_by_name, parse_ssanet_name
+from ._factory import create_ssanet, create_ssanet_by_name, parse_ssanet_name
+from .ssanet import VARIANTS, SSANet
 
-__all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']
+__all__ = ['VARIANTS', 'SSANet', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']

@@ -15,12 +15,16 @@ The classifier, pre-logits and pooling are removed with timm's own
 ``forward_features`` (FastViT's final conv, EfficientNet's conv_head), in which case only
 ``reset_classifier(0, '')`` is applied. A model whose ``forward_features`` has no spatial map is refused.
 
+``prefixed_group_matcher`` re-roots the body's timm ``group_matcher`` under the model's ``body.``
+prefix, so every body parameter keeps the layer id the bare timm model gives it.
+
 ``feature_index`` reads F earlier in the body: at that entry of its ``feature_info`` (the indices of
 timm's ``forward_intermediates``), with the later stages and the final norm pruned, e.g. ResNet-18's
 ``layer2`` (index 2, stride 8) for a map four times as wide as its last one at a quarter of the cost.
 """
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +32,9 @@ import torch.nn as nn
 import timm
 from timm.layers import to_2tuple
 
-__all__ = ['BodyLayout', 'BodyProbe', 'create_body', 'probe_body', 'token_grid', 'tokens_to_map']
+__all__ = [
+    'BodyLayout', 'BodyProbe', 'create_body', 'prefixed_group_matcher', 'probe_body', 'token_grid', 'tokens_to_map',
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,35 @@ def tokens_to_map(x: torch.Tensor, height: int, width: int, reduction: int, num_
     return x.reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
 
 
-def _build(
+def _re_root(pattern: str, prefix: str) -> str:
+    """Anchor every alternative of a timm group regex under ``prefix`` ('^conv1|bn1' -> '^body\\.(?:conv1|bn1)')."""
+    alternatives = pattern.split('|')
+    return f'^{re.escape(prefix)}(?:' + '|'.join(a.removeprefix('^') for a in alternatives) + ')'
+
+
+def prefixed_group_matcher(
+        matcher: Union[Dict[str, Any], Callable[[str], Any]],
+        prefix: str,
+) -> Union[Dict[str, Any], Callable[[str], Any]]:
+    """Re-root a timm ``group_matcher`` (regex dict or callable) under a submodule prefix such as 'body.'.
+
+    Names outside the prefix match no group, so timm puts them in the last group.
+    """
+    if callable(matcher):
+        def _matcher(name: str):
+            return matcher(name[len(prefix):]) if name.startswith(prefix) else float('inf')
+        return _matcher
+
+    out = {}
+    for group, spec in matcher.items():
+        if isinstance(spec, (list, tuple)):
+            out[group] = [(_re_root(p, prefix), suffix) for p, suffix in spec]
+        else:
+            out[group] = _re_root(spec, prefix)
+    return out
+
+
+def _create_timm_model(
         name: str,
         pretrained: bool,
         in_chans: int,
@@ -79,6 +113,7 @@ def _build(
         device: torch.device,
         dtype: Optional[torch.dtype],
 ) -> nn.Module:
+    """``timm.create_model`` of the body: without its classifier, unless weights are loaded."""
     # With weights the classifier keeps the checkpoint's size, so timm loads strictly: a checkpoint
     # of another model fails here instead of leaving layers at random init.
     head = {} if pretrained else {'num_classes': 0}
@@ -89,10 +124,10 @@ def _build(
 
 def _output_shape(body: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, ...]:
     body.eval()  # a probe of one image: BatchNorm in train mode refuses a 1 x 1 map
-    probe = torch.empty(1, in_chans, *img_size, device='meta')
+    image = torch.empty(1, in_chans, *img_size, device='meta')
     try:
         with torch.no_grad():
-            return tuple(body.forward_features(probe).shape)
+            return tuple(body.forward_features(image).shape)
     except (RuntimeError, ValueError) as e:  # e.g. a map that shrinks to nothing, a patch larger than the image
         raise ValueError(f'{type(body).__name__} cannot read a {img_size[0]}x{img_size[1]} px input: '
                          f'{str(e).splitlines()[0]}') from e
@@ -111,15 +146,15 @@ def _probe_build(
     meta = torch.device('meta')
     kwargs = dict(body_kwargs)
     try:
-        body = _build(arch, False, in_chans, {'img_size': img_size, **kwargs}, meta, None)
+        body = _create_timm_model(arch, False, in_chans, {'img_size': img_size, **kwargs}, meta, None)
         kwargs.setdefault('img_size', img_size)
     except TypeError:
-        body = _build(arch, False, in_chans, kwargs, meta, None)
+        body = _create_timm_model(arch, False, in_chans, kwargs, meta, None)
     shape = _output_shape(body, in_chans, img_size)
     if len(shape) == 3 and 'dynamic_img_size' not in kwargs:
         for dynamic in ({'dynamic_img_size': True, 'dynamic_img_pad': True}, {'dynamic_img_size': True}):
             try:
-                body = _build(arch, False, in_chans, {**dynamic, **kwargs}, meta, None)
+                body = _create_timm_model(arch, False, in_chans, {**dynamic, **kwargs}, meta, None)
             except TypeError:
                 continue
             kwargs = {**dynamic, **kwargs}
@@ -205,26 +240,27 @@ _PROBES: Dict[Tuple, BodyProbe] = {}
 
 def _probe(arch: str, name: str, in_chans: int, img_size: Tuple[int, int], body_kwargs: Dict[str, Any],
            feature_index: Optional[int]) -> BodyProbe:
-    probe, kwargs, shape = _probe_build(arch, in_chans, img_size, body_kwargs)
-    index = _feature_index(probe, name, feature_index)
+    """The meta-device shape probe itself: build, strip the head, read the layout and map size."""
+    body, kwargs, shape = _probe_build(arch, in_chans, img_size, body_kwargs)
+    index = _feature_index(body, name, feature_index)
     if index is not None:
-        _strip_head(probe, True, index)
-        shape = _output_shape(probe, in_chans, img_size)
+        _strip_head(body, True, index)
+        shape = _output_shape(body, in_chans, img_size)
         prune_head = True
     else:
-        probe.prune_intermediate_layers(len(probe.feature_info), prune_head=True)
-        prune_head = _output_shape(probe, in_chans, img_size) == shape
+        body.prune_intermediate_layers(len(body.feature_info), prune_head=True)
+        prune_head = _output_shape(body, in_chans, img_size) == shape
     if not prune_head:
-        probe = _build(arch, False, in_chans, kwargs, torch.device('meta'), None)
-        _strip_head(probe, prune_head=False)
-    layout = _layout(probe, name, shape, img_size)
+        body = _create_timm_model(arch, False, in_chans, kwargs, torch.device('meta'), None)
+        _strip_head(body, prune_head=False)
+    layout = _layout(body, name, shape, img_size)
     if layout.fmt == 'NCHW':
         map_hw = shape[2:]
     elif layout.fmt == 'NHWC':
         map_hw = shape[1:3]
     else:
         map_hw = token_grid(*img_size, layout.reduction, layout.pad)
-    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, index, kwargs, probe)
+    return BodyProbe(layout, (int(map_hw[0]), int(map_hw[1])), prune_head, index, kwargs, body)
 
 
 def create_body(
@@ -233,7 +269,7 @@ def create_body(
         img_size: Union[int, Tuple[int, int]],
         pretrained: bool,
         body_kwargs: Dict[str, Any],
-        device: torch.device,
+        device: Optional[Union[str, torch.device]],
         dtype: Optional[torch.dtype],
         feature_index: Optional[int] = None,
 ) -> Tuple[nn.Module, BodyLayout]:
@@ -250,7 +286,7 @@ def create_body(
         img_size: Input size the body is built for (position embeddings, attention windows).
         pretrained: Load the body's weights for the tag (timm's default tag when none is given).
         body_kwargs: Extra keyword arguments for the body's timm constructor.
-        device: Where the parameters live.
+        device: Where the parameters live (None: torch's default device).
         dtype: Parameter dtype.
         feature_index: Read F at this ``feature_info`` entry, pruning what follows (default: the end).
 
@@ -258,11 +294,12 @@ def create_body(
         The body and its ``BodyLayout``.
     """
     probe = probe_body(name, in_chans, img_size, body_kwargs, feature_index)
+    device = torch.device(device) if device is not None else torch.get_default_device()
     if device.type == 'meta':
-        body = _build(name.partition('.')[0], False, in_chans, probe.kwargs, device, dtype)
+        body = _create_timm_model(name.partition('.')[0], False, in_chans, probe.kwargs, device, dtype)
     else:
         try:
-            body = _build(name, pretrained, in_chans, probe.kwargs, device, dtype)
+            body = _create_timm_model(name, pretrained, in_chans, probe.kwargs, device, dtype)
         except RuntimeError as e:
             if not pretrained or 'state_dict' not in str(e):
                 raise

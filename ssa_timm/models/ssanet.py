@@ -7,93 +7,94 @@ In eval mode ``forward`` returns the mean of the two heads' logits (timm's DeiT-
 precedent); in train mode with ``set_distilled_training(True)`` it returns ``(z_ssa, z_fe)`` for
 ``SelfADLoss``.
 
+The file follows timm's model files: the model class, ``_create_*``, ``_cfg`` and ``default_cfgs``,
+then the ``@register_model`` entrypoints. The builders users call (``create_ssanet``,
+``create_ssanet_by_name``, ``parse_ssanet_name``) are in ``_factory.py``, as timm keeps
+``create_model`` in its ``_factory.py``.
+
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` - Baffour et al., JVCIR 81 (2021), https://doi.org/10.1016/j.jvcir.2021.103368
 """
-import re
 import sys
-import warnings
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-import timm
 from timm.layers import get_act_layer, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import (
+    PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model,
+    resolve_pretrained_cfg,
+)
+# private: timm 1.0.31 exports feature_take_indices from neither timm.models nor timm.layers
+# (timm's own model files import it from here too)
 from timm.models._features import feature_take_indices
-from timm.models._pretrained import PretrainedCfg
 
-from ..heads import SSAHeads, VARIANTS
-from .body import create_body, probe_body, tokens_to_map
+from ..heads import SSAHeads
+from ..layers import VARIANTS, check_aggregation
+from .body import create_body, prefixed_group_matcher, probe_body, tokens_to_map
 
-__all__ = ['SSANet', 'VARIANTS', 'create_ssanet', 'create_ssanet_by_name', 'parse_ssanet_name']
+__all__ = ['VARIANTS', 'BodySpec', 'SSANet', 'checkpoint_filter_fn', 'generic_cfg']
 
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
 _PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
+_NO_WEIGHTS_NOTE = "Built without pretrained weights: timm's init for the body, fresh SSA module and heads."
 
-# Registered bodies: timm name -> (weights tag in timm's own Hub repos, input size, map size at that
-# input, fixed input size, body kwargs).
-# The paper's five bodies at the paper's 448 px, then a curated set of modern bodies, each at the
-# input size it was trained for or 448 where that fits.
-_PAPER_BODIES = {
-    'vgg16': ('tv_in1k', 448, 14, False, {}),
-    'resnet50': ('tv_in1k', 448, 14, False, {}),
-    'inception_v3': ('tv_in1k', 448, 12, False, {}),
-    'densenet121': ('tv_in1k', 448, 14, False, {}),
-    'densenet161': ('tv_in1k', 448, 14, False, {}),
-}
-_CURATED_BODIES = {
-    'resnet18': ('a1_in1k', 448, 14, False, {}),
-    'convnext_tiny': ('in12k_ft_in1k', 448, 14, False, {}),
-    'efficientnet_b0': ('ra_in1k', 448, 14, False, {}),
+
+class BodySpec(NamedTuple):
+    """A registered body: the timm weights its default tag loads and the input it is registered at."""
+    tag: str  # pretrained tag of the body in timm's own Hub repos ('tv_in1k': timm/vgg16.tv_in1k)
+    img_size: int  # input size of the registered names
+    map_size: int  # height = width of F at img_size (the cfg's pool_size)
+    fixed_input_size: bool = False
+    min_input_size: Optional[int] = None  # below this the body's last map collapses
+    body_kwargs: Optional[Dict[str, Any]] = None  # extra kwargs of the body's timm constructor
+    aggregations: Tuple[str, ...] = VARIANTS  # one registered name per aggregation
+
+
+_CURATED = ('plus', 'no_attention')
+# The paper's five bodies at the paper's 448 px with every aggregation, then a curated set of modern
+# bodies, each at the input size it was trained for or 448 where that fits.
+_BODIES: Dict[str, BodySpec] = {
+    'vgg16': BodySpec('tv_in1k', 448, 14),
+    'resnet50': BodySpec('tv_in1k', 448, 14),
+    'inception_v3': BodySpec('tv_in1k', 448, 12, min_input_size=224),
+    'densenet121': BodySpec('tv_in1k', 448, 14),
+    'densenet161': BodySpec('tv_in1k', 448, 14),
+    'resnet18': BodySpec('a1_in1k', 448, 14, aggregations=_CURATED),
+    'convnext_tiny': BodySpec('in12k_ft_in1k', 448, 14, aggregations=_CURATED),
+    'efficientnet_b0': BodySpec('ra_in1k', 448, 14, aggregations=_CURATED),
     # token bodies at a fixed size, like timm's own cfgs of these models: FX tracing cannot follow the
     # dynamic position-embedding resampling (create_ssanet reads token bodies at any size)
-    'vit_small_patch16_384': ('augreg_in21k_ft_in1k', 384, 24, True, {'dynamic_img_size': False}),
-    'eva02_tiny_patch14_336': ('mim_in22k_ft_in1k', 336, 24, True, {'dynamic_img_size': False}),
-    'swin_tiny_patch4_window7_224': ('ms_in1k', 224, 7, True, {}),
+    'vit_small_patch16_384': BodySpec(
+        'augreg_in21k_ft_in1k', 384, 24, True, body_kwargs={'dynamic_img_size': False}, aggregations=_CURATED),
+    'eva02_tiny_patch14_336': BodySpec(
+        'mim_in22k_ft_in1k', 336, 24, True, body_kwargs={'dynamic_img_size': False}, aggregations=_CURATED),
+    'swin_tiny_patch4_window7_224': BodySpec('ms_in1k', 224, 7, True, aggregations=_CURATED),
 }
-_CURATED_VARIANTS = ('plus', 'no_attention')
-_MODEL_DEFS = {
-    **{f'ssanet_{b}_{a}': (b, a) for b in _PAPER_BODIES for a in VARIANTS},
-    **{f'ssanet_{b}_{a}': (b, a) for b in _CURATED_BODIES for a in _CURATED_VARIANTS},
+# registered name -> (body, aggregation)
+_MODEL_DEFS: Dict[str, Tuple[str, str]] = {
+    f'ssanet_{body}_{aggregation}': (body, aggregation)
+    for body, spec in _BODIES.items() for aggregation in spec.aggregations
 }
-_BODIES = {**_PAPER_BODIES, **_CURATED_BODIES}
 _GENERIC_BODY = 'resnet18'  # the generic entrypoint's default body (body= picks another)
-# key prefixes of checkpoints written before the SSA head module existed -> today's keys
+# key prefixes of checkpoints written before the SSA head module existed (0.1) -> today's keys
 _LEGACY_KEYS = {'attn.': 'head.attn.', 'head_ssa.': 'head.ssa.', 'head_fe.': 'head.fe.'}
-
-
-def _re_root(pattern: str, prefix: str) -> str:
-    """Anchor every alternative of a timm group regex under ``prefix`` ('^conv1|bn1' -> '^body\\.(?:conv1|bn1)')."""
-    alternatives = pattern.split('|')
-    return f'^{re.escape(prefix)}(?:' + '|'.join(a[1:] if a.startswith('^') else a for a in alternatives) + ')'
-
-
-def _prefixed_matcher(matcher: Union[Dict[str, Any], Callable], prefix: str) -> Union[Dict[str, Any], Callable]:
-    """Re-root a timm ``group_matcher`` (regex dict or callable) under a submodule prefix."""
-    if callable(matcher):
-        def _matcher(name: str):
-            return matcher(name[len(prefix):]) if name.startswith(prefix) else float('inf')
-        return _matcher
-
-    out = {}
-    for group, spec in matcher.items():
-        if isinstance(spec, (list, tuple)):
-            out[group] = [(_re_root(p, prefix), suffix) for p, suffix in spec]
-        else:
-            out[group] = _re_root(spec, prefix)
-    return out
 
 
 class SSANet(nn.Module):
     """SSANet over any timm image model as body (paper Fig. 2): ``body`` + ``head`` (``SSAHeads``).
 
     ``forward_features`` returns the unpooled map: F for ``no_attention``, otherwise F and H
-    concatenated on the channel axis (channels F then H). ``forward_head`` with
-    ``pre_logits=True`` returns the hidden vectors of the FE and SSA heads concatenated, of which
-    the eval logits (mean of the two heads) are a linear function.
+    concatenated on the channel axis. ``forward_head`` with ``pre_logits=True`` returns the hidden
+    vectors of the two heads concatenated, of which the eval logits (mean of the two heads) are a
+    linear function.
+
+    Order. The maps are F then H: ``forward_features`` channels ``[0, K)`` are the body map F, the
+    input of the SSA module, and ``[K, 2K)`` its output H. The heads are SSA then FE wherever they
+    are listed: the train-mode logits ``(z_ssa, z_fe)`` (``SelfADLoss`` takes the teacher first),
+    ``pre_logits`` (SSA hidden vector, then FE), ``get_classifier()``, the cfg's ``classifier``,
+    ``head.heads()`` and the per-head dicts ``{'ssa': z_ssa, 'fe': z_fe}``.
     """
 
     def __init__(
@@ -119,8 +120,7 @@ class SSANet(nn.Module):
     ) -> None:
         """
         Args:
-            body: timm model name of the body, e.g. 'vgg16', 'vit_small_patch16_384' (a pretrained tag
-                such as '.augreg_in21k_ft_in1k' picks the weights ``body_pretrained`` loads).
+            body: timm model name of the body, e.g. 'vgg16'; a tag ('resnet18.a1_in1k') picks its weights.
             aggregation: One of ``VARIANTS`` ('plus', 'multiply', 'alpha', 'no_alpha', 'no_attention').
             num_classes: Classes of both heads; 0 keeps the heads' hidden layers only.
             in_chans: Input image channels.
@@ -129,33 +129,26 @@ class SSANet(nn.Module):
             img_size: Input size the body is built for (position embeddings, attention windows).
             head_width: Hidden width of each head (paper: 1024).
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
-            qk_ratio: Channel fraction of the attention's A and B maps (paper: 1.0).
-            scale_attn: Scale attention logits by 1/sqrt(d) (paper: unscaled).
-            qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
-            fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
-                (False) or in eval mode only (None; see ``SpatialSelfAttention``).
+            qk_ratio, scale_attn, qk_norm, fused_attn: ``SpatialSelfAttention`` options (the paper's: 1.0,
+                unscaled, plain dot products; ``fused_attn=None``: fused in eval mode only).
             body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.
             body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
                 ``forward_intermediates`` indices), pruning the later stages; default: the body's end.
         """
         super().__init__()
-        if aggregation not in VARIANTS:
-            raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
-        target = torch.device(device) if device is not None else torch.get_default_device()
+        check_aggregation(aggregation)  # before the body is built (or its weights downloaded)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.body_name = body
         self.aggregation = aggregation
 
-        self.body, layout = create_body(
-            body, in_chans, to_2tuple(img_size), body_pretrained, dict(body_kwargs or {}), target, dtype,
-            body_feature_index)
-        self.map_fmt = layout.fmt
-        self.map_reduction = layout.reduction
-        self.num_prefix_tokens = layout.num_prefix_tokens
-        self.map_pad = layout.pad
-        self.body_channels = layout.channels
+        # the body first: from the same seed it gets exactly the bare timm model's init
+        self.body, layout = create_body(body, in_chans, to_2tuple(img_size), body_pretrained, dict(body_kwargs or {}),
+                                        device, dtype, body_feature_index)
+        self.body_channels = layout.channels  # K
+        self.map_fmt, self.map_reduction = layout.fmt, layout.reduction  # how forward_body reads F
+        self.num_prefix_tokens, self.map_pad = layout.num_prefix_tokens, layout.pad
         self.feature_info = [dict(info, module=f'body.{info["module"]}') for info in self.body.feature_info]
 
         self.head: Optional[SSAHeads] = SSAHeads(
@@ -163,13 +156,12 @@ class SSANet(nn.Module):
             drop_rate=drop_rate, act_layer=get_act_layer(head_act_layer) if head_act_layer else None,
             qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm, fused_attn=fused_attn, device=device,
             dtype=dtype)
-        self.num_features = self.head.num_features
-        self.head_hidden_size = self.head.head_hidden_size
+        self.num_features, self.head_hidden_size = self.head.num_features, self.head.head_hidden_size  # 2K, 2 x width
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Union[Dict[str, Any], Callable]:
         # the SSA head module matches no body group, so timm puts it in the last group
-        return _prefixed_matcher(self.body.group_matcher(coarse=coarse), 'body.')
+        return prefixed_group_matcher(self.body.group_matcher(coarse=coarse), 'body.')
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -191,6 +183,7 @@ class SSANet(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, ...]]:
+        """The final Linear of each head: ``(SSA, FE)``, or the FE head's alone for ``no_attention``."""
         if self.head is None:
             raise RuntimeError('the heads were removed by prune_intermediate_layers()')
         heads = self.head.heads()
@@ -297,29 +290,13 @@ class SSANet(nn.Module):
         """Images -> ``logits_per_head``: each head's logits, whatever the mode."""
         return self.logits_per_head(self.forward_features(x))
 
-    # names before 0.3, kept for one release
-    @torch.jit.ignore
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        warnings.warn('SSANet.attend is renamed forward_ssa', DeprecationWarning, stacklevel=2)
-        return self.forward_ssa(x)
-
-    @torch.jit.ignore
-    def head_logits(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
-        warnings.warn('SSANet.head_logits is renamed logits_per_head', DeprecationWarning, stacklevel=2)
-        return self.logits_per_head(features)
-
-    @torch.jit.ignore
-    def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        warnings.warn('SSANet.forward_heads is renamed forward_per_head', DeprecationWarning, stacklevel=2)
-        return self.forward_per_head(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
 
 
-def _filter_checkpoint(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Dict[str, torch.Tensor]:
     """Load an SSANet checkpoint (older key names converted), or a bare body checkpoint.
 
     A bare body checkpoint (e.g. ``pretrained_cfg_overlay=dict(file=...)``) goes through the body
@@ -332,9 +309,9 @@ def _filter_checkpoint(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Di
             prefix = next((p for p in _LEGACY_KEYS if key.startswith(p)), None)
             out[_LEGACY_KEYS[prefix] + key[len(prefix):] if prefix else key] = value
         return out
-    checkpoint_filter = getattr(sys.modules[type(model.body).__module__], 'checkpoint_filter_fn', None)
-    if checkpoint_filter is not None:
-        state_dict = checkpoint_filter(state_dict, model.body)
+    body_filter = getattr(sys.modules[type(model.body).__module__], 'checkpoint_filter_fn', None)
+    if body_filter is not None:
+        state_dict = body_filter(state_dict, model.body)
     body_keys = model.body.state_dict().keys()
     missing = [k for k in body_keys if k not in state_dict]
     if missing:
@@ -348,7 +325,7 @@ def _filter_checkpoint(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Di
 
 def _names_a_checkpoint(cfg: PretrainedCfg) -> bool:
     """The cfg points at a whole checkpoint: an SSANet export (hf-hub: / local-dir:) or a file / url /
-    state_dict overlay, which ``_filter_checkpoint`` loads."""
+    state_dict overlay, which ``checkpoint_filter_fn`` loads."""
     return cfg.source in ('hf-hub', 'local-dir') or bool(cfg.file or cfg.url or cfg.state_dict)
 
 
@@ -363,7 +340,9 @@ def _body_weights_note(hf_hub_id: str) -> Tuple[str]:
     return (f'Body weights from {hf_hub_id}; the SSA module and heads are freshly initialised.',)
 
 
-def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
+def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
+    """``build_model_with_cfg`` for the timm model name ``variant``: body weights from timm's Hub repos
+    through the body (``body_pretrained``), a whole checkpoint through ``checkpoint_filter_fn``."""
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
@@ -386,7 +365,7 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         variant,
         pretrained and not body_weights,
         pretrained_cfg=cfg,
-        pretrained_filter_fn=_filter_checkpoint,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=feature_cfg,
         **kwargs,
     )
@@ -395,17 +374,18 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         model.pretrained_cfg['notes'] = _body_weights_note(cfg.hf_hub_id)
     elif not pretrained:
         model.pretrained_cfg['hf_hub_id'] = None
-        model.pretrained_cfg['notes'] = ('Built without pretrained weights: timm\'s init for the body, '
-                                         'fresh SSA module and heads.',)
+        model.pretrained_cfg['notes'] = (_NO_WEIGHTS_NOTE,)
     return model
 
 
-def _create_ssanet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
+def _create_registered(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
+    """A registered ``ssanet_<body>_<aggregation>``: its body, tag and body kwargs from ``_BODIES``."""
     body, aggregation = _MODEL_DEFS[variant]
-    kwargs.setdefault('body', f'{body}.{_BODIES[body][0]}')
-    if _BODIES[body][4]:
-        kwargs.setdefault('body_kwargs', dict(_BODIES[body][4]))
-    return _build(variant, pretrained, aggregation=aggregation, **kwargs)
+    spec = _BODIES[body]
+    kwargs.setdefault('body', f'{body}.{spec.tag}')
+    if spec.body_kwargs:
+        kwargs.setdefault('body_kwargs', dict(spec.body_kwargs))
+    return _build_ssanet(variant, pretrained, aggregation=aggregation, **kwargs)
 
 
 def _cfg(
@@ -451,16 +431,26 @@ def _cfg(
 
 
 def _registered_cfg(body: str, aggregation: str, **kwargs: Any) -> Dict[str, Any]:
-    tag, img_size, pool, fixed, _ = _BODIES[body]
-    if body == 'inception_v3':  # its last map collapses to 1x1 below 224 px
-        kwargs.setdefault('min_input_size', (3, 224, 224))
-    return _cfg(get_pretrained_cfg(f'{body}.{tag}'), aggregation, img_size, (pool, pool), fixed, **kwargs)
+    spec = _BODIES[body]
+    if spec.min_input_size:
+        kwargs.setdefault('min_input_size', (3, spec.min_input_size, spec.min_input_size))
+    return _cfg(get_pretrained_cfg(f'{body}.{spec.tag}'), aggregation, spec.img_size, (spec.map_size, spec.map_size),
+                spec.fixed_input_size, **kwargs)
 
 
-def generic_cfg(body: str, aggregation: str, img_size: int, in_chans: int = 3,
-                body_kwargs: Optional[Dict[str, Any]] = None, body_feature_index: Optional[int] = None) -> Dict[str, Any]:
-    """Config of the generic ``ssanet`` entrypoint over ``body`` ('<timm model>[.<tag>]') at ``img_size``."""
-    probe = probe_body(body, in_chans, img_size, body_kwargs, body_feature_index)  # refuses unknown models
+def generic_cfg(
+        body: str,
+        aggregation: str,
+        img_size: int,
+        in_chans: int = 3,
+        body_kwargs: Optional[Dict[str, Any]] = None,
+        body_feature_index: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Config of the generic ``ssanet`` entrypoint over ``body`` ('<timm model>[.<tag>]') at ``img_size``.
+
+    A meta-device probe of the body (``probe_body``) gives the map size; an unknown model is refused here.
+    """
+    probe = probe_body(body, in_chans, img_size, body_kwargs, body_feature_index)
     body_cfg = get_pretrained_cfg(body)
     fixed = bool(body_cfg is not None and body_cfg.fixed_input_size and not probe.dynamic_img_size)
     cfg = _cfg(body_cfg, aggregation, img_size, probe.map_size, fixed, architecture='ssanet')
@@ -468,58 +458,10 @@ def generic_cfg(body: str, aggregation: str, img_size: int, in_chans: int = 3,
     return cfg
 
 
-def parse_ssanet_name(name: str) -> Tuple[str, str]:
-    """Split ``'ssanet_<body>_<aggregation>'`` into the timm body name and the aggregation."""
-    if name.startswith('ssanet_'):
-        for aggregation in sorted(VARIANTS, key=len, reverse=True):  # 'no_alpha' before 'alpha'
-            suffix = f'_{aggregation}'
-            if name.endswith(suffix) and len(name) > len('ssanet_') + len(suffix):
-                return name[len('ssanet_'):-len(suffix)], aggregation
-    raise ValueError(f"expected a name 'ssanet_<timm body>_<aggregation>' with aggregation in {VARIANTS}, got {name!r}")
-
-
-def create_ssanet(
-        body: str,
-        aggregation: str = 'plus',
-        pretrained: bool = False,
-        img_size: Optional[int] = None,
-        **kwargs: Any,
-) -> SSANet:
-    """Build an SSANet over any timm image model, e.g. ``create_ssanet('convnext_tiny', 'plus')``.
-
-    Registered bodies at their registered input size go through
-    ``timm.create_model('ssanet_<body>_<aggregation>')``; anything else through the generic
-    ``ssanet`` entrypoint (so ``hf-hub:`` / ``local-dir:`` exports load back through timm).
-    ``pretrained=True`` loads the body's timm weights for its tag (its default tag when none is given).
-
-    Args:
-        body: timm model name, optionally with a pretrained tag, e.g. 'vit_small_patch14_dinov2.lvd142m'.
-        aggregation: One of ``VARIANTS``.
-        pretrained: Load the body's timm weights.
-        img_size: Input size (default: the registered size, else 448).
-        **kwargs: ``SSANet`` arguments (num_classes, in_chans, global_pool, head_width, ...).
-    """
-    if aggregation not in VARIANTS:
-        raise ValueError(f'aggregation must be one of {VARIANTS}, got {aggregation!r}')
-    arch, _, tag = body.partition('.')
-    name = f'ssanet_{arch}_{aggregation}'
-    if name in _MODEL_DEFS and (not tag or tag == _BODIES[arch][0]) and img_size in (None, _BODIES[arch][1]):
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    return timm.create_model(
-        'ssanet', pretrained=pretrained, body=body, aggregation=aggregation,
-        img_size=448 if img_size is None else img_size, **kwargs)
-
-
-def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """``create_ssanet`` from a name ``'ssanet_<timm body>_<aggregation>'``, registered or not."""
-    body, aggregation = parse_ssanet_name(name)
-    return create_ssanet(body, aggregation, pretrained=pretrained, **kwargs)
-
-
 default_cfgs = generate_default_cfgs({
-    **{f'{name}.{_BODIES[b][0]}': _registered_cfg(b, a) for name, (b, a) in _MODEL_DEFS.items()},
+    **{f'{name}.{_BODIES[b].tag}': _registered_cfg(b, a) for name, (b, a) in _MODEL_DEFS.items()},
     # generic entrypoint: body=, aggregation= and img_size= pick the model; this is its default
-    f'ssanet.{_BODIES[_GENERIC_BODY][0]}': _registered_cfg(_GENERIC_BODY, 'plus', architecture='ssanet'),
+    f'ssanet.{_BODIES[_GENERIC_BODY].tag}': _registered_cfg(_GENERIC_BODY, 'plus', architecture='ssanet'),
 })
 
 
@@ -534,226 +476,226 @@ def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
         kwargs['pretrained_cfg'] = generic_cfg(
             body, aggregation, img_size, kwargs.get('in_chans', 3), kwargs.get('body_kwargs'),
             kwargs.get('body_feature_index'))
-    return _build('ssanet', pretrained, **kwargs)
+    return _build_ssanet('ssanet', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet18_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on ResNet-18 (the built-in demo's model)."""
-    return _create_ssanet('ssanet_resnet18_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet18_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet18_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on ResNet-18."""
-    return _create_ssanet('ssanet_resnet18_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet18_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_convnext_tiny_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus on ConvNeXt-Tiny (ImageNet-12k -> 1k body), 448 px."""
-    return _create_ssanet('ssanet_convnext_tiny_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_convnext_tiny_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_convnext_tiny_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention on ConvNeXt-Tiny, 448 px."""
-    return _create_ssanet('ssanet_convnext_tiny_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_convnext_tiny_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_efficientnet_b0_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus on EfficientNet-B0, 448 px."""
-    return _create_ssanet('ssanet_efficientnet_b0_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_efficientnet_b0_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_efficientnet_b0_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention on EfficientNet-B0, 448 px."""
-    return _create_ssanet('ssanet_efficientnet_b0_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_efficientnet_b0_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vit_small_patch16_384_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus on ViT-S/16 (AugReg ImageNet-21k -> 1k), 384 px: a 24 x 24 patch grid."""
-    return _create_ssanet('ssanet_vit_small_patch16_384_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_vit_small_patch16_384_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vit_small_patch16_384_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention on ViT-S/16, 384 px."""
-    return _create_ssanet('ssanet_vit_small_patch16_384_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_vit_small_patch16_384_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_eva02_tiny_patch14_336_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus on EVA-02-Ti/14 (MIM ImageNet-22k -> 1k), 336 px: a 24 x 24 patch grid."""
-    return _create_ssanet('ssanet_eva02_tiny_patch14_336_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_eva02_tiny_patch14_336_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_eva02_tiny_patch14_336_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention on EVA-02-Ti/14, 336 px."""
-    return _create_ssanet('ssanet_eva02_tiny_patch14_336_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_eva02_tiny_patch14_336_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_swin_tiny_patch4_window7_224_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus on Swin-T, 224 px (fixed input size): a 7 x 7 map."""
-    return _create_ssanet('ssanet_swin_tiny_patch4_window7_224_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_swin_tiny_patch4_window7_224_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_swin_tiny_patch4_window7_224_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention on Swin-T, 224 px (fixed input size)."""
-    return _create_ssanet('ssanet_swin_tiny_patch4_window7_224_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_swin_tiny_patch4_window7_224_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vgg16_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on VGG-16: the paper's best model."""
-    return _create_ssanet('ssanet_vgg16_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_vgg16_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vgg16_multiply(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-multiply (H = alpha*O * F) on VGG-16."""
-    return _create_ssanet('ssanet_vgg16_multiply', pretrained, **kwargs)
+    return _create_registered('ssanet_vgg16_multiply', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vgg16_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-alpha (H = alpha*O) on VGG-16."""
-    return _create_ssanet('ssanet_vgg16_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_vgg16_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vgg16_no_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-no-alpha (H = O) on VGG-16."""
-    return _create_ssanet('ssanet_vgg16_no_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_vgg16_no_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_vgg16_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on VGG-16."""
-    return _create_ssanet('ssanet_vgg16_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_vgg16_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet50_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on ResNet-50."""
-    return _create_ssanet('ssanet_resnet50_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet50_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet50_multiply(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-multiply (H = alpha*O * F) on ResNet-50."""
-    return _create_ssanet('ssanet_resnet50_multiply', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet50_multiply', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet50_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-alpha (H = alpha*O) on ResNet-50."""
-    return _create_ssanet('ssanet_resnet50_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet50_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet50_no_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-no-alpha (H = O) on ResNet-50."""
-    return _create_ssanet('ssanet_resnet50_no_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet50_no_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_resnet50_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on ResNet-50."""
-    return _create_ssanet('ssanet_resnet50_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_resnet50_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_inception_v3_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on Inception-v3."""
-    return _create_ssanet('ssanet_inception_v3_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_inception_v3_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_inception_v3_multiply(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-multiply (H = alpha*O * F) on Inception-v3."""
-    return _create_ssanet('ssanet_inception_v3_multiply', pretrained, **kwargs)
+    return _create_registered('ssanet_inception_v3_multiply', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_inception_v3_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-alpha (H = alpha*O) on Inception-v3."""
-    return _create_ssanet('ssanet_inception_v3_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_inception_v3_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_inception_v3_no_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-no-alpha (H = O) on Inception-v3."""
-    return _create_ssanet('ssanet_inception_v3_no_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_inception_v3_no_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_inception_v3_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on Inception-v3."""
-    return _create_ssanet('ssanet_inception_v3_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_inception_v3_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet121_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on DenseNet-121."""
-    return _create_ssanet('ssanet_densenet121_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet121_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet121_multiply(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-multiply (H = alpha*O * F) on DenseNet-121."""
-    return _create_ssanet('ssanet_densenet121_multiply', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet121_multiply', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet121_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-alpha (H = alpha*O) on DenseNet-121."""
-    return _create_ssanet('ssanet_densenet121_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet121_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet121_no_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-no-alpha (H = O) on DenseNet-121."""
-    return _create_ssanet('ssanet_densenet121_no_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet121_no_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet121_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on DenseNet-121."""
-    return _create_ssanet('ssanet_densenet121_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet121_no_attention', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet161_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-plus (H = alpha*O + F) on DenseNet-161."""
-    return _create_ssanet('ssanet_densenet161_plus', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet161_plus', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet161_multiply(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-multiply (H = alpha*O * F) on DenseNet-161."""
-    return _create_ssanet('ssanet_densenet161_multiply', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet161_multiply', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet161_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-alpha (H = alpha*O) on DenseNet-161."""
-    return _create_ssanet('ssanet_densenet161_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet161_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet161_no_alpha(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet-no-alpha (H = O) on DenseNet-161."""
-    return _create_ssanet('ssanet_densenet161_no_alpha', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet161_no_alpha', pretrained, **kwargs)
 
 
 @register_model
 def ssanet_densenet161_no_attention(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet without attention (body + FE head) on DenseNet-161."""
-    return _create_ssanet('ssanet_densenet161_no_attention', pretrained, **kwargs)
+    return _create_registered('ssanet_densenet161_no_attention', pretrained, **kwargs)
