@@ -10,6 +10,9 @@ from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+if os.environ.get('PYTEST_XDIST_WORKER'):  # one thread per worker: the workers share the machine's cores
+    import torch
+    torch.set_num_threads(1)
 
 from fixtures import TRAINED_RUN, run_main  # noqa: E402
 

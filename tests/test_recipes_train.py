@@ -13,6 +13,7 @@ from timm.models import save_for_hf
 import ssa_timm
 from fixtures import TINY_POSITIONS, TINY_TRAIN, TRAINED_RUN, make_image_folder, run_main
 from ssa_timm.data import BuiltinFineGrained, Transformed, model_transform
+from ssa_timm.errors import UserError
 from ssa_timm.train import build_scheduler
 from ssa_timm.train.config import RunConfig
 
@@ -168,6 +169,10 @@ def test_initial_checkpoint_loads_a_whole_ssanet(trained_run, tmp_path):
             assert fewer[key].shape[0] == 3  # new classifiers for 3 classes
         else:
             assert torch.equal(fewer[key], value), key
+    one_head = RunConfig.from_mapping(dict(model='ssanet_test_resnet_no_attention', img_size=32, body_feature_index=2,
+                                           initial_checkpoint=str(trained_run / 'best')))
+    with pytest.raises(UserError, match='does not fit .* unexpected'):  # a plus export is not a no_attention model
+        build_model(one_head, 3)
 
 
 def test_cached_features_match_uncached_frozen_run(tmp_path):

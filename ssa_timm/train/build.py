@@ -13,6 +13,7 @@ from ..data.streams import epoch_samples, is_stream
 from ..errors import UserError, one_line
 from ..feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
 from ..hub import load_model
+from ..models.ssanet import checkpoint_filter_fn
 from .config import RunConfig
 
 __all__ = ['build_datasets', 'build_loaders', 'build_model', 'build_training_data', 'load_initial_checkpoint',
@@ -85,8 +86,13 @@ def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f'initial checkpoint {weights} is damaged or not a safetensors file ({one_line(e)})') from e
+    if not any(key.startswith('body.') for key in state):
+        raise UserError(f'initial checkpoint {weights} holds no SSANet (no body.* weights); body weights alone go '
+                        'through the body filter instead (--pretrained-path)')
+    state = checkpoint_filter_fn(state, model)  # older SSANet key names converted
     own = model.state_dict()
-    classifiers = tuple(f'{name}.' for name in model.pretrained_cfg.get('classifier', ()))
+    classifier = model.pretrained_cfg.get('classifier', ())
+    classifiers = tuple(f'{name}.' for name in ((classifier,) if isinstance(classifier, str) else classifier))
     fresh = [k for k in own if k.startswith(classifiers) and k in state and state[k].shape != own[k].shape]
     for key in fresh:
         del state[key]
