@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
     p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
     p.add_argument('--workers', type=at_least(0), default=2)
-    p.add_argument('--tta', choices=('none', 'flip'), default='none', help='also report with mirrored images averaged in')
+    p.add_argument('--tta', choices=('none', 'flip'), default='none',
+                   help='also report with mirrored images averaged in')
     p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default=None)
     p.add_argument('--output', default=None, help='JSON report (default: print only)')
     p.add_argument('--cpu', action='store_true')
@@ -105,7 +106,8 @@ def main(argv=None) -> Dict:
     report = evaluate_heads(net.forward_per_head, batches, accelerator, per_class=True, tta_flip=args.tta == 'flip',
                             per_process=streamed)
     if net.head.attn is not None:
-        report['attention'] = probe_attention(net, first_images(data, 32).to(accelerator.device), accelerator.autocast())
+        probe = first_images(data, 32).to(accelerator.device)
+        report['attention'] = probe_attention(net, probe, accelerator.autocast())
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),
                   missing_classes=images.missing_classes)
     summary = ', '.join(f'{k} top-1 {v["top1"]:.2f}%' for k, v in report['heads'].items())

@@ -3,14 +3,18 @@ onnxruntime), TorchScript (timm's scriptable path) and a torch.compile check.
 
     python recipes/export.py --model runs/builtin/best --onnx model.onnx --torchscript model.pt --compile
 
-The exported graphs compute the eval output: the mean of the SSA and FE heads' logits.
+The exported graphs compute the eval output: the mean of the SSA and FE heads' logits. Every output
+path is checked before the conversion (writable, not inside the model's folder); the files are written
+beside their final name and put in place only when every check passed, and a failed write (a full
+disk) is one line that leaves no temporary file.
 """
 import argparse
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
@@ -18,14 +22,15 @@ import torch
 import timm
 from ssa_timm.cli import at_least, positive_float
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import load_model
-from ssa_timm.run_dir import atomic_write_text, check_output_file
+from ssa_timm.hub import check_img_size, load_model, model_folder
+from ssa_timm.run_dir import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='model name, export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the model's input size")
+    p.add_argument('--img-size', type=at_least(1), default=None,
+                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
     p.add_argument('--onnx', default=None, help='write an ONNX model here')
     p.add_argument('--opset', type=at_least(17), default=18)
     p.add_argument('--torchscript', default=None, help='write a TorchScript model here')
@@ -43,13 +48,24 @@ def max_abs_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, opset: int) -> Dict:
-    """ONNX through torch.export with a dynamic batch axis; checked with onnxruntime at two batch sizes."""
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn a failed write into one line naming ``what`` (torch.jit.save reports one as RuntimeError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise UserError(f'cannot write {what}: {getattr(e, "strerror", None) or e}') from e
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, opset: int, what: str = '') -> Dict:
+    """ONNX through torch.export with a dynamic batch axis; checked with onnxruntime at two batch sizes.
+    ``what`` names the output in the message of a failed write."""
     import onnxruntime
     program = torch.onnx.export(
         model, (example,), input_names=['input'], output_names=['logits'], opset_version=opset,
         dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1)}}, dynamo=True, verbose=False)
-    program.save(path)
+    with writing(what or path):
+        program.save(path)
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     diffs = []
     for batch in (1, 3):  # other batch sizes than the traced one: the batch axis is dynamic
@@ -59,9 +75,13 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, opset:
     return dict(path=path, opset=opset, batch_sizes=[1, 3], max_abs_diff=max(diffs))
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> Dict:
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor,
+                       what: str = '') -> Dict:
+    """TorchScript through timm's scriptable layers, checked against eager; ``what`` names the output
+    in the message of a failed write."""
     scripted = torch.jit.script(model)
-    scripted.save(path)
+    with writing(what or path):
+        torch.jit.save(scripted, path)
     with torch.no_grad():
         diff = max_abs_diff(torch.jit.load(path)(example), reference)
     return dict(path=path, max_abs_diff=diff)
@@ -76,8 +96,14 @@ def check_compile(model: torch.nn.Module, example: torch.Tensor, reference: torc
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    if args.img_size is not None:
+        check_img_size(args.img_size, '--img-size')
+    folder = model_folder(args.model)
+    outputs = [getattr(args, flag) for flag in ('onnx', 'torchscript', 'report') if getattr(args, flag)]
+    if len(set(Path(p).resolve() for p in outputs)) < len(outputs):
+        raise UserError(f'--onnx, --torchscript and --report must be different files, got {outputs}')
     for flag in ('onnx', 'torchscript', 'report'):  # before the conversion, not after it
-        check_output_file(getattr(args, flag), f'--{flag}')
+        check_output_path(getattr(args, flag), f'--{flag}', model_folders=[folder] if folder else [])
     if args.onnx:
         for package in ('onnx', 'onnxscript', 'onnxruntime'):
             if importlib.util.find_spec(package) is None:
@@ -92,6 +118,18 @@ def main(argv=None) -> Dict:
             Path(getattr(args, flag)).unlink(missing_ok=True)
 
 
+def write_report(path: Path, report: Dict) -> None:
+    """``report`` as JSON at ``path`` through a temporary sibling and a rename; a failed write is one
+    line and leaves no temporary file."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        with writing(f'--report {path}'):
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def export(args: argparse.Namespace, final: Dict[str, str]) -> Dict:
     """Convert, check against eager, and replace the ``final`` files only when every check passed."""
     with timm.layers.set_layer_config(scriptable=args.torchscript is not None):  # timm's scriptable layers
@@ -102,9 +140,10 @@ def export(args: argparse.Namespace, final: Dict[str, str]) -> Dict:
         reference = model(example)
     report = {'model': args.model, 'img_size': size}
     if args.onnx:
-        report['onnx'] = export_onnx(model, example, args.onnx, args.opset)
+        report['onnx'] = export_onnx(model, example, args.onnx, args.opset, f'--onnx {final["onnx"]}')
     if args.torchscript:
-        report['torchscript'] = export_torchscript(model, example, args.torchscript, reference)
+        report['torchscript'] = export_torchscript(model, example, args.torchscript, reference,
+                                                   f'--torchscript {final["torchscript"]}')
     if args.compile:
         report['compile'] = check_compile(model, example, reference)
     failed = [k for k in ('onnx', 'torchscript', 'compile') if k in report and report[k]['max_abs_diff'] > args.atol]
@@ -112,7 +151,7 @@ def export(args: argparse.Namespace, final: Dict[str, str]) -> Dict:
         report[flag]['path'] = path
     print(json.dumps(report, indent=1))
     if args.report:
-        atomic_write_text(Path(args.report), json.dumps(report, indent=1))
+        write_report(Path(args.report), report)
     if failed:
         raise UserError(f'{failed} differ from eager by more than {args.atol}; nothing was written but the report')
     for flag, path in final.items():

@@ -1,16 +1,20 @@
 """Visualise what SSANet looks at (paper Figs. 1 and 4): Grad-CAM on the SSA-aggregated map H and
 the SSA layer's own attention, overlaid on each image.
 
-    python recipes/visualize.py --model runs/builtin/best images/*.png --out-dir vis/
-    python recipes/visualize.py --model runs/abl/no_attention/best runs/abl/no_alpha/best ... --out-dir fig4/ img.jpg
+    python recipes/visualize.py --model runs/builtin/best images/ --out-dir vis/
+    python recipes/visualize.py --model runs/abl/no_attention/best --model runs/abl/no_alpha/best ... \\
+        --out-dir fig4/ img.jpg
 
 Per image and model it writes ``<stem>_gradcam.png``, ``<stem>_attention.png`` (the attention of
 the most attended position, and the mean attention over all query positions) and ``<stem>.npz``
 with the raw maps. Given several models it also draws ``grid.png`` in the layout of the paper's
 Fig. 4: the input, then one Grad-CAM column per model. Grad-CAM comes from the ``grad-cam``
-package; for ``no_attention`` models it targets the body's last feature map F.
+package; for ``no_attention`` models it targets the body's last feature map F. Images are read by the
+library's one loader; an unreadable image, or one over the pixel limit (PIL.Image.MAX_IMAGE_PIXELS),
+is skipped with a warning naming it. ``--out-dir`` may not be, or lie inside, a model's folder.
 """
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -26,20 +30,44 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 from ssa_timm import SSANet  # noqa: E402
 from ssa_timm.cli import at_least  # noqa: E402
-from ssa_timm.data import find_images, load_image, model_transform  # noqa: E402
-from ssa_timm.errors import exit_on_user_error  # noqa: E402
-from ssa_timm.hub import label_names, load_model  # noqa: E402
-from ssa_timm.run_dir import ensure_writable_dir  # noqa: E402
+from ssa_timm.data import CorruptImageError, find_images, load_image, model_transform  # noqa: E402
+from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
+from ssa_timm.hub import check_img_size, label_names, load_model, model_folder  # noqa: E402
+from ssa_timm.run_dir import check_output_path  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
-    p.add_argument('--model', nargs='+', required=True, help='one or more model specs (Fig. 4: one per variant)')
-    p.add_argument('--img-size', type=at_least(1), default=None, help="default: the first model's input size")
+    p.add_argument('--model', action='append', required=True,
+                   help='a model spec; repeat it for several models (Fig. 4: --model A --model B ...)')
+    p.add_argument('--img-size', type=at_least(1), default=None,
+                   help="default: the first model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
     p.add_argument('--out-dir', default='vis')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
+
+
+def check_inputs(args: argparse.Namespace) -> Path:
+    """The output folder, after checking the arguments before any model is loaded: image inputs that
+    are no model folders (several models take one ``--model`` each), ``--img-size`` within the limit,
+    ``--out-dir`` writable and outside every model folder."""
+    for item in args.inputs:
+        if model_folder(item) is not None and (Path(item) / 'config.json').is_file():
+            raise UserError(f'{item} is a model folder, given as an image input; give each model its own --model')
+    if args.img_size is not None:
+        check_img_size(args.img_size, '--img-size')
+    folders = [f for f in (model_folder(spec) for spec in args.model) if f is not None]
+    return check_output_path(args.out_dir, '--out-dir', model_folders=folders, is_folder=True)
+
+
+def read_image(path: Path):
+    """The image, or None (with a warning naming it) when it cannot be read or is too large."""
+    try:
+        return load_image(str(path))
+    except CorruptImageError as e:
+        print(f'warning: skipping {e}', file=sys.stderr)
+        return None
 
 
 def model_label(model: SSANet) -> str:
@@ -88,14 +116,16 @@ def save_overlays(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str, path
 
 
 def visualize(args: argparse.Namespace) -> List[Path]:
-    out = ensure_writable_dir(Path(args.out_dir), '--out-dir')
+    out = check_inputs(args)
     paths = find_images(args.inputs)
     models = [load_model(spec).eval() for spec in args.model]
     transform, size = model_transform(models[0], args.img_size)
     written: List[Path] = []
     grid_rows = []
     for path in paths:
-        image = load_image(str(path))
+        image = read_image(path)
+        if image is None:
+            continue
         rgb = np.asarray(image.resize((size, size)), dtype=np.float32) / 255
         x = transform(image).unsqueeze(0)
         row = [rgb]
@@ -122,6 +152,8 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             written += [out / f'{stem}_gradcam.png', out / f'{stem}.npz']
             row.append(show_cam_on_image(rgb, gradcam, use_rgb=True))
         grid_rows.append(row)
+    if not grid_rows:
+        raise UserError(f'none of the {len(paths)} image file(s) could be read')
     if len(models) > 1:
         written.append(draw_grid(grid_rows, ['input'] + [model_label(m) for m in models], out / 'grid.png'))
     return written

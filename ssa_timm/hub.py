@@ -190,7 +190,7 @@ def check_model_folder(folder: Path) -> Path:
 
 
 def _check_hub_repo(spec: str) -> None:
-    """Validate ``config.json`` of an ``hf-hub:`` repo and make sure it has safetensors weights, before timm builds it."""
+    """Validate ``config.json`` of an ``hf-hub:`` repo and check it has safetensors weights, before timm builds it."""
     repo_id, _, revision = spec[len('hf-hub:'):].partition('@')
     config = Path(hf_hub_download(repo_id, 'config.json', revision=revision or None))
     validated = _read_config(config)

@@ -1,18 +1,17 @@
 """Hub model cards of SSANet weights: YAML metadata (``model-index`` only for measured results) and
 a body with the model's details, usage, results and citation, from ``model_cards/template.md``."""
 import copy
-from typing import Any, Dict, Optional
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from typing import Any
 
 import timm
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch.utils.flop_counter import FlopCounterMode
 
 from .hub import label_names
 from .models import SSANet
 
-__all__ = ['body_weights_repo', 'model_complexity', 'render_model_card']
+__all__ = ['body_weights_repo', 'model_complexity', 'render_model_card', 'reported_top_ks']
 
 _FORMULAS = {
     'plus': 'H = alpha * O + F (Eq. 1)',
@@ -24,7 +23,13 @@ _FORMULAS = {
 _HEAD_NAMES = {'ssa': 'SSA head', 'fe': 'FE head'}
 
 
-def model_complexity(model: SSANet, img_size: int) -> Dict[str, float]:
+def reported_top_ks(num_classes: int) -> list[int]:
+    """The top-k accuracies worth publishing for ``num_classes`` classes: top-1, and top-5 only when
+    there are more than 5 classes (with 5 or fewer it is 100 % by construction)."""
+    return [k for k in (1, 5) if k == 1 or k < num_classes]
+
+
+def model_complexity(model: SSANet, img_size: int) -> dict[str, float]:
     """Parameters (M) and GMACs of one forward pass at ``img_size`` (counted on the meta device)."""
     params = sum(p.numel() for p in model.parameters()) / 1e6
     meta = copy.deepcopy(model).to('meta').eval()
@@ -33,10 +38,26 @@ def model_complexity(model: SSANet, img_size: int) -> Dict[str, float]:
     return {'params_m': round(params, 2), 'gmacs': round(counter.get_total_flops() / 2e9, 2)}
 
 
-def body_weights_repo(model: SSANet) -> Optional[str]:
+def body_weights_repo(model: SSANet) -> str | None:
     """The timm Hub repo of the body weights the model's body tag names (its default tag when it names none)."""
     cfg = timm.models.get_pretrained_cfg(model.body_name)
     return cfg.hf_hub_id if cfg is not None else None
+
+
+def _measured(metrics: dict[str, Any], num_classes: int, dataset: str | None) -> tuple[dict, list[EvalResult]]:
+    """The card's results table (each head, and their mean) and its model-index entries, for the
+    top-k accuracies ``reported_top_ks`` keeps."""
+    top_ks = reported_top_ks(num_classes)
+    heads = [dict(name=_HEAD_NAMES[k], **metrics['heads'][k]) for k in ('ssa', 'fe') if k in metrics['heads']]
+    if len(heads) > 1:
+        heads.append(dict(name='mean of heads (model output)', **metrics['output']))
+    eval_results = [
+        EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
+                   dataset_split='validation', metric_type='accuracy', metric_name=f'top-{k} accuracy',
+                   metric_value=round(metrics['output'][f'top{k}'], 2))
+        for k in top_ks
+    ]
+    return {'heads': heads, 'count': metrics.get('count'), 'top_ks': top_ks}, eval_results
 
 
 def render_model_card(
@@ -45,8 +66,8 @@ def render_model_card(
         template: str,
         img_size: int,
         create_name: str,
-        dataset: Optional[str] = None,
-        metrics: Optional[Dict[str, Any]] = None,
+        dataset: str | None = None,
+        metrics: dict[str, Any] | None = None,
         pretrained_body: bool = True,
 ) -> ModelCard:
     """Render a Hub model card: YAML metadata (with ``model-index`` only for measured ``metrics``)
@@ -63,20 +84,7 @@ def render_model_card(
         pretrained_body: Whether the body started from timm's ImageNet weights.
     """
     base_model = body_weights_repo(model) if pretrained_body else None
-    eval_results = None
-    results = None
-    if metrics:
-        heads = [dict(name=_HEAD_NAMES[k], **metrics['heads'][k]) for k in ('ssa', 'fe') if k in metrics['heads']]
-        if len(heads) > 1:
-            heads.append(dict(name='mean of heads (model output)', **metrics['output']))
-        results = dict(heads=heads, count=metrics.get('count'))
-        output = metrics['output']
-        eval_results = [
-            EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
-                       dataset_split='validation', metric_type='accuracy', metric_name=f'top-{k} accuracy',
-                       metric_value=round(output[f'top{k}'], 2))
-            for k in (1, 5)
-        ]
+    results, eval_results = _measured(metrics, model.num_classes, dataset) if metrics else (None, None)
     datasets = [d for d in (('imagenet-1k' if base_model else None), dataset) if d]
     card_data = ModelCardData(
         library_name='timm',
@@ -108,6 +116,8 @@ def render_model_card(
         create_name=create_name,
         create_args='' if metrics else ', num_classes=NUM_CLASSES',
         label_names=bool(label_names(model)),
+        top_k=min(5, model.num_classes),
+        hub_repo=create_name[len('hf-hub:'):] if create_name.startswith('hf-hub:') else None,
         weights_note=weights_note,
         results=results,
         **model_complexity(model, img_size),

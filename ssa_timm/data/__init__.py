@@ -5,16 +5,18 @@ from torch.utils.data import Dataset
 
 from .builtin import BuiltinFineGrained
 from .images import (
-    BACKGROUND, IMAGE_SUFFIXES, CorruptImageError, ImageTooLargeError, find_images, load_image, max_image_pixels, to_rgb)
+    BACKGROUND, IMAGE_SUFFIXES, CorruptImageError, ImageTooLargeError, find_images, load_image, max_image_pixels,
+    to_rgb)
 from .readers import (
     DatasetLayoutError, LabeledImages, align_classes, read_cars, read_cub, read_dogs, read_image_folder)
 from .timm_datasets import TIMM_PREFIXES, build_timm_dataset, is_timm_spec
-from .transforms import EpochFlip, FlipSchedule, Transformed, TransformedStream, eval_transform, first_images, model_transform
+from .transforms import (
+    EpochFlip, FlipSchedule, Transformed, TransformedStream, eval_transform, first_images, model_transform)
 
 __all__ = [
-    'BACKGROUND', 'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip', 'FlipSchedule',
-    'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages', 'TIMM_PREFIXES', 'Transformed', 'TransformedStream',
-    'build_dataset', 'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image',
+    'BACKGROUND', 'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip',
+    'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages', 'TIMM_PREFIXES', 'Transformed',
+    'TransformedStream', 'build_dataset', 'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image',
     'max_image_pixels', 'model_transform', 'to_rgb',
 ]
 
