@@ -12,6 +12,15 @@ Fig. 4: the input, then one Grad-CAM column per model. Grad-CAM comes from the `
 package; for ``no_attention`` models it targets the body's last feature map F. Images are read by the
 library's one loader; an unreadable image, or one over the pixel limit (PIL.Image.MAX_IMAGE_PIXELS),
 is skipped with a warning naming it. ``--out-dir`` may not be, or lie inside, a model's folder.
+
+timm's own attention tool reads the same map: ``timm.utils.AttentionExtract(model)`` finds the node
+``head.attn.softmax``, S of shape ``(B, N, N)`` (row j = query position j, N = H * W), equal to
+``model.head.attn.forward_with_attention(model.forward_body(x))[1]``, when the plain attention path runs:
+build the model with ``fused_attn=False`` (or with timm's fused attention off, ``TIMM_FUSED_ATTN=0``). The
+default eval path is fused (``scaled_dot_product_attention``), which has no softmax node to find:
+
+    model = timm.create_model('local-dir:runs/builtin/best', pretrained=True, fused_attn=False).eval()
+    maps = timm.utils.AttentionExtract(model)(x)['head.attn.softmax']
 """
 import argparse
 import sys
