@@ -60,6 +60,15 @@ def _measured(metrics: dict[str, Any], num_classes: int, dataset: str | None) ->
     return {'heads': heads, 'count': metrics.get('count'), 'top_ks': top_ks}, eval_results
 
 
+def _weights_note(dataset: str | None, base_model: str | None, trained: bool) -> str:
+    """Where the card's weights come from."""
+    if trained:
+        return f'The whole model was trained on {dataset}' + (
+            f', starting from the ImageNet body weights of `{base_model}`.' if base_model else ', from scratch.')
+    return (f'The body starts from the ImageNet weights of `{base_model}`; the SSA module and the heads '
+            'are freshly initialised.')
+
+
 def render_model_card(
         model: SSANet,
         model_name: str,
@@ -96,12 +105,6 @@ def render_model_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    if metrics:
-        weights_note = f'The whole model was trained on {dataset}' + (
-            f', starting from the ImageNet body weights of `{base_model}`.' if base_model else ', from scratch.')
-    else:
-        weights_note = (f'The body starts from the ImageNet weights of `{base_model}`; the SSA module and the heads '
-                        'are freshly initialised.')
     return ModelCard.from_template(
         card_data,
         template_str=template,
@@ -118,7 +121,7 @@ def render_model_card(
         label_names=bool(label_names(model)),
         top_k=min(5, model.num_classes),
         hub_repo=create_name[len('hf-hub:'):] if create_name.startswith('hf-hub:') else None,
-        weights_note=weights_note,
+        weights_note=_weights_note(dataset, base_model, trained=bool(metrics)),
         results=results,
         **model_complexity(model, img_size),
     )

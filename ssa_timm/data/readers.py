@@ -90,7 +90,8 @@ def read_cub(root: str, split: str, crop_bbox: bool = False) -> LabeledImages:
             raise DatasetLayoutError(f'{name} does not match images.txt: image ids {odd} are in one and not the other')
     boxes_by_id = {}
     if crop_bbox:
-        boxes_by_id = {i: tuple(float(v) for v in rest.split()) for i, rest in _read_table(files['bounding_boxes'], 2, CUB_LAYOUT)}
+        boxes = _read_table(files['bounding_boxes'], 2, CUB_LAYOUT)
+        boxes_by_id = {i: tuple(float(v) for v in rest.split()) for i, rest in boxes}
     want = '1' if split == 'train' else '0'
     ids = [i for i in images if is_train[i].strip() == want]
     samples = []
@@ -130,7 +131,8 @@ def read_dogs(root: str, split: str) -> LabeledImages:
         folder = f.split('/')[0]
         if folder_of.setdefault(label, folder) != folder:
             raise DatasetLayoutError(f'{mat_path}: label {label + 1} is used for both {folder_of[label]} and {folder}')
-    classes = [folder_of[i].split('-', 1)[-1] if i in folder_of else f'class_{i}' for i in range(max(labels, default=-1) + 1)]
+    classes = [folder_of[i].split('-', 1)[-1] if i in folder_of else f'class_{i}'
+               for i in range(max(labels, default=-1) + 1)]
     return LabeledImages([(str(base / 'Images' / f), label) for f, label in zip(files, labels)], classes)
 
 
