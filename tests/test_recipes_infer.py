@@ -108,6 +108,22 @@ def test_predict_streams_and_an_interrupted_run_leaves_whole_records(tiny, image
     assert leftovers(tmp_path) == []
 
 
+def test_predict_reads_images_as_a_viewer_shows_them(tiny, tmp_path, capsys):
+    """An EXIF-rotated photo is predicted as the upright picture, a 16-bit PNG as its 8-bit rendering."""
+    upright = np.asarray(BuiltinFineGrained('val', samples_per_class=1)[5][0].resize((48, 64)))
+    Image.fromarray(upright).save(tmp_path / 'upright.png')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown after a 90 degree clockwise turn
+    Image.fromarray(np.rot90(upright).copy()).save(tmp_path / 'phone.png', exif=exif)
+    deep = upright[..., 0].astype(np.uint16) * 257
+    Image.fromarray(deep).save(tmp_path / 'deep.png')
+    Image.fromarray(upright[..., 0]).save(tmp_path / 'grey.png')
+    assert run_main('predict', '--model', str(tiny), str(tmp_path), '--format', 'json', '--top-k', '10') == 0
+    top = {Path(r['image']).name: r['top'] for r in json.loads(capsys.readouterr().out)}
+    assert top['phone.png'] == top['upright.png'] and top['deep.png'] == top['grey.png']
+    assert top['phone.png'] != top['grey.png']
+
+
 def test_predict_skips_unreadable_and_too_large_images(tiny, images, tmp_path, monkeypatch, capsys):
     bad = tmp_path / 'broken.jpg'
     bad.write_bytes(b'\xff\xd8 not a jpeg')
