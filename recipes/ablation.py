@@ -2,8 +2,16 @@
 heads vs Self-AD) by training each configuration with recipes/train.py, each in its own process;
 with ``--remedies`` also ``plus`` with attention options the paper lacks (``--qk-norm``, ``--scale-attn``).
 
+``--regime scratch`` (the default) trains every run's body from scratch. ``--regime transfer`` is the
+paper's regime on the built-in data: a body is first trained once on another glyph family
+(``--builtin-family 1``, no attention), saved, then frozen for every run on family 0, whose SSA
+module and heads train from the cached body maps (``--pretrained-path --freeze-backbone
+--cache-features``).
+
     python recipes/ablation.py --seeds 0,1,2                    # built-in dataset, small body
     python recipes/ablation.py --seeds 0,1,2 --variants no_attention,plus --losses ad --remedies qk-norm,scale-attn
+    python recipes/ablation.py --regime transfer --seeds 0,1,2 --variants no_attention,plus,multiply,no_alpha \
+        --remedies qk-norm,scale-attn --epochs 10            # the paper's regime, frozen pretrained body
     python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
         --data-dir /data/CUB_200_2011                           # other flags go to train.py
 
@@ -23,6 +31,7 @@ from typing import Dict, List, Optional
 
 from ssa_timm.cli import at_least
 from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.train import save_body_weights
 
 TRAIN = Path(__file__).resolve().parent / 'train.py'
 
@@ -44,6 +53,9 @@ def parse_args(argv=None):
                    help='comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)')
     p.add_argument('--remedies', default='',
                    help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn')
+    p.add_argument('--regime', choices=('scratch', 'transfer'), default='scratch',
+                   help='transfer: one body pretrained on glyph family 1, frozen for every run (builtin only)')
+    p.add_argument('--pretrain-epochs', type=at_least(1), default=6, help='transfer: epochs of the body pretraining')
     p.add_argument('--output-dir', default='runs/ablation')
     p.add_argument('--launcher', default=sys.executable,
                    help='command that runs train.py, e.g. "accelerate launch --multi_gpu --num_processes 8"')
@@ -55,6 +67,8 @@ def parse_args(argv=None):
         p.error(f'--seeds must be comma separated integers, got {args.seeds!r}')
     args.variants, args.losses = args.variants.split(','), args.losses.split(',')
     args.remedies = [r for r in args.remedies.split(',') if r]
+    if args.regime == 'transfer' and args.dataset != 'builtin':
+        p.error('--regime transfer pretrains on another family of the built-in glyphs: it needs --dataset builtin')
     for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'),
                                   (args.losses, ('ad', 'ce'), '--losses'),
                                   (args.remedies, REMEDIES, '--remedies')):
@@ -72,24 +86,43 @@ def configs(args: argparse.Namespace) -> List[tuple]:
     return runs
 
 
-def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_args: List[str]) -> Dict:
-    """Train one configuration in a train.py process, or reuse its finished run (resuming an unfinished one)."""
-    variant, loss, remedy = config
-    run_dir = Path(args.output_dir) / f'{variant}{"_" + remedy if remedy else ""}_{loss}_seed{seed}'
-    command = [*shlex.split(args.launcher), str(TRAIN), *train_args, '--dataset', args.dataset,
-               '--epochs', str(args.epochs), '--model', f'ssanet_{body}_{variant}', '--loss', loss,
-               '--seed', str(seed), '--output-dir', str(run_dir), *([f'--{remedy}'] if remedy else [])]
+def train_once(args: argparse.Namespace, run_dir: Path, flags: List[str], epochs: int) -> Dict:
+    """The best epoch's metrics line of ``train.py flags`` in ``run_dir``: trained in a train.py process,
+    or reused when finished (an unfinished run is resumed)."""
+    command = [*shlex.split(args.launcher), str(TRAIN), *flags, '--epochs', str(epochs), '--output-dir', str(run_dir)]
     flags = command[len(shlex.split(args.launcher)) + 1:]
     record = run_dir / 'ablation_run.json'
     if record.is_file() and json.loads(record.read_text())['train_args'] != flags:
         raise UserError(f'{run_dir} was trained with other train.py flags ({record}); use another --output-dir')
-    if best_epoch_line(run_dir, args.epochs) is None:
+    if best_epoch_line(run_dir, epochs) is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({'train_args': flags}))
         resume = ['--resume', 'latest'] if (run_dir / 'checkpoints').is_dir() else []
         if subprocess.run([*command, *resume]).returncode != 0:
             raise UserError(f'training {run_dir.name} failed: {shlex.join(command)}')
-    line = best_epoch_line(run_dir, args.epochs)
+    line = best_epoch_line(run_dir, epochs)
+    if line is None:
+        raise UserError(f'{run_dir} has no finished run of {epochs} epochs')
+    return line
+
+
+def pretrained_body(args: argparse.Namespace, body: str, train_args: List[str]) -> List[str]:
+    """``--regime transfer``: train ``body`` once on glyph family 1 (no attention, seed 0) and save it;
+    the train.py flags that start a run from it, frozen, on cached body maps."""
+    run_dir = Path(args.output_dir) / 'pretrain_family1'
+    train_once(args, run_dir, [*train_args, '--dataset', 'builtin', '--builtin-family', '1', '--model',
+                               f'ssanet_{body}_no_attention', '--seed', '0'], args.pretrain_epochs)
+    weights = save_body_weights(run_dir / 'best', run_dir / 'body.safetensors')
+    return ['--pretrained-path', str(weights), '--freeze-backbone', '--cache-features']
+
+
+def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_args: List[str]) -> Dict:
+    """Train one configuration in a train.py process, or reuse its finished run (resuming an unfinished one)."""
+    variant, loss, remedy = config
+    run_dir = Path(args.output_dir) / f'{variant}{"_" + remedy if remedy else ""}_{loss}_seed{seed}'
+    flags = [*train_args, '--dataset', args.dataset, '--model', f'ssanet_{body}_{variant}', '--loss', loss,
+             '--seed', str(seed), *([f'--{remedy}'] if remedy else [])]
+    line = train_once(args, run_dir, flags, args.epochs)
     if line is None:
         raise UserError(f'{run_dir} has no finished run of {args.epochs} epochs')
     report = line['val']
@@ -168,9 +201,14 @@ def main(argv=None) -> Dict:
     dataset, seeds = args.dataset, args.seeds
     body = args.body or ('resnet18' if dataset == 'builtin' else 'vgg16')
     out = Path(args.output_dir)
+    if args.regime == 'transfer':
+        train_args = [*train_args, *pretrained_body(args, body, train_args)]
     rows = [run(args, body, config, seed, train_args) for seed in seeds for config in configs(args)]
-    markdown = tables(rows, seeds, dataset)
-    result = dict(body=body, dataset=dataset, epochs=args.epochs, seeds=seeds, train_args=train_args, runs=rows)
+    setting = f'{dataset}, {args.regime}' + (': frozen body pretrained on glyph family 1' if args.regime == 'transfer'
+                                             else ': bodies from scratch')
+    markdown = tables(rows, seeds, setting)
+    result = dict(body=body, dataset=dataset, regime=args.regime, epochs=args.epochs, seeds=seeds,
+                  train_args=train_args, runs=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'ablation.json').write_text(json.dumps(result, indent=1))
     (out / 'ablation.md').write_text(markdown)

@@ -19,7 +19,6 @@ from functools import partial
 from pathlib import Path
 from typing import Dict
 
-from accelerate.utils import set_seed
 from timm.optim import get_optimizer_class, list_optimizers
 from timm.utils import ModelEmaV3
 
@@ -29,11 +28,12 @@ from ssa_timm.cli import (
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.hub import check_img_size
 from ssa_timm.metrics import report_top1
 from ssa_timm.train import (
     CheckpointStore, Progress, RunConfig, StopRequest, Trainee, best_of, build_datasets, build_loaders,
     build_model, build_optimizer, build_scheduler, build_training_data, claim_output_dir, make_accelerator, prepare,
-    run_on_main, scheduler_state, set_up_model, train_one_epoch)
+    run_on_main, scheduler_state, seed_everything, set_up_model, train_one_epoch)
 from ssa_timm.train.checkpoint import resume_run
 from ssa_timm.train.config import BUILTIN_DEFAULTS, PAPER_DEFAULTS
 from ssa_timm.train.outputs import epoch_record, epoch_summary, tracker_values, write_epoch
@@ -79,6 +79,8 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
     g.add_argument('--builtin-train-per-class', type=at_least(1), default=DEFAULT.builtin_train_per_class)
     g.add_argument('--builtin-val-per-class', type=at_least(1), default=DEFAULT.builtin_val_per_class)
+    g.add_argument('--builtin-family', type=at_least(0), default=DEFAULT.builtin_family,
+                   help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
     g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers, help='loader worker processes')
 
     g = p.add_argument_group('Loss')
@@ -139,6 +141,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--keep-checkpoints', type=at_least(1), default=DEFAULT.keep_checkpoints)
     g.add_argument('--checkpoint-steps', type=at_least(1), help='also checkpoint every N optimizer steps')
     g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed)
+    g.add_argument('--deterministic', action='store_true',
+                   help="torch's deterministic algorithms: the same metrics for the same seed on the same machine")
     g.add_argument('--log-with', type=trackers, help='accelerate trackers, comma separated: tensorboard, wandb, ...')
     g.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
     g.add_argument('--debug', action='store_true', help='show the traceback of user errors')
@@ -164,6 +168,10 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
         p.error(f'--opt {config.opt} cannot be used here: {e}')
     if config.opt.lower() in ('sgd', 'nesterov') and config.momentum == 0:
         p.error("--opt sgd is timm's Nesterov SGD, which needs --momentum > 0; --opt momentum is plain SGD")
+    try:
+        check_img_size(config.img_size, '--img-size')
+    except UserError as e:
+        p.error(str(e))
     if Path(config.model).is_dir() or config.model.startswith(('hf-hub:', 'local-dir:')):
         return
     try:  # the model name and the input size, on the meta device: nothing is allocated or loaded
@@ -177,7 +185,7 @@ def training_function(config: RunConfig) -> Dict:
     accelerator = make_accelerator(config)
     out = config.output_path
     with claim_output_dir(out, accelerator, config.resume, config.overwrite), StopRequest() as stop:
-        set_seed(config.seed)
+        seed_everything(config)
         # data: validation labels index the training classes
         train_images, val_images = build_datasets(config, accelerator)
         classes = train_images.classes

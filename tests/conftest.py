@@ -22,9 +22,11 @@ def fresh_accelerate_state():
     """accelerate keeps its state in process-wide singletons: reset them after each test, as its own
     test suite does, so in-process recipe runs do not inherit each other's settings."""
     yield
+    import torch
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    torch.use_deterministic_algorithms(False)  # --deterministic sets it for the whole process
 
 
 @pytest.fixture(scope='session')

@@ -239,6 +239,7 @@ def test_trackers_and_body_index_checked_at_parse_time(monkeypatch, capsys):
     refused(['--log-with', 'wandb'], 'wandb: its package is not installed')
     refused(['--body-feature-index', '9'], 'body_feature_index must be in [-5, 5)')
     refused(['--model', 'ssanet_vit_small_patch16_384_plus', '--img-size', '8'], 'cannot read a 8x8 px input')
+    refused(['--img-size', '4000'], '--img-size')  # bounded like a model folder's input size
 
 
 # a loss that diverges

@@ -175,6 +175,28 @@ def test_initial_checkpoint_loads_a_whole_ssanet(trained_run, tmp_path):
         build_model(one_head, 3)
 
 
+def test_deterministic_runs_print_identical_metrics(tmp_path):
+    flags = [*TINY_TRAIN, '--epochs', '2', '--deterministic', '--workers', '2']
+    for name in ('a', 'b'):
+        assert train(*flags, '--output-dir', str(tmp_path / name)) == 0
+    timeless = lambda out: [{k: v for k, v in m.items() if k != 'images_per_s'} for m in metrics(out)]  # noqa: E731
+    assert timeless(tmp_path / 'a') == timeless(tmp_path / 'b')
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_builtin_families_share_no_glyph_and_are_recorded(tmp_path):
+    base = BuiltinFineGrained('train', samples_per_class=1)
+    other = BuiltinFineGrained('train', samples_per_class=1, family=1)
+    assert not set(base.classes) & set(other.classes)
+    glyphs = [g for d in (base, other) for g in (*d.class_glyphs, *d.distractor_glyphs)]
+    assert min((a != b).sum() for i, a in enumerate(glyphs) for b in glyphs[i + 1:]) >= 4
+    assert train(*TINY_TRAIN, '--epochs', '1', '--builtin-family', '1', '--output-dir', str(tmp_path)) == 0
+    config = json.loads((tmp_path / 'best' / 'config.json').read_text())
+    assert config['label_names'][0] == 'glyph_14'
+    state = json.loads((tmp_path / 'checkpoints' / 'checkpoint_0' / 'run_state.json').read_text())
+    assert state['identity']['builtin_family'] == 1
+
+
 def test_cached_features_match_uncached_frozen_run(tmp_path):
     frozen = [*TINY_TRAIN, '--epochs', '2', '--freeze-backbone']
     assert train(*frozen, '--output-dir', str(tmp_path / 'plain')) == 0

@@ -24,7 +24,7 @@ DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
-                  seed: int = 0, samples_per_class: Optional[int] = None,
+                  seed: int = 0, samples_per_class: Optional[int] = None, family: int = 0,
                   classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split',
                   **timm_options: Any) -> Dataset:
     """``(PIL image, label)`` dataset with a ``classes`` list (and ``missing_classes``).
@@ -36,6 +36,7 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         crop_bbox: CUB only: crop to ``bounding_boxes.txt``.
         seed: 'builtin' only: the generation seed.
         samples_per_class: 'builtin' only: images per class (default 300 train, 50 val).
+        family: 'builtin' only: the glyph family (``BuiltinFineGrained``).
         classes: The run's class list (the training split's, or a model's label names): labels are
             indices into it, a class it lacks is an error (``align_classes``).
         classes_of: Where ``classes`` come from, for error messages.
@@ -43,7 +44,7 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
     """
     if is_timm_spec(name):
         return build_timm_dataset(name, split, data_dir=data_dir, seed=seed, classes=classes, **timm_options)
-    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class)
+    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class, family)
     dataset.missing_classes = []
     if classes is not None and list(classes) != list(dataset.classes):
         if not isinstance(dataset, LabeledImages):
@@ -54,12 +55,12 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
 
 
 def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed: int,
-          samples_per_class: Optional[int]) -> Dataset:
+          samples_per_class: Optional[int], family: int = 0) -> Dataset:
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == 'builtin':
         default = 300 if split == 'train' else 50
-        return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed)
+        return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed, family=family)
     if name not in DATASETS:
         raise DatasetLayoutError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:

@@ -4,7 +4,11 @@ Every image shows the same kind of object (an ellipse of random size, colour and
 random clutter. Classes differ only in one small part: a class-specific 4x4 glyph drawn at a
 random spot on the object. A distractor glyph, from a set no class uses, sits somewhere else in
 the image. Telling classes apart means finding one small region, which is what the SSA module
-is for. Images depend only on ``(seed, split, index)``.
+is for. Images depend only on ``(seed, family, split, index)``.
+
+``family`` picks another set of glyphs, disjoint from every other family's (classes and distractors)
+for the same seed: family 1 is a pretraining task for a body that family 0 (the default) then
+fine-tunes on, the paper's regime of a body pretrained on other classes of the same domain.
 """
 from typing import List, Tuple
 
@@ -38,6 +42,7 @@ class BuiltinFineGrained(Dataset):
         samples_per_class: Images per class in this split.
         image_size: Side of the generated square images.
         seed: Dataset seed; the same seed gives the same images.
+        family: Glyph family; families of one seed share no glyph.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class BuiltinFineGrained(Dataset):
             samples_per_class: int = 100,
             image_size: int = 64,
             seed: int = 0,
+            family: int = 0,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
@@ -57,9 +63,14 @@ class BuiltinFineGrained(Dataset):
         self.samples_per_class = samples_per_class
         self.image_size = image_size
         self.seed = seed
-        glyphs = _glyphs(num_classes + 4, seed)
+        if family < 0:
+            raise ValueError(f'family must be >= 0, got {family}')
+        self.family = family
+        per_family = num_classes + 4  # the first glyphs of one sequence: family 0 is the same for any family count
+        first = family * per_family
+        glyphs = _glyphs(first + per_family, seed)[first:]
         self.class_glyphs, self.distractor_glyphs = glyphs[:num_classes], glyphs[num_classes:]
-        self.classes = [f'glyph_{i:02d}' for i in range(num_classes)]
+        self.classes = [f'glyph_{first + i:02d}' for i in range(num_classes)]
         self.targets = [i % num_classes for i in range(len(self))]
 
     def __len__(self) -> int:
@@ -75,7 +86,7 @@ class BuiltinFineGrained(Dataset):
             raise IndexError(f'index {index} out of range for {len(self)} images')
         label = self.targets[index]
         s = self.image_size
-        rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
+        rng = np.random.default_rng([self.seed, _SPLITS[self.split], index] + ([self.family] if self.family else []))
         img = rng.integers(60, 140, size=(1, 1, 3)) + rng.normal(0, 12, size=(s, s, 3))
         for _ in range(6):  # clutter: random rectangles
             h, w = rng.integers(s // 10, s // 4, size=2)

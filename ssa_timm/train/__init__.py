@@ -4,7 +4,7 @@ parts (``build``), optimizer and schedule (``optim``), the loop (``loop``), chec
 (``preemption``). Every part runs in-process, on one process or under ``accelerate launch``."""
 from .build import (
     build_datasets, build_loaders, build_model, build_training_data, load_initial_checkpoint, make_accelerator, prepare,
-    set_up_model)
+    save_body_weights, seed_everything, set_up_model)
 from .checkpoint import CheckpointError, CheckpointStore, Progress
 from .config import RunConfig
 from .loop import NonFiniteLoss, Trainee, best_of, train_one_epoch, training_step, validate
@@ -16,6 +16,7 @@ __all__ = [
     'CheckpointError', 'CheckpointStore', 'NonFiniteLoss', 'Progress', 'RunAborted', 'RunConfig', 'StopRequest',
     'Trainee', 'append_metrics', 'best_of', 'build_datasets', 'build_loaders', 'build_model', 'build_optimizer',
     'build_scheduler', 'build_training_data', 'claim_output_dir', 'export_best', 'keep_metrics_before',
-    'load_initial_checkpoint', 'load_scheduler_state', 'make_accelerator', 'prepare', 'run_on_main', 'scheduler_state',
-    'set_up_model', 'train_one_epoch', 'training_step', 'validate',
+    'load_initial_checkpoint', 'load_scheduler_state', 'make_accelerator', 'prepare', 'run_on_main',
+    'save_body_weights', 'scheduler_state', 'seed_everything', 'set_up_model', 'train_one_epoch', 'training_step',
+    'validate',
 ]

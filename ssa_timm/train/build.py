@@ -1,5 +1,6 @@
 """The parts a training run is made of, from its ``RunConfig``: datasets, the model and its starting
 weights, the training and validation data (images, or cached body maps) and their loaders."""
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,7 +18,8 @@ from ..models.ssanet import checkpoint_filter_fn
 from .config import RunConfig
 
 __all__ = ['build_datasets', 'build_loaders', 'build_model', 'build_training_data', 'load_initial_checkpoint',
-           'make_accelerator', 'prepare', 'set_up_model']
+           'make_accelerator', 'prepare', 'save_body_weights', 'seed_everything',
+           'set_up_model']
 
 
 def build_datasets(config: RunConfig, accelerator=None) -> Tuple[Dataset, Dataset]:
@@ -103,6 +105,22 @@ def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> None:
                         f'{len(wrong)} key(s) missing or unexpected, e.g. {wrong[:3]}')
 
 
+def save_body_weights(export: Path, path: Path) -> Path:
+    """Write the body of an exported SSANet (``export/model.safetensors``) as a bare body checkpoint in
+    the body's own key layout, ready for ``pretrained_path``; written through a temporary file."""
+    from safetensors.torch import save_file
+    weights = export / 'model.safetensors'
+    if not weights.is_file():
+        raise UserError(f'{export} is not an exported model: it has no model.safetensors')
+    body = {k[len('body.'):]: v.contiguous() for k, v in load_file(str(weights)).items() if k.startswith('body.')}
+    if not body:
+        raise UserError(f'{weights} holds no body weights')
+    tmp = path.with_name(f'.{path.name}.tmp')
+    save_file(body, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 def build_training_data(config: RunConfig, model: torch.nn.Module, train_images: Dataset, val_images: Dataset,
                         accelerator) -> Tuple[Dataset, Dataset, torch.nn.Module]:
     """The training data (random flips drawn per epoch), the validation data and the module to train:
@@ -128,13 +146,24 @@ def build_training_data(config: RunConfig, model: torch.nn.Module, train_images:
 
 def make_accelerator(config: RunConfig):
     """The run's ``accelerate.Accelerator``: device, mixed precision, accumulation, trackers, compile, and
-    a seedable sampler (the shuffle order of an epoch is a function of the seed and the epoch)."""
+    a seedable sampler (the shuffle order of an epoch is a function of the seed and the epoch). With
+    ``deterministic``, cuBLAS gets the fixed workspace its deterministic mode needs (before CUDA starts)."""
     from accelerate import Accelerator, DataLoaderConfiguration
+    if config.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     return Accelerator(
         cpu=config.cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
         log_with=list(config.log_with or ()) or None, project_dir=config.output_dir,
         dynamo_backend='inductor' if config.compile else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def seed_everything(config: RunConfig) -> None:
+    """Seed Python, NumPy and torch (every process alike); with ``deterministic`` also torch's
+    deterministic algorithms (an error for an operation that has none) and deterministic cuDNN.
+    Data order and flips are functions of (seed, epoch, index) already, whatever the loader workers."""
+    from accelerate.utils import set_seed
+    set_seed(config.seed, deterministic=config.deterministic)
 
 
 def prepare(accelerator, trainable: torch.nn.Module, optimizer, train_loader: DataLoader, val_loader: DataLoader):

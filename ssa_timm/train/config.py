@@ -47,6 +47,7 @@ class RunConfig:
     crop_bbox: bool = False
     builtin_train_per_class: int = 300
     builtin_val_per_class: int = 50
+    builtin_family: int = 0
     train_split: str = 'train'
     val_split: str = 'validation'
     class_map: str = ''
@@ -87,6 +88,7 @@ class RunConfig:
     tta: str = 'none'
     # run
     seed: int = 0
+    deterministic: bool = False
     mixed_precision: Optional[str] = None
     output_dir: str = 'runs/builtin'
     overwrite: bool = False
@@ -143,7 +145,7 @@ class RunConfig:
                                        samples_per_class=self.builtin_train_per_class if training
                                        else self.builtin_val_per_class)
         if not is_timm_spec(self.dataset):
-            return dict(options, split='train' if training else 'val')
+            return dict(options, split='train' if training else 'val', family=self.builtin_family)
         return dict(options, split=self.train_split if training else self.val_split, class_map=self.class_map,
                     input_key=self.input_key, target_key=self.target_key, download=self.dataset_download,
                     num_samples=self.train_num_samples if training else self.val_num_samples, is_training=training)
@@ -152,7 +154,7 @@ class RunConfig:
                  num_processes: int) -> Dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (``RESUMABLE_CHANGES`` aside)."""
         return dict(model=self.model, model_args=self.model_kwargs(), dataset=self.dataset, data_dir=self.data_path,
-                    crop_bbox=self.crop_bbox, classes=list(classes), train_samples=train_samples,
+                    crop_bbox=self.crop_bbox, **self._family(), classes=list(classes), train_samples=train_samples,
                     val_samples=val_samples, img_size=self.img_size, seed=self.seed, **self.weights_sources(),
                     freeze_backbone=self.freeze_backbone, cache_features=self.cache_features,
                     batch_size=self.batch_size, grad_accum=self.grad_accum, num_processes=num_processes,
@@ -162,7 +164,12 @@ class RunConfig:
         """What the frozen body's maps of ``split`` depend on (the body's weights are added by the cache)."""
         return dict(model=self.model, model_args=self.model_kwargs(), **self.weights_sources(),
                     img_size=self.img_size, dataset=self.dataset, data_dir=self.data_path, crop_bbox=self.crop_bbox,
-                    seed=self.seed, builtin=[self.builtin_train_per_class, self.builtin_val_per_class], split=split)
+                    seed=self.seed, builtin=[self.builtin_train_per_class, self.builtin_val_per_class],
+                    **self._family(), split=split)
+
+    def _family(self) -> Dict[str, int]:
+        """The built-in glyph family, recorded only when it is not the default (older records stay equal)."""
+        return {'builtin_family': self.builtin_family} if self.builtin_family else {}
 
     def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:
         """The ``training`` entry of an export's ``config.json``."""
