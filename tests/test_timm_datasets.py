@@ -319,3 +319,23 @@ def test_two_process_training_and_evaluation_on_a_stream(tmp_path):
                '--output', str(report), env=OFFLINE, launcher=TWO_CPU_PROCESSES)
     evaluated = json.loads(report.read_text())
     assert evaluated['count'] == 9 and evaluated['output']['top1'] == pytest.approx(line['val']['output']['top1'])
+
+
+def test_timm_specs_read_images_through_the_one_loader(tmp_path, monkeypatch):
+    """A 16-bit PNG in a parquet dataset and in WebDataset shards: scaled to 8 bits (timm's own
+    convert('RGB') would clip it to white), as every other image path does."""
+    import numpy as np
+    module = sys.modules[__name__]
+
+    def png16(colour: Tuple[int, int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16), colour[0] * 257, dtype=np.uint16)).save(buf, format='PNG')
+        return buf.getvalue()
+    monkeypatch.setattr(module, '_png', png16)
+    splits = {'train': [((100, 0, 0), 0), ((20, 0, 0), 1)]}
+    hf = _write_hf(tmp_path / 'hf', splits, ['a', 'b'])
+    wds = _write_wds(tmp_path / 'wds', splits, {'name': 'deep', 'classes': ['a', 'b']}, shards=1)
+    for spec in (f'hfds/{hf}', f'hfids/{hf}', f'wds/{wds}'):
+        images = build_timm_dataset(spec, 'train', data_dir=str(tmp_path / 'cache'))
+        pixels = sorted(img.getpixel((0, 0)) for img, _ in images)
+        assert pixels == [(20, 20, 20), (100, 100, 100)], spec

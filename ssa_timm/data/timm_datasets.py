@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import UserError
+from .images import to_rgb
 from .readers import DatasetLayoutError
 from .streams import buffer_shuffle, process_rank, rank_share
 
@@ -91,7 +92,7 @@ class TimmImages(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         img, label = self.dataset[index]
-        return img, self.relabel(label)
+        return to_rgb(img), self.relabel(label)
 
 
 class TimmImageStream(IterableDataset):
@@ -141,7 +142,7 @@ class TimmImageStream(IterableDataset):
             items = buffer_shuffle(items, self.shuffle_size, [self.seed, self.epoch, worker_id])
         rank, world = process_rank()
         for img, label in rank_share(items, rank, world):
-            yield img, self.relabel(label)
+            yield to_rgb(img), self.relabel(label)
 
     def _shuffle_shards(self, reader, seed: int) -> None:
         """Put the split's shards in an order drawn from ``seed`` before the reader divides them among
@@ -201,7 +202,9 @@ def build_timm_dataset(
     """
     prefix, rest = _check_spec(spec)
     # timm's reader in evaluation mode: one pass, no repeats (its training mode repeats to a count)
+    # no colour conversion in timm's reader (its convert('RGB') would whiten 16-bit images): to_rgb here
     kwargs = dict(split=split, input_key=input_key, target_key=target_key, seed=seed, is_training=False,
+                  input_img_mode='',
                   num_samples=num_samples, download=download)
     if prefix == 'wds/':
         dataset, names, num_classes = _open_wds(spec, rest, data_dir, kwargs)
