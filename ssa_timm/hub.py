@@ -32,8 +32,8 @@ from timm.models import save_for_hf
 from .errors import UserError, one_line
 from .models import SSANet, create_ssanet_by_name
 
-__all__ = ['MAX_IMG_SIZE', 'check_img_size', 'check_model_folder', 'export_model', 'fix_config', 'fixed_config',
-           'img_size_limit', 'label_names', 'load_model', 'model_folder', 'validate_config']
+__all__ = ['MAX_IMG_SIZE', 'attention_args', 'check_img_size', 'check_model_folder', 'export_model', 'fix_config',
+           'fixed_config', 'img_size_limit', 'label_names', 'load_model', 'model_folder', 'validate_config']
 
 MAX_IMG_SIZE = 1024
 _LIMIT_ENV = 'SSA_TIMM_MAX_IMG_SIZE'
@@ -335,6 +335,14 @@ def fix_config(folder: str | Path) -> bool:
     return True
 
 
+def attention_args(model: SSANet) -> dict[str, bool]:
+    """The attention options of ``model`` as model arguments (``qk_norm``, ``scale_attn``; none for a
+    model without attention): an export records them whatever the name's default, so it loads with the
+    attention it was trained with even if a later release changes a default."""
+    attn = model.head.attn
+    return {} if attn is None else {'qk_norm': bool(attn.qk_norm), 'scale_attn': bool(attn.scale_attn)}
+
+
 def export_model(
         model: SSANet,
         out_dir: str,
@@ -353,9 +361,9 @@ def export_model(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     try:
-        save_for_hf(model, out_dir, model_config=config, safe_serialization=True,
-                    data_config={'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0,
-                                 'crop_mode': 'squash'})
+        data_config = {'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0, 'crop_mode': 'squash'}
+        save_for_hf(model, out_dir, model_config=config, model_args=attention_args(model), safe_serialization=True,
+                    data_config=data_config)
     finally:
         if channels_last:
             model.to(memory_format=torch.channels_last)

@@ -102,6 +102,7 @@ class SpatialSelfAttention(nn.Module):
         qk_dim = max(1, int(in_channels * qk_ratio))
         self.in_channels = in_channels
         self.aggregation = aggregation
+        self.scale_attn = scale_attn
         self.scale = qk_dim ** -0.5 if scale_attn else 1.0
         self.fused_attn_train = bool(fused_attn)
         self.fused_attn_eval = use_fused_attn() if fused_attn is None else fused_attn

@@ -60,6 +60,20 @@ def _measured(metrics: dict[str, Any], num_classes: int, dataset: str | None) ->
     return {'heads': heads, 'count': metrics.get('count'), 'top_ks': top_ks}, eval_results
 
 
+def _attention_note(model: SSANet) -> str:
+    """Which attention the card's model computes (``qk_norm`` / ``scale_attn``, recorded in its config)."""
+    attn = model.head.attn
+    if attn is None:
+        return 'none (`no_attention`: the FE head alone)'
+    if attn.qk_norm:
+        return ('cosine attention, `qk_norm=True`: L2-normalised queries and keys with a learnable temperature '
+                '(not in the paper)')
+    if attn.scale_attn:
+        return 'dot products scaled by 1/sqrt(d), `scale_attn=True` (not in the paper)'
+    return ("the paper's unscaled dot products `softmax_i(A_i . B_j)` (`qk_norm=False`, `scale_attn=False`); "
+            'pass `qk_norm=True` for cosine attention')
+
+
 def _weights_note(dataset: str | None, base_model: str | None, trained: bool) -> str:
     """Where the card's weights come from."""
     if trained:
@@ -122,6 +136,7 @@ def render_model_card(
         top_k=min(5, model.num_classes),
         hub_repo=create_name[len('hf-hub:'):] if create_name.startswith('hf-hub:') else None,
         weights_note=_weights_note(dataset, base_model, trained=bool(metrics)),
+        attention_note=_attention_note(model),
         results=results,
         **model_complexity(model, img_size),
     )

@@ -1,9 +1,12 @@
 """SSANet: registry, the two-head contract, the timm API pieces our users rely on."""
+import json
+
 import pytest
 import timm
 import torch
 
 import ssa_timm
+import ssa_timm.hub
 from ssa_timm import SSANet, VARIANTS, create_ssanet
 
 BODIES = ('vgg16', 'resnet50', 'inception_v3', 'densenet121', 'densenet161')
@@ -271,3 +274,24 @@ def test_qk_norm_model_round_trips_and_skips_weight_decay(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
+@pytest.mark.parametrize('name', timm.list_models('ssanet*'))
+def test_each_registered_name_pins_its_attention(name, tmp_path):
+    """Every registered name computes the paper's attention (unscaled dot products) by default: the
+    built-in transfer regime (docs: Results) gives qk_norm no lead over it; exports record the options."""
+    model = timm.create_model(name, num_classes=2, device='meta')
+    if name.endswith('_no_attention'):
+        assert model.head.attn is None and ssa_timm.hub.attention_args(model) == {}
+        return
+    assert (model.head.attn.qk_norm, model.head.attn.scale_attn) == (False, False)
+    assert ssa_timm.hub.attention_args(model) == {'qk_norm': False, 'scale_attn': False}
+
+
+def test_exports_record_the_attention_they_were_trained_with(tmp_path):
+    model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=2, img_size=32, qk_norm=True)
+    ssa_timm.hub.export_model(model, str(tmp_path / 'qk'), ['a', 'b'], 32)
+    config = json.loads((tmp_path / 'qk' / 'config.json').read_text())
+    assert config['model_args']['qk_norm'] is True and config['model_args']['scale_attn'] is False
+    loaded = timm.create_model(f'local-dir:{tmp_path / "qk"}', pretrained=True)
+    assert loaded.head.attn.qk_norm
