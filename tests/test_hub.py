@@ -75,7 +75,8 @@ def test_dry_run_folder_contents(export, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'ssanet' and config['num_classes'] == 10
-    assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32], 'qk_norm': False,
+    assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32],
+                                    'qk_norm': False,
                                     'scale_attn': False}  # the attention it computes, recorded
     assert config['label_names'] == [f'class_{i}' for i in range(10)]
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32]

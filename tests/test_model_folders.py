@@ -57,7 +57,8 @@ def old_style(config: dict) -> None:
 def test_exports_keep_num_classes_out_of_model_args(export):
     config = json.loads((export / 'config.json').read_text())
     assert config['num_classes'] == 3 and config['label_names'] == LABELS
-    assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32], 'qk_norm': False,
+    assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32],
+                                    'qk_norm': False,
                                     'scale_attn': False}
     model = timm.create_model(f'local-dir:{export}', pretrained=True)
     assert model.num_classes == 3 and model.in_chans == 3 and model.pretrained_cfg['label_names'] == LABELS
