@@ -64,7 +64,7 @@ class SpatialSelfAttention(nn.Module):
     which ``forward_with_attention`` always takes because it must return S. By default the fused
     path serves eval mode (same speed or faster, and no N x N map in memory) and the plain path
     serves training: with A and B as wide as the paper's (K = 512 channels) no flash kernel applies,
-    and the fused backward runs slower than the plain one on CPU and on GPU (README, Benchmarks).
+    and the fused backward runs slower than the plain one on CPU and on GPU (docs/benchmarks.md).
     """
 
     def __init__(
