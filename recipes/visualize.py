@@ -33,11 +33,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from ssa_timm import SSANet  # noqa: E402
+from ssa_timm.attention_maps import attention_maps, grad_cam, upsample  # noqa: E402
 from ssa_timm.cli import at_least  # noqa: E402
 from ssa_timm.data import CorruptImageError, find_images, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
@@ -87,29 +86,6 @@ def model_label(model: SSANet) -> str:
     return ' + '.join([model.aggregation, *options])
 
 
-def target_layer(model: SSANet) -> torch.nn.Module:
-    """The module whose output Grad-CAM explains: the SSA layer (H), or the body's last stage (F)."""
-    return model.head.attn if model.head.attn is not None else model.get_submodule(model.feature_info[-1]['module'])
-
-
-def attention_maps(model: SSANet, body_map: torch.Tensor) -> Dict[str, np.ndarray]:
-    """The SSA attention S (N x N, row j = query position j) of a body map F and two (h, w) views of it."""
-    with torch.no_grad():
-        _, attn = model.head.attn.forward_with_attention(body_map)
-    h, w = body_map.shape[-2:]
-    attn = attn[0].float().numpy()
-    mean = attn.mean(0)  # how much each position is attended, averaged over queries
-    top_query = int(mean.argmax())  # the most attended position ...
-    return dict(attention=attn, attention_mean=mean.reshape(h, w),
-                attention_top=attn[top_query].reshape(h, w), top_query=np.array(top_query))  # ... and what it attends
-
-
-def upsample(m: np.ndarray, size) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=size, mode='bilinear', align_corners=False)[0, 0].numpy()
-    return (up - up.min()) / (up.max() - up.min() + 1e-12)
-
-
 def save_overlays(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3 * (len(maps) + 1), 3.2))
     axes[0].imshow(rgb)
@@ -145,8 +121,7 @@ def visualize(args: argparse.Namespace) -> List[Path]:
                 pred = int(model.forward_head(model.forward_ssa(body_map)).argmax(-1))
             names = label_names(model)
             title = f'{model_label(model)}: {names[pred] if names else pred}'
-            with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
-                gradcam = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
+            gradcam = grad_cam(model, x, pred)
             arrays = dict(gradcam=gradcam)
             overlays = {'Grad-CAM': gradcam}
             if model.head.attn is not None:
