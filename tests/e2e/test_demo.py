@@ -4,6 +4,7 @@ unreadable and too large uploads answered in the page, opened in headless Chromi
 the file input, the label panel and the attention overlays on screen, the screenshot of the docs:
 docs/figures/demo.png); ``--model`` errors before any server, and ``--write-space``."""
 import json
+import os
 import re
 import runpy
 import shutil
@@ -158,8 +159,10 @@ def test_an_upload_in_headless_chromium_shows_the_labels_and_the_attention(app, 
         height = browser.execute_script('return document.documentElement.scrollHeight')
         browser.execute_cdp_cmd('Emulation.setDeviceMetricsOverride',
                                 dict(width=1280, height=height, deviceScaleFactor=1, mobile=False))
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
+        # the docs' screenshot is rewritten only when asked (SSA_TIMM_WRITE_FIGURES=1)
+        shot = SCREENSHOT if os.environ.get('SSA_TIMM_WRITE_FIGURES') == '1' else tmp_path / 'demo.png'
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
         box = browser.find_element(By.CSS_SELECTOR, '#attention img').rect
         corner = browser.find_element(By.CSS_SELECTOR, '#input-image img')  # a click picks the position under it
         ActionChains(browser).move_to_element_with_offset(corner, corner.rect['width'] // 2 - 3,
