@@ -14,7 +14,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # one thread per worker: the workers 
     import torch
     torch.set_num_threads(1)
 
-from fixtures import TRAINED_RUN, run_main  # noqa: E402
+from recipe_runs import TRAINED_RUN, run_main  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import ssa_timm
-from fixtures import TINY_TRAIN, run_python, run_recipe
+from recipe_runs import TINY_TRAIN, run_python, run_recipe
 from test_layers import assert_matches_reference, reference_ssa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

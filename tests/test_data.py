@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import make_cars, make_cub, make_dogs, make_image_folder
+from dataset_layouts import make_cars, make_cub, make_dogs, make_image_folder
 from ssa_timm.data import (
     BuiltinFineGrained, CorruptImageError, DatasetLayoutError, EpochFlip, Transformed, build_dataset, eval_transform)
 

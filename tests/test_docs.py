@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from fixtures import ROOT, TINY_TRAIN, recipe, run_main
+from recipe_runs import ROOT, TINY_TRAIN, recipe, run_main
 from PIL import Image
 
 README = ROOT / 'README.md'

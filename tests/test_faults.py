@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import TINY_TRAIN, TRAINED_RUN, run_main, write_image
+from dataset_layouts import write_image
+from recipe_runs import TINY_TRAIN, TRAINED_RUN, run_main
 from ssa_timm import SelfADLoss
 from ssa_timm.data import DatasetLayoutError, build_dataset
 from ssa_timm.run_dir import RunLock, atomic_dir, restore_interrupted

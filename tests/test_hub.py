@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
-from fixtures import ROOT, recipe, run_main, run_python, run_recipe
+from recipe_runs import ROOT, recipe, run_main, run_python, run_recipe
 from huggingface_hub import ModelCard
 from hub_server import serve
 from safetensors import safe_open

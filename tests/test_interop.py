@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from fixtures import run_main
+from recipe_runs import run_main
 from PIL import Image
 
 import ssa_timm

@@ -8,7 +8,7 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
-from fixtures import run_main
+from recipe_runs import run_main
 
 import ssa_timm
 from ssa_timm.errors import UserError

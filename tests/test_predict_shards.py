@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import recipe, run_main, write_image
+from dataset_layouts import write_image
+from recipe_runs import recipe, run_main
 
 import ssa_timm
 from ssa_timm.errors import UserError

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fixtures import run_python
+from recipe_runs import run_python
 
 COMMIT = 'a' * 40
 

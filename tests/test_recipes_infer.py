@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fixtures import recipe, run_main, run_recipe
+from recipe_runs import recipe, run_main, run_recipe
 from PIL import Image
 
 import ssa_timm

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
 import ssa_timm
-from fixtures import TINY_POSITIONS, TINY_TRAIN, TRAINED_RUN, make_image_folder, run_main
+from dataset_layouts import make_image_folder
+from recipe_runs import TINY_POSITIONS, TINY_TRAIN, TRAINED_RUN, run_main
 from ssa_timm.data import BuiltinFineGrained, Transformed, model_transform
 from ssa_timm.errors import UserError
 from ssa_timm.train import build_scheduler
@@ -267,7 +268,7 @@ def test_evaluate_refuses_other_architectures_and_class_counts(trained_run, tmp_
 
 
 def test_ablation_configs_cover_tables_and_remedies():
-    from fixtures import recipe
+    from recipe_runs import recipe
     ablation = recipe('ablation')
     args, _ = ablation.parse_args(['--losses', 'ad,ce', '--remedies', 'qk-norm'])
     configs = ablation.configs(args)

@@ -15,7 +15,7 @@ from PIL import Image
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
-from fixtures import TWO_CPU_PROCESSES, run_main, run_python, run_recipe  # noqa: E402
+from recipe_runs import TWO_CPU_PROCESSES, run_main, run_python, run_recipe  # noqa: E402
 from ssa_timm.data import DatasetLayoutError  # noqa: E402
 from ssa_timm.data.timm_datasets import build_timm_dataset, is_timm_spec  # noqa: E402
 from ssa_timm.errors import UserError  # noqa: E402

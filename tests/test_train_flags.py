@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 
-from fixtures import TINY_TRAIN, recipe, run_main
+from recipe_runs import TINY_TRAIN, recipe, run_main
 from ssa_timm import SelfADLoss, SpatialSelfAttention
 from ssa_timm.diagnostics import attention_diagnostics
 from ssa_timm.metrics import evaluate_heads, report_top1

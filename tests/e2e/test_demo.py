@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fixtures import ROOT, recipe, run_main
+from recipe_runs import ROOT, recipe, run_main
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import TWO_CPU_PROCESSES, run_main, run_recipe, write_image
+from dataset_layouts import write_image
+from recipe_runs import TWO_CPU_PROCESSES, run_main, run_recipe
 
 import ssa_timm
 from ssa_timm.hub import export_model

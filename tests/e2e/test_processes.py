@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fixtures import ROOT, TINY_TRAIN, TRAINED_RUN, TWO_CPU_PROCESSES, run_python, run_recipe
+from recipe_runs import ROOT, TINY_TRAIN, TRAINED_RUN, TWO_CPU_PROCESSES, run_python, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_errors_reach_the_terminal_as_one_line(tmp_path):
 
 
 def test_offline_without_cached_weights_names_the_repo(tmp_path):
-    from fixtures import write_image
+    from dataset_layouts import write_image
     write_image(tmp_path / 'image.png', 0)
     env = {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'empty_cache')}
     proc = run_recipe('predict.py', '--model', 'hf-hub:someone/not-cached', str(tmp_path / 'image.png'), env=env,
