@@ -124,13 +124,15 @@ def test_the_readme_quickstart_runs(tmp_path, monkeypatch):
             recipe('train').parse_args(args)
         elif name == 'train':  # the built-in run, on the tiny model and data of the other tests
             assert run_main('train', *args, *TINY_TRAIN, '--epochs', '1') == 0
+        elif name == 'demo':  # a server that runs until stopped: its command must parse (tests/e2e serves it)
+            recipe('demo').parse_args(args)
         elif name == 'push_to_hub':  # what it would upload, placed in the offline cache
             assert run_main('push_to_hub', *args, '--dry-run', 'upload') == 0
             hub_cache(tmp_path / 'hub', args[args.index('--repo-id') + 1], tmp_path / 'upload')
         else:
             assert run_main(name, *args) == 0
         ran.append(name)
-    assert ran == ['train', 'train', 'predict', 'push_to_hub']
+    assert ran == ['train', 'train', 'predict', 'demo', 'push_to_hub']
 
     namespace: dict = {}
     blocks = fenced(quickstart, 'python')
@@ -155,7 +157,8 @@ def test_recipe_flags_in_the_docs_exist():
             known.setdefault(name, options(name))
             wrong += [f'{page.name}: {name}.py {a}' for a in args
                       if a.startswith('--') and a.split('=')[0] not in known[name]]
-    assert set(known) == {'train', 'evaluate', 'predict', 'visualize', 'export', 'push_to_hub', 'ablation', 'benchmark'}
+    assert set(known) == {'train', 'evaluate', 'predict', 'visualize', 'export', 'push_to_hub', 'ablation', 'benchmark',
+                          'demo'}
     assert not wrong, wrong
 
 
