@@ -142,7 +142,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--checkpoint-steps', type=at_least(1), help='also checkpoint every N optimizer steps')
     g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed)
     g.add_argument('--deterministic', action='store_true',
-                   help="torch's deterministic algorithms: the same metrics for the same seed on the same machine")
+                   help="torch's deterministic algorithms and, on CPU, one thread: the same metrics for the same "
+                   'seed on the same machine')
     g.add_argument('--log-with', type=trackers, help='accelerate trackers, comma separated: tensorboard, wandb, ...')
     g.add_argument('--cpu', action='store_true', help='run on CPU even when a GPU is present')
     g.add_argument('--debug', action='store_true', help='show the traceback of user errors')
@@ -185,7 +186,7 @@ def training_function(config: RunConfig) -> Dict:
     accelerator = make_accelerator(config)
     out = config.output_path
     with claim_output_dir(out, accelerator, config.resume, config.overwrite), StopRequest() as stop:
-        seed_everything(config)
+        seed_everything(config, accelerator)
         # data: validation labels index the training classes
         train_images, val_images = build_datasets(config, accelerator)
         classes = train_images.classes

@@ -20,13 +20,16 @@ from recipe_runs import TRAINED_RUN, run_main  # noqa: E402
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps its state in process-wide singletons: reset them after each test, as its own
-    test suite does, so in-process recipe runs do not inherit each other's settings."""
-    yield
+    test suite does, so in-process recipe runs do not inherit each other's settings; torch's
+    deterministic mode and thread count (which ``--deterministic`` sets) are put back too."""
     import torch
+    threads = torch.get_num_threads()
+    yield
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    torch.use_deterministic_algorithms(False)  # --deterministic sets it for the whole process
+    torch.use_deterministic_algorithms(False)  # --deterministic sets both for the whole process
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

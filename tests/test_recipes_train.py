@@ -182,7 +182,7 @@ def test_deterministic_runs_print_identical_metrics(tmp_path):
         assert train(*flags, '--output-dir', str(tmp_path / name)) == 0
     timeless = lambda out: [{k: v for k, v in m.items() if k != 'images_per_s'} for m in metrics(out)]  # noqa: E731
     assert timeless(tmp_path / 'a') == timeless(tmp_path / 'b')
-    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
 
 
 def test_builtin_families_share_no_glyph_and_are_recorded(tmp_path):

@@ -158,12 +158,16 @@ def make_accelerator(config: RunConfig):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
-def seed_everything(config: RunConfig) -> None:
-    """Seed Python, NumPy and torch (every process alike); with ``deterministic`` also torch's
-    deterministic algorithms (an error for an operation that has none) and deterministic cuDNN.
-    Data order and flips are functions of (seed, epoch, index) already, whatever the loader workers."""
+def seed_everything(config: RunConfig, accelerator) -> None:
+    """Seed Python, NumPy and torch (every process alike). With ``deterministic`` also torch's
+    deterministic algorithms (an error for an operation that has none), deterministic cuDNN, and on the
+    CPU one intra-op thread: CPU kernels split their sums by thread count, so a run's losses differ in
+    the fourth digit between thread counts (and are identical for the same count). Data order and flips
+    are functions of (seed, epoch, index) already, whatever the loader workers."""
     from accelerate.utils import set_seed
     set_seed(config.seed, deterministic=config.deterministic)
+    if config.deterministic and accelerator.device.type == 'cpu':
+        torch.set_num_threads(1)
 
 
 def prepare(accelerator, trainable: torch.nn.Module, optimizer, train_loader: DataLoader, val_loader: DataLoader):
