@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from dataset_layouts import write_image
 from recipe_runs import TINY_TRAIN, TRAINED_RUN, run_main
+from run_outputs import assert_same_weights, latest_weights
 from ssa_timm import SelfADLoss
 from ssa_timm.data import DatasetLayoutError, build_dataset
 from ssa_timm.run_dir import RunLock, atomic_dir, restore_interrupted
@@ -47,17 +46,6 @@ def one_error_line(capsys, message: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.startswith('error: ')]
     assert len(lines) == 1 and message in lines[0] and 'Traceback' not in err, err[-3000:]
     return lines[0]
-
-
-def latest_weights(out: Path) -> dict:
-    newest = max((out / 'checkpoints').glob('checkpoint_*'), key=lambda p: int(p.name.split('_')[-1]))
-    return load_file(newest / 'model.safetensors')
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def no_leftovers(out: Path) -> None:

@@ -13,27 +13,13 @@ from timm.models import save_for_hf
 import ssa_timm
 from dataset_layouts import make_image_folder
 from recipe_runs import TINY_POSITIONS, TINY_TRAIN, TRAINED_RUN, run_main
+from run_outputs import assert_same_weights, latest_weights, metrics
 from ssa_timm.data import BuiltinFineGrained, Transformed, model_transform
 from ssa_timm.errors import UserError
 from ssa_timm.train import build_scheduler
 from ssa_timm.train.config import RunConfig
 
 VAL_SIZE = 50
-
-
-def metrics(out: Path) -> list:
-    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
-
-
-def latest_weights(out: Path) -> dict:
-    ckpt = max((out / 'checkpoints').glob('checkpoint_*'), key=lambda p: int(p.name.split('_')[-1]))
-    return load_file(ckpt / 'model.safetensors')
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def train(*argv: str) -> int:

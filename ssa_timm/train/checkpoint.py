@@ -107,14 +107,14 @@ class CheckpointStore:
 
     def _agree_or_raise(self, error: Optional[OSError], tmp: Path) -> None:
         from accelerate.utils import broadcast_object_list, gather_object
-        message = f'cannot write the checkpoint {tmp}: {error.strerror or error}' if error else None
+        message = _write_error(tmp, error) if error else None
         if self.accelerator.num_processes > 1:
             messages = [m for m in gather_object([message]) if m]
             message = broadcast_object_list([messages[0] if messages else None])[0]
         if message:
             if self.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f'{message}; the earlier checkpoints are kept')
+            raise CheckpointError(message)
 
     def _complete(self, tmp: Path, final: Path, state: Dict[str, Any], ema: Optional[torch.nn.Module]) -> None:
         try:
@@ -123,8 +123,7 @@ class CheckpointStore:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f'cannot write the checkpoint {tmp}: {e.strerror or e}; the earlier checkpoints '
-                                  'are kept') from e
+            raise CheckpointError(_write_error(tmp, e)) from e
         tmp.rename(final)
         for old in self.folders()[self.keep:]:
             doomed = old.with_name(f'.{old.name}.del')  # out of the checkpoint names first, then deleted
@@ -191,6 +190,11 @@ class CheckpointStore:
             ema.load_state_dict(load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file()
                                 else model.state_dict())
         return state
+
+
+def _write_error(tmp: Path, error: OSError) -> str:
+    """The one line for a checkpoint that could not be written (a full disk, a read-only folder)."""
+    return f'cannot write the checkpoint {tmp}: {error.strerror or error}; the earlier checkpoints are kept'
 
 
 def _check_files(folder: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from recipe_runs import ROOT, TINY_TRAIN, TRAINED_RUN, TWO_CPU_PROCESSES, run_python, run_recipe
+from run_outputs import assert_same_weights, latest_weights, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -35,22 +36,6 @@ runpy.run_path(script, run_name='__main__')
 """
 ALL_FLAGS = ['--model-ema', '--clip-grad', '1.0', '--channels-last', '--grad-checkpointing', '--tta', 'flip',
              '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8']
-
-
-def metrics(out: Path) -> list:
-    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
-
-
-def latest_weights(out: Path) -> dict:
-    newest = max((out / 'checkpoints').glob('checkpoint_*'), key=lambda p: int(p.name.split('_')[-1]))
-    return load_file(newest / 'model.safetensors')
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    import torch
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
