@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataset_layouts import write_image
 from recipe_runs import TINY_TRAIN, TRAINED_RUN, run_main
@@ -399,3 +400,40 @@ def test_damaged_export_names_the_file(trained_run, tmp_path, image, damage, mes
     for name, extra in recipes:  # the same loader serves every recipe
         assert run_main(name, '--model', f'local-dir:{export}', *extra) == 1
         assert str(export) in one_error_line(capsys, message)
+
+
+# starting weights and the other flags of 0.5, as a hostile user gives them
+
+@pytest.mark.parametrize('flag,value,message', [
+    ('--pretrained-path', 'missing.safetensors', 'body weights {v}: no such file'),
+    ('--pretrained-path', 'folder', 'body weights {v} is a folder; expected a weights file'),
+    ('--pretrained-path', 'junk.safetensors', 'body weights {v} are damaged or not a weights file'),
+    ('--pretrained-path', 'junk.pth', 'body weights {v} are damaged or not a weights file'),
+    ('--pretrained-path', 'code.pth', 'body weights {v} are damaged or not a weights file'),
+    ('--initial-checkpoint', 'missing', 'initial checkpoint {v}: expected an export folder with model.safetensors'),
+    ('--initial-checkpoint', 'folder', 'initial checkpoint {v}: expected an export folder with model.safetensors'),
+    ('--initial-checkpoint', 'junk.safetensors', 'is damaged or not a safetensors file'),
+])
+def test_bad_starting_weights_are_one_line(tmp_path, capsys, flag, value, message):
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'junk.safetensors').write_bytes(b'not weights')
+    (tmp_path / 'junk.pth').write_bytes(b'not weights')
+    marker = tmp_path / 'code_ran'
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), 'w')
+    torch.save({'conv1.weight': Payload()}, tmp_path / 'code.pth')
+    path = tmp_path / value
+    assert train(*TINY_TRAIN, flag, str(path), '--output-dir', str(tmp_path / 'run')) == 1
+    one_error_line(capsys, message.format(v=path))
+    assert not marker.exists() and not (tmp_path / 'run' / '.lock').exists()
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--builtin-family', '-1'], 'argument --builtin-family: must be at least 0'),
+    (['--resume', 'auto', '--overwrite'], '--resume continues the run in --output-dir, --overwrite replaces it'),
+])
+def test_new_flags_checked_at_parse_time(argv, message, capsys):
+    assert train(*TINY_TRAIN, *argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The parts a training run is made of, from its ``RunConfig``: datasets, the model and its starting
 weights, the training and validation data (images, or cached body maps) and their loaders."""
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -49,20 +50,37 @@ def build_model(config: RunConfig, num_classes: int, device: Optional[str] = Non
     if device is not None:
         kwargs['device'] = device
     if config.pretrained_path:
-        path = Path(config.pretrained_path)
-        if not path.is_file():
-            raise UserError(f'body weights {path}: no such file')
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(path.resolve()))
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(_body_file(Path(config.pretrained_path)).resolve()))
     try:
         model = load_model(config.model, pretrained=bool(config.pretrained or config.pretrained_path), **kwargs)
-    except (RuntimeError, SafetensorError, ValueError) as e:
+    except (RuntimeError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError) as e:
         if not config.pretrained_path:
             raise
-        raise UserError(f'body weights {config.pretrained_path} do not fit the body of {config.model}: '
-                        f'{one_line(e)[:300]}') from e
+        raise UserError(_body_file_error(config, e)) from e
     if config.initial_checkpoint:
         load_initial_checkpoint(model, Path(config.initial_checkpoint))
     return model
+
+
+def _body_file(path: Path) -> Path:
+    """``path`` after checking it is a file (a folder or a missing path is one line)."""
+    if path.is_dir():
+        raise UserError(f'body weights {path} is a folder; expected a weights file (.safetensors, or a torch '
+                        'state dict, read weights-only)')
+    if not path.is_file():
+        raise UserError(f'body weights {path}: no such file')
+    return path
+
+
+def _body_file_error(config: RunConfig, error: Exception) -> str:
+    """The one line for a ``pretrained_path`` that failed to load: a file that is damaged, not weights,
+    or a pickle of more than tensors (timm's weights-only load refuses it with a RuntimeError), or
+    weights for another body (missing, unexpected or differently shaped keys)."""
+    reason = one_line(error)[:300]
+    if not isinstance(error, (RuntimeError, ValueError)) or 'weights_only' in reason:
+        return (f'body weights {config.pretrained_path} are damaged or not a weights file '
+                f'({type(error).__name__}: {reason})')
+    return f'body weights {config.pretrained_path} do not fit the body of {config.model}: {reason}'
 
 
 def set_up_model(model: torch.nn.Module, config: RunConfig) -> None:
