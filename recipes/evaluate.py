@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_name, dataset_split, timm_dataset_options
-from ssa_timm.data import Transformed, TransformedStream, build_dataset, first_images, model_transform
+from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_name
+from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_options, first_images, model_transform
 from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
@@ -57,9 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validation_images(args: argparse.Namespace, model):
     """The validation split, labelled by the model's class names (when the export has them)."""
     names = label_names(model)
-    images = build_dataset(args.dataset, dataset_split(args, False), args.data_dir, args.crop_bbox, seed=args.seed,
-                           samples_per_class=args.builtin_val_per_class, classes=names,
-                           classes_of=f'the model {args.model}', **timm_dataset_options(args, False))
+    images = build_dataset(args.dataset, classes=names, classes_of=f'the model {args.model}',
+                           **dataset_options(args, training=False))
     if model.num_classes != len(images.classes):
         raise UserError(f'{args.model} predicts {model.num_classes} classes, the {args.dataset} '
                         f'validation set has {len(images.classes)}')

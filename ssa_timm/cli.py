@@ -1,14 +1,14 @@
 """Argument types the recipes share: numbers checked at parse time, so a bad value is an argparse
 error (exit status 2) that names the flag before any data or model is loaded."""
 import argparse
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List
 
 import torch
 
 from .data import DATASETS, TIMM_PREFIXES, is_timm_spec
 
-__all__ = ['add_timm_dataset_args', 'at_least', 'dataset_split', 'fraction', 'non_negative_float', 'positive_float',
-           'comma_separated', 'dataset_name', 'timm_dataset_options', 'torch_device', 'trackers']
+__all__ = ['add_timm_dataset_args', 'at_least', 'fraction', 'non_negative_float', 'positive_float',
+           'comma_separated', 'dataset_name', 'torch_device', 'trackers']
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -122,20 +122,3 @@ def add_timm_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--train-num-samples', type=at_least(1), default=None, help='streamed training samples per epoch')
     g.add_argument('--val-num-samples', type=at_least(1), default=None, help='streamed validation samples')
     g.add_argument('--dataset-download', action='store_true', help='hfids: prepare the dataset in the cache first')
-
-
-def dataset_split(args: argparse.Namespace, training: bool) -> str:
-    """The split to read: 'train' / 'val' of the built-in readers, ``--train-split`` / ``--val-split`` of a
-    timm spec."""
-    if is_timm_spec(args.dataset):
-        return args.train_split if training else args.val_split
-    return 'train' if training else 'val'
-
-
-def timm_dataset_options(args: argparse.Namespace, training: bool) -> Dict[str, Any]:
-    """``build_dataset``'s keyword arguments for a timm spec (none for the built-in readers)."""
-    if not is_timm_spec(args.dataset):
-        return {}
-    return dict(class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
-                num_samples=args.train_num_samples if training else args.val_num_samples,
-                download=args.dataset_download, is_training=training)

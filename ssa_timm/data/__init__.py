@@ -1,5 +1,5 @@
 """Datasets and transforms for fine-grained recognition (paper section 4.1)."""
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -16,11 +16,29 @@ from .transforms import (
 __all__ = [
     'BACKGROUND', 'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip',
     'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages', 'TIMM_PREFIXES', 'Transformed',
-    'TransformedStream', 'build_dataset', 'eval_transform', 'find_images', 'first_images', 'is_timm_spec', 'load_image',
-    'max_image_pixels', 'model_transform', 'to_rgb',
+    'TransformedStream', 'build_dataset', 'dataset_options', 'eval_transform', 'find_images', 'first_images',
+    'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'to_rgb',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
+
+
+def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
+    """``build_dataset``'s arguments besides the name, for the training or the validation split, from
+    settings named as the recipes' flags (an argparse namespace or a ``ssa_timm.train.RunConfig``;
+    a setting it lacks takes its default): the built-in readers' 'train' / 'val' split, sample count
+    and glyph family, or a timm spec's split names and reader options."""
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(settings, name, default)
+    options: Dict[str, Any] = dict(data_dir=get('data_dir'), crop_bbox=get('crop_bbox', False), seed=get('seed', 0),
+                                   samples_per_class=get('builtin_train_per_class' if training
+                                                         else 'builtin_val_per_class'))
+    if not is_timm_spec(settings.dataset):
+        return dict(options, split='train' if training else 'val', family=get('builtin_family', 0))
+    return dict(options, split=get('train_split', 'train') if training else get('val_split', 'validation'),
+                class_map=get('class_map', ''), input_key=get('input_key'), target_key=get('target_key'),
+                download=get('dataset_download', False), is_training=training,
+                num_samples=get('train_num_samples') if training else get('val_num_samples'))
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,

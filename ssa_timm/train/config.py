@@ -140,15 +140,8 @@ class RunConfig:
 
     def dataset_options(self, training: bool) -> Dict[str, Any]:
         """``ssa_timm.data.build_dataset``'s arguments for the training or the validation split."""
-        from ..data import is_timm_spec
-        options: Dict[str, Any] = dict(data_dir=self.data_dir, crop_bbox=self.crop_bbox, seed=self.seed,
-                                       samples_per_class=self.builtin_train_per_class if training
-                                       else self.builtin_val_per_class)
-        if not is_timm_spec(self.dataset):
-            return dict(options, split='train' if training else 'val', family=self.builtin_family)
-        return dict(options, split=self.train_split if training else self.val_split, class_map=self.class_map,
-                    input_key=self.input_key, target_key=self.target_key, download=self.dataset_download,
-                    num_samples=self.train_num_samples if training else self.val_num_samples, is_training=training)
+        from ..data import dataset_options
+        return dataset_options(self, training)
 
     def identity(self, classes: Sequence[str], train_samples: int, val_samples: int,
                  num_processes: int) -> Dict[str, Any]:
