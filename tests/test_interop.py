@@ -14,7 +14,7 @@ from recipe_runs import run_main
 from PIL import Image
 
 import ssa_timm
-from ssa_timm.data import model_transform
+from ssa_timm.data import load_image, model_transform
 from ssa_timm.hub import export_model, fix_config, load_model
 
 transformers = pytest.importorskip('transformers')  # the [hf] extra, part of [test]
@@ -69,6 +69,60 @@ def test_image_processor_and_pipeline_agree_with_predict(export, photo, capsys):
     ours = json.loads(capsys.readouterr().out)[0]['top']
     assert [t['label'] for t in hf_top] == [t['label'] for t in ours]
     np.testing.assert_allclose([t['score'] for t in hf_top], [t['prob'] for t in ours], atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def rgba_and_16_bit(tmp_path_factory) -> list[Path]:
+    """An RGBA PNG (colours under alpha 0..255) and a 16-bit grey PNG (PIL mode ``I;16``)."""
+    folder, rng = tmp_path_factory.mktemp('modes'), np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (50, 80, 4), dtype=np.uint8)
+    rgba[:, :40, 3] = 0  # the left half transparent: white for load_image, the hidden colours for transformers
+    Image.fromarray(rgba, 'RGBA').save(folder / 'rgba.png')
+    Image.fromarray(rng.integers(0, 65536, (50, 80), dtype=np.uint16)).save(folder / 'grey16.png')
+    return [folder / 'rgba.png', folder / 'grey16.png']
+
+
+def _predict_py_probs(paths: list[Path], capsys) -> list[dict[str, float]]:
+    """Every class's probability from recipes/predict.py, per image, by label."""
+    assert run_main('predict', '--model', str(paths[0]), *map(str, paths[1:]), '--top-k', str(len(LABELS)),
+                    '--format', 'json') == 0
+    return [{t['label']: t['prob'] for t in record['top']} for record in json.loads(capsys.readouterr().out)]
+
+
+def _pipeline_probs(results: list[list[dict]]) -> list[dict[str, float]]:
+    return [{t['label']: t['score'] for t in top} for top in results]
+
+
+def test_pipeline_on_loader_decoded_images_gives_predicts_probabilities(export, rgba_and_16_bit, capsys):
+    """The documented way to get predict.py's numbers through the pipeline: images decoded by load_image."""
+    classifier = transformers.pipeline('image-classification', model=str(export))
+    ours = _predict_py_probs([export, *rgba_and_16_bit], capsys)
+    hf = _pipeline_probs(classifier([load_image(str(p)) for p in rgba_and_16_bit], top_k=len(LABELS)))
+    for h, o in zip(hf, ours, strict=True):
+        assert list(h) == list(o)  # the same ranking
+        np.testing.assert_allclose([h[label] for label in LABELS], [o[label] for label in LABELS], rtol=0,
+                                   atol=1e-5)
+
+
+def test_pipeline_on_raw_paths_drops_alpha_and_clips_16_bits(export, rgba_and_16_bit, capsys):
+    """What the docs say transformers' own decoding does with a file path: alpha dropped (the colours
+    under it shown, nothing composited), 16-bit values clipped at 255 (not scaled), so its
+    probabilities differ from predict.py's on such files."""
+    rgba, grey16 = rgba_and_16_bit
+    with Image.open(rgba) as img:
+        np.testing.assert_array_equal(np.asarray(transformers.image_utils.load_image(str(rgba))),
+                                      np.asarray(img)[..., :3])
+    with Image.open(grey16) as img:
+        assert img.mode == 'I;16'
+        clipped = np.minimum(np.asarray(img), 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(transformers.image_utils.load_image(str(grey16))),
+                                  np.stack([clipped] * 3, -1))
+
+    classifier = transformers.pipeline('image-classification', model=str(export))
+    ours = _predict_py_probs([export, *rgba_and_16_bit], capsys)
+    hf = _pipeline_probs(classifier([str(p) for p in rgba_and_16_bit], top_k=len(LABELS)))
+    for h, o in zip(hf, ours, strict=True):
+        assert max(abs(h[label] - o[label]) for label in LABELS) > 5e-4  # 50 x the tolerance above
 
 
 def test_train_mode_forward_with_labels_returns_cross_entropy_of_the_mean(export):
