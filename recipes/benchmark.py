@@ -235,7 +235,7 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
     import tempfile
     train = Path(__file__).resolve().parent / 'train.py'
     model_name = args.model.split(',')[0]
-    common = ['--model', model_name, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-backbone',
+    common = ['--model', model_name, '--img-size', str(args.img_size), '--epochs', '1', '--freeze-body',
               '--builtin-train-per-class', str(args.cache_per_class), '--builtin-val-per-class', '1',
               '--batch-size', str(args.batch_size), '--workers', '0'] + (['--cpu'] if device.type == 'cpu' else [])
     speed = {}

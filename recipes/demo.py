@@ -48,7 +48,7 @@ from ssa_timm.cli import at_least, torch_device  # noqa: E402
 from ssa_timm.data import BuiltinFineGrained, CorruptImageError, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
 from ssa_timm.hub import check_img_size, check_model_folder, label_names, load_model, model_folder  # noqa: E402
-from ssa_timm.run_dir import check_output_path  # noqa: E402
+from ssa_timm.output_paths import check_output_path  # noqa: E402
 
 DISPLAY = 384  # longest side of the pictures shown, in pixels
 MOST_ATTENDED = -1  # the slider's value for "the most attended position"

@@ -1,9 +1,13 @@
 """Evaluate an SSANet: top-1/top-5 of the SSA head, the FE head and the model output (their mean),
 per-class accuracy, the confusion matrix and the attention diagnostics, written as JSON. Runs on one
-or many processes (``gather_for_metrics``).
+or many processes (``gather_for_metrics``). With ground-truth part boxes (``--boxes FILE``, or the built-in
+scene task's own) also where the model looks: the attention's in-box mass beside uniform attention's and
+the pointing game of Grad-CAM and of the most attended position (``ssa_timm.localization``).
 
     python recipes/evaluate.py --model runs/builtin/best
     python recipes/evaluate.py --model runs/builtin/best --tta flip       # also with mirrored images
+    python recipes/evaluate.py --model runs/cub/best --dataset cub --data-dir /data/CUB_200_2011 \
+        --boxes /data/CUB_200_2011/bounding_boxes.txt                   # the paper's Fig. 1 claim, measured
     accelerate launch recipes/evaluate.py --model hf-hub:someone/ssanet_vgg16_plus.cub_448 \\
         --dataset cub --data-dir /data/CUB_200_2011 --output cub_eval.json
 
@@ -15,7 +19,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -27,8 +31,9 @@ from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import check_img_size, label_names, load_model, model_folder
+from ssa_timm.localization import dataset_boxes, localization_report, read_boxes
 from ssa_timm.metrics import evaluate_heads
-from ssa_timm.run_dir import check_output_path
+from ssa_timm.output_paths import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--crop-bbox', action='store_true')
     p.add_argument('--builtin-val-per-class', type=at_least(1), default=50)
     p.add_argument('--seed', type=int, default=0, help='builtin: dataset seed')
+    p.add_argument('--builtin-task', choices=('glyph', 'scene'), default='glyph',
+                   help='builtin: glyph or scene (the scene task brings its part boxes: localisation metrics)')
+    p.add_argument('--boxes', metavar='FILE', help="ground-truth part boxes, for the localisation metrics: CUB's "
+                   'bounding_boxes.txt (with images.txt beside it), or a CSV of path,x,y,w,h rows in pixels of the '
+                   "original image (paths relative to the CSV's folder)")
     p.add_argument('--img-size', type=at_least(1), default=None,
                    help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
     p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
@@ -67,6 +77,23 @@ def validation_images(args: argparse.Namespace, model):
     return images
 
 
+def localization(args: argparse.Namespace, net, images, data, accelerator) -> Optional[Dict]:
+    """The localisation metrics on the images with boxes (``--boxes``, or the dataset's own); None when
+    there are no boxes."""
+    if args.boxes:
+        if args.crop_bbox:
+            raise UserError('--boxes are boxes of the whole images: they cannot be used with --crop-bbox')
+        if is_stream(images):
+            raise UserError('--boxes matches images by path: it needs a dataset of image files, not a stream')
+        boxes = read_boxes(args.boxes, images)
+    else:
+        boxes = dataset_boxes(images)
+        if not boxes:
+            return None
+    return localization_report(net, data, boxes, batch_size=args.batch_size, accelerator=accelerator,
+                               autocast=accelerator.autocast)
+
+
 def write_report(path: Path, report: Dict) -> None:
     """``report`` as JSON at ``path``, through a temporary sibling and a rename; a failed write is a
     ``UserError`` naming the file and leaves no temporary file."""
@@ -78,6 +105,18 @@ def write_report(path: Path, report: Dict) -> None:
         raise UserError(f'cannot write --output {path}: {e.strerror or e}') from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def localization_line(where: Dict) -> str:
+    """One printed line of the localisation metrics."""
+    text = f'localisation ({where["images"]} images with boxes): '
+    if where['in_box_mass'] is not None:
+        text += (f'attention in the box {where["in_box_mass"]:.3f} (uniform attention: {where["box_share"]:.3f}); '
+                 f'pointing game: Grad-CAM {where["pointing_cam"]:.3f}, most attended position '
+                 f'{where["pointing_attention"]:.3f}')
+    else:
+        text += f'pointing game: Grad-CAM {where["pointing_cam"]:.3f} (box share {where["box_share"]:.3f})'
+    return text
 
 
 def main(argv=None) -> Dict:
@@ -107,12 +146,17 @@ def main(argv=None) -> Dict:
     if net.head.attn is not None:
         probe = first_images(data, 32).to(accelerator.device)
         report['attention'] = probe_attention(net, probe, accelerator.autocast())
+    where = localization(args, net, images, data, accelerator)
+    if where is not None:
+        report['localization'] = where
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),
                   missing_classes=images.missing_classes)
     summary = ', '.join(f'{k} top-1 {v["top1"]:.2f}%' for k, v in report['heads'].items())
     accelerator.print(f'{args.model} on {args.dataset} ({report["count"]} images): top-1 '
                       f'{report["output"]["top1"]:.2f}%, top-5 {report["output"]["top5"]:.2f}% ({summary})' +
                       (f'; with flips: top-1 {report["tta"]["output"]["top1"]:.2f}%' if 'tta' in report else ''))
+    if where is not None:
+        accelerator.print(localization_line(where))
     failed = None
     if output and accelerator.is_main_process:
         try:

@@ -23,7 +23,7 @@ import timm
 from ssa_timm.cli import at_least, positive_float
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import check_img_size, load_model, model_folder
-from ssa_timm.run_dir import check_output_path
+from ssa_timm.output_paths import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -48,7 +48,7 @@ from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import check_img_size, label_names, load_model, model_folder
 from ssa_timm.prediction import (ImageFiles, collate_images, launched_world_size, merge_json_lines, merge_parts,
                                  part_path, part_paths, process_device, shard)
-from ssa_timm.run_dir import check_output_path
+from ssa_timm.output_paths import check_output_path
 
 FORMATS = ('table', 'jsonl', 'csv', 'json')
 # A launched process that is done with its share waits this long for the others at the merge (torch's

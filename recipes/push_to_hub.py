@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import fix_config, fixed_config, load_model, validate_config
 from ssa_timm.model_card import render_model_card
-from ssa_timm.run_dir import check_output_path
+from ssa_timm.output_paths import check_output_path
 
 TEMPLATE = Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md'
 

@@ -24,26 +24,27 @@ from timm.utils import ModelEmaV3
 
 from ssa_timm import SelfADLoss
 from ssa_timm.cli import (
-    add_timm_dataset_args, at_least, dataset_name, fraction, non_negative_float, positive_float, trackers)
+    HelpFormatter, add_img_size_arg, add_timm_dataset_args, at_least, dataset_name, deprecated_alias, fraction,
+    non_negative_float, positive_float, trackers)
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import check_img_size
 from ssa_timm.metrics import report_top1
+from ssa_timm.processes import from_main, run_on_main
 from ssa_timm.train import (
-    CheckpointStore, Progress, RunConfig, StopRequest, Trainee, best_of, build_datasets, build_loaders,
-    build_model, build_optimizer, build_scheduler, build_training_data, claim_output_dir, make_accelerator, prepare,
-    run_on_main, scheduler_state, seed_everything, set_up_model, train_one_epoch)
-from ssa_timm.train.checkpoint import resume_run
-from ssa_timm.train.config import BUILTIN_DEFAULTS, PAPER_DEFAULTS
-from ssa_timm.train.outputs import epoch_record, epoch_summary, tracker_values, write_epoch
+    BUILTIN_DEFAULTS, PAPER_DEFAULTS, CheckpointStore, Progress, RunConfig, StopRequest, Trainee, best_of,
+    build_datasets, build_loaders, build_model, build_optimizer, build_scheduler, build_training_data,
+    claim_output_dir, epoch_record, epoch_summary, load_initial_checkpoint, make_accelerator, prepare, resume_run,
+    scheduler_state, seed_everything, set_up_model, tracker_values, train_one_epoch, write_epoch)
 
 DEFAULT = RunConfig()
 
 
 def parse_args(argv=None) -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_and_data_args(p)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(p)
+    add_data_args(p)
+    add_loss_args(p)
     add_optimization_args(p)
     add_run_args(p)
     add_timm_dataset_args(p)
@@ -52,13 +53,13 @@ def parse_args(argv=None) -> RunConfig:
     return config
 
 
-def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Model')
     g.add_argument('--model', help='ssanet_<timm body>_<aggregation> (registered or not); '
                    f'default {BUILTIN_DEFAULTS["model"]} on builtin, else {PAPER_DEFAULTS["model"]}')
     g.add_argument('--body-feature-index', type=int, help="read the body's map at this feature_info index, pruning "
                    "later stages (default: 2, ResNet-18's layer2, for ResNet-18 on builtin; else the last map)")
-    g.add_argument('--img-size', type=at_least(1), help='default 64 on builtin, else 448')
+    add_img_size_arg(g, f'default {BUILTIN_DEFAULTS["img_size"]} on builtin, else {PAPER_DEFAULTS["img_size"]}')
     g.add_argument('--scale-attn', action='store_true',
                    help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
     g.add_argument('--qk-norm', action='store_true', help='cosine attention: L2-normalised A and B with a learnable '
@@ -69,38 +70,48 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
                    "key layout (timm's checkpoint filter adapts them, e.g. a ViT at another grid)")
     g.add_argument('--initial-checkpoint', metavar='PATH', help='start from a whole SSANet: an export folder or a '
                    '.safetensors file (its classifiers too when the class count matches)')
-    g.add_argument('--freeze-backbone', action='store_true', help='train the SSA module and heads only (the paper)')
-    g.add_argument('--cache-features', action='store_true', help='with --freeze-backbone: train from cached body maps')
+    g.add_argument('--freeze-body', action='store_true', help='train the SSA module and heads only (the paper)')
+    deprecated_alias(g, '--freeze-backbone', '--freeze-body', nargs=0)
+    g.add_argument('--cache-features', action='store_true', help='with --freeze-body: train from cached body maps')
 
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Data')
     g.add_argument('--dataset', default=DEFAULT.dataset, type=dataset_name,
                    help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
     g.add_argument('--data-dir')
     g.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
-    g.add_argument('--builtin-train-per-class', type=at_least(1), default=DEFAULT.builtin_train_per_class)
-    g.add_argument('--builtin-val-per-class', type=at_least(1), default=DEFAULT.builtin_val_per_class)
+    g.add_argument('--builtin-train-per-class', type=at_least(1), default=DEFAULT.builtin_train_per_class,
+                   help='default: %(default)s')
+    g.add_argument('--builtin-val-per-class', type=at_least(1), default=DEFAULT.builtin_val_per_class,
+                   help='default: %(default)s')
     g.add_argument('--builtin-family', type=at_least(0), default=DEFAULT.builtin_family,
                    help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
-    g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers, help='loader worker processes')
+    g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers,
+                   help='loader worker processes')
 
+
+def add_loss_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Loss')
-    g.add_argument('--loss', choices=('ad', 'ce'), default=DEFAULT.loss, help='Self-AD (Eq. 5) or CE on both heads')
-    g.add_argument('--gamma', type=non_negative_float, default=DEFAULT.gamma)
-    g.add_argument('--temperature', type=positive_float, default=DEFAULT.temperature)
-    g.add_argument('--label-smoothing', type=fraction, default=DEFAULT.label_smoothing)
-
+    g.add_argument('--loss', choices=('ad', 'ce'), default=DEFAULT.loss,
+                   help='Self-AD (Eq. 5) or CE on both heads')
+    g.add_argument('--gamma', type=non_negative_float, default=DEFAULT.gamma, help='default: %(default)s')
+    g.add_argument('--temperature', type=positive_float, default=DEFAULT.temperature, help='default: %(default)s')
+    g.add_argument('--label-smoothing', type=fraction, default=DEFAULT.label_smoothing, help='default: %(default)s')
 
 
 def add_optimization_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', help="timm optimizer: momentum (SGD with momentum), sgd (Nesterov SGD), adamw, lamb, ...; "
-                   'default: adamw on builtin, else momentum (the paper)')
+                   f'default: {BUILTIN_DEFAULTS["opt"]} on builtin, else {PAPER_DEFAULTS["opt"]} (the paper)')
     g.add_argument('--lr', type=positive_float, default=DEFAULT.lr, help='learning rate of the SSA module and heads')
     g.add_argument('--body-lr-scale', type=non_negative_float, default=DEFAULT.body_lr_scale,
                    help="the body's learning rate relative to --lr (fine-grained practice: 0.1)")
     g.add_argument('--layer-decay', type=positive_float, help="timm layer-wise lr decay (the heads last)")
     g.add_argument('--momentum', type=non_negative_float, default=DEFAULT.momentum, help='SGD momentum')
-    g.add_argument('--weight-decay', type=non_negative_float, help='default: 0.05 on builtin, else 5e-4')
+    g.add_argument('--weight-decay', type=non_negative_float,
+                   help=f'default: {BUILTIN_DEFAULTS["weight_decay"]} on builtin, '
+                   f'else {PAPER_DEFAULTS["weight_decay"]}')
     g.add_argument('--clip-grad', type=positive_float, help='clip the gradient norm to this value')
 
     g = p.add_argument_group('Schedule')
@@ -134,13 +145,16 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help='validation also with logits averaged over each image and its mirror; flip then picks the best')
 
     g = p.add_argument_group('Run folder, checkpoints and resume')
-    g.add_argument('--output-dir', default=DEFAULT.output_dir)
+    g.add_argument('--output-dir', default=DEFAULT.output_dir, help='the run folder')
     g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
     g.add_argument('--resume', help="'latest' (the newest complete checkpoint), 'auto' (that, or a fresh run when "
                    "there is none: what a requeued job passes) or a checkpoint folder")
-    g.add_argument('--keep-checkpoints', type=at_least(1), default=DEFAULT.keep_checkpoints)
+    g.add_argument('--keep-checkpoints', type=at_least(1), default=DEFAULT.keep_checkpoints,
+                   help='default: %(default)s')
     g.add_argument('--checkpoint-steps', type=at_least(1), help='also checkpoint every N optimizer steps')
-    g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed)
+
+    g = p.add_argument_group('Reproducibility, devices and logging')
+    g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed, help='default: %(default)s')
     g.add_argument('--deterministic', action='store_true',
                    help="torch's deterministic algorithms and, on CPU, one thread: the same metrics for the same "
                    'seed on the same machine')
@@ -151,8 +165,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
     """Refuse combinations and values that would fail later, with argparse's exit status 2."""
-    if config.cache_features and not config.freeze_backbone:
-        p.error('--cache-features needs --freeze-backbone (a training body changes its features)')
+    if config.cache_features and not config.freeze_body:
+        p.error('--cache-features needs --freeze-body (a training body changes its features)')
     if config.qk_norm and config.scale_attn:
         p.error('--qk-norm and --scale-attn exclude each other (qk_norm learns its own logit temperature)')
     if config.tta != 'none' and config.cache_features:
@@ -169,10 +183,6 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
         p.error(f'--opt {config.opt} cannot be used here: {e}')
     if config.opt.lower() in ('sgd', 'nesterov') and config.momentum == 0:
         p.error("--opt sgd is timm's Nesterov SGD, which needs --momentum > 0; --opt momentum is plain SGD")
-    try:
-        check_img_size(config.img_size, '--img-size')
-    except UserError as e:
-        p.error(str(e))
     if Path(config.model).is_dir() or config.model.startswith(('hf-hub:', 'local-dir:')):
         return
     try:  # the model name and the input size, on the meta device: nothing is allocated or loaded
@@ -184,14 +194,17 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
 
 def training_function(config: RunConfig) -> Dict:
     accelerator = make_accelerator(config)
-    out = config.output_path
-    with claim_output_dir(out, accelerator, config.resume, config.overwrite), StopRequest() as stop:
+    with claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder, \
+            StopRequest() as stop:
         seed_everything(config, accelerator)
         # data: validation labels index the training classes
         train_images, val_images = build_datasets(config, accelerator)
         classes = train_images.classes
-        # model, and the data it trains on (images, or cached maps of a frozen body)
+        # model (its own input size decides the transforms and the export), and the data it trains on
         model = build_model(config, len(classes))
+        if config.initial_checkpoint:
+            for note in load_initial_checkpoint(model, Path(config.initial_checkpoint)):
+                accelerator.print(note)
         set_up_model(model, config)
         train_data, val_data, trainable = build_training_data(config, model, train_images, val_images, accelerator)
         train_loader, val_loader = build_loaders(config, accelerator, train_data, val_data)
@@ -209,15 +222,21 @@ def training_function(config: RunConfig) -> Dict:
         # resume: the checkpoint must come from a run with this identity
         identity = config.identity(classes, epoch_samples(train_images), epoch_samples(val_images),
                                    accelerator.num_processes)
-        store = CheckpointStore(out, accelerator, config.keep_checkpoints, partial(run_on_main, accelerator))
-        progress, message = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None, model,
-                                       end_of_epoch_only=is_stream(train_data)) if config.resume else (Progress(), None)
+        store = CheckpointStore(config.output_path, accelerator, config.keep_checkpoints,
+                                partial(run_on_main, accelerator), owner=from_main(accelerator, folder.lock.token),
+                                fence=folder.fence)
+        progress = Progress()
         if config.resume:
-            accelerator.print(message or f'--resume {config.resume}: no checkpoint yet, a fresh run')
+            progress, lines = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None,
+                                         model, end_of_epoch_only=is_stream(train_data))
+            accelerator.print('\n'.join(lines))
+            run_on_main(accelerator, partial(folder.keep_metrics_before, progress.epoch))
 
         def checkpoint() -> None:
             state = dict(identity=identity, progress=dataclasses.asdict(progress), scheduler=scheduler_state(scheduler))
             store.save(state, ema.module if ema else None)
+            if config.overwrite:
+                run_on_main(accelerator, folder.drop_replaced)  # the replaced run, now that this one has a checkpoint
 
         probe_inputs = first_images(val_data, 32)  # a fixed validation batch for the attention diagnostics
         print(f'process {accelerator.process_index}/{accelerator.num_processes} on {accelerator.device}: '
@@ -230,7 +249,7 @@ def training_function(config: RunConfig) -> Dict:
             report, best = best_of(trainee, config, accelerator, val_loader, probe_inputs)
             record = epoch_record(epoch, progress, optimizer, report)
             scheduler.step(epoch + 1, report_top1(report))
-            run_on_main(accelerator, partial(write_epoch, out, record, best, progress.best_top1, classes, config))
+            run_on_main(accelerator, partial(write_epoch, folder, record, best, progress.best_top1, classes, config))
             progress.best_top1 = max(progress.best_top1, best[0])
             progress.start_epoch(epoch + 1)
             checkpoint()
@@ -248,9 +267,11 @@ def finish(accelerator, config: RunConfig, progress: Progress, stop: StopRequest
     """Say where the run ended; a run a stop signal ended exits with status 128 + the signal."""
     out = config.output_path
     if stop.signum and progress.epoch < config.epochs:
-        accelerator.print(f'stopped by {stop.name} at epoch {progress.epoch}, step {progress.global_step}: checkpoint '
-                          f'{store.folders()[0]}; continue with --resume latest (or auto)', flush=True)
-        raise SystemExit(stop.exit_code)
+        newest = store.folders()[:1]
+        where = f'checkpoint {newest[0]}' if newest else f'no checkpoint under {store.folder} yet'
+        accelerator.print(f'stopped by {stop.name} at epoch {progress.epoch}, step {progress.global_step}: {where}; '
+                          'continue with --resume latest (or auto)', flush=True)
+        raise SystemExit(stop.exit_status())
     if progress.best_top1 >= 0:
         accelerator.print(f'best val top-1 (model output): {progress.best_top1:.2f}% '
                           f'(chance {100 / num_classes:.1f}%); model exported to {out / "best"}')

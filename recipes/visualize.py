@@ -41,7 +41,7 @@ from ssa_timm.cli import at_least  # noqa: E402
 from ssa_timm.data import CorruptImageError, find_images, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
 from ssa_timm.hub import check_img_size, label_names, load_model, model_folder  # noqa: E402
-from ssa_timm.run_dir import check_output_path  # noqa: E402
+from ssa_timm.output_paths import check_output_path  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

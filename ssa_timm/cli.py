@@ -1,14 +1,51 @@
-"""Argument types the recipes share: numbers checked at parse time, so a bad value is an argparse
-error (exit status 2) that names the flag before any data or model is loaded."""
+"""The arguments the recipes share, defined once: their types (numbers and sizes checked at parse
+time, so a bad value is an argparse error, exit status 2, that names the flag before any data or model
+is loaded), the shared flags themselves, and deprecated flag names kept for one release."""
 import argparse
+import sys
 from typing import Any, Callable, List
 
 import torch
 
 from .data import DATASETS, TIMM_PREFIXES, is_timm_spec
+from .errors import UserError
 
-__all__ = ['add_timm_dataset_args', 'at_least', 'fraction', 'non_negative_float', 'positive_float',
-           'comma_separated', 'dataset_name', 'torch_device', 'trackers']
+__all__ = ['HelpFormatter', 'add_img_size_arg', 'add_timm_dataset_args', 'at_least', 'deprecated_alias', 'fraction',
+           'image_side', 'non_negative_float', 'positive_float', 'comma_separated', 'dataset_name', 'torch_device',
+           'trackers']
+
+REMOVED_IN = '0.7'
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The recipes' help: the module docstring as written, and each flag's default from its definition."""
+
+
+def image_side(text: str) -> int:
+    """An ``--img-size``: an integer from 1 to the image-size limit (``ssa_timm.hub.img_size_limit``)."""
+    from .hub import check_img_size
+    value = at_least(1)(text)
+    try:
+        return check_img_size(value, 'image side')
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_img_size_arg(p, default_help: str = "default: the model's own input size") -> None:
+    """``--img-size`` (parsed by ``image_side``) on a parser or an argument group."""
+    p.add_argument('--img-size', type=image_side, default=None, metavar='PX',
+                   help=f'square input side in pixels; {default_help}')
+
+
+def deprecated_alias(p, old: str, new: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a deprecated name of the flag ``new`` (already added): it sets ``new``'s value
+    and prints one warning line naming the replacement and the release that removes ``old``."""
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f'warning: {old} is deprecated and goes away in {REMOVED_IN}; use {new}', file=sys.stderr)
+            setattr(namespace, self.dest, True if self.nargs == 0 else values)
+    dest = new.lstrip('-').replace('-', '_')
+    p.add_argument(old, dest=dest, action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

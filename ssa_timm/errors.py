@@ -1,16 +1,59 @@
 """Errors a user can fix (a path, a layout, an argument, a mismatched or damaged file), and the
-recipes' way of reporting them: one ``error: <message>`` line and a non-zero exit, no traceback."""
+recipes' way of reporting them: one ``error: <message>`` line and a non-zero exit, no traceback.
+
+Callers tell errors apart by their type, never by their text: each kind of failure a caller reacts
+to has its class here.
+"""
 import sys
 from typing import Any, Callable, NoReturn
 
-__all__ = ['UserError', 'exit_on_user_error', 'one_line']
+__all__ = [
+    'CheckpointError', 'DamagedCheckpoint', 'IdentityMismatch', 'LockLost', 'RunFolderInUse', 'RunFolderNotShared',
+    'UserError', 'WeightsMismatch', 'exit_on_user_error', 'one_line',
+]
 
 # OSErrors about a path are the user's to fix as well
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class UserError(Exception):
-    """Something the user can fix; the recipes print its message as one line, without a traceback."""
+    """Something the user can fix; the recipes print its message as one line, without a traceback.
+
+    ``exit_code`` is the status the recipe exits with (1 unless a subclass says otherwise).
+    """
+    exit_code = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, damaged, or saved by another run."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are incomplete, truncated or not what the recipe writes; ``--resume
+    latest`` skips it for an older one."""
+
+
+class IdentityMismatch(CheckpointError):
+    """A checkpoint saved by a run with another identity (model, data, classes, settings); never skipped."""
+
+
+class RunFolderInUse(UserError):
+    """The run folder is locked by another live run."""
+
+
+class LockLost(UserError):
+    """This run's lock on its folder was taken over (it was paused past the lock's stale time, or its
+    host's clock ran behind); it stops before writing anything more."""
+
+
+class RunFolderNotShared(UserError):
+    """The processes of a run (on several machines) do not all see the same run folder."""
+
+
+class WeightsMismatch(UserError):
+    """Starting weights (a body file, an export) that do not fit the model being built; ``details``
+    names the first missing, unexpected and differently shaped keys."""
+    details = ''
 
 
 def one_line(message: Any) -> str:
@@ -20,7 +63,8 @@ def one_line(message: Any) -> str:
 
 def exit_on_user_error(main: Callable[[], Any]) -> Any:
     """Run ``main()``; a ``UserError`` (or an OSError about a path) prints ``error: <message>`` and
-    exits with status 1. ``--debug`` on the command line re-raises it with its traceback.
+    exits with its ``exit_code`` (1 for most). ``--debug`` on the command line re-raises it with its
+    traceback.
 
     Args:
         main: The recipe's entry point, called without arguments (it parses ``sys.argv``).
@@ -35,4 +79,4 @@ def exit_on_user_error(main: Callable[[], Any]) -> Any:
 
 def _exit(error: BaseException) -> NoReturn:
     print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
-    raise SystemExit(1)
+    raise SystemExit(getattr(error, 'exit_code', 1))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.transforms import FlipSchedule
 from .errors import UserError
-from .run_dir import atomic_write_text
+from .output_paths import atomic_write_text
+from .processes import run_on_main
 
 __all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
 
@@ -70,13 +72,7 @@ def build_feature_cache(
     sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         shape = model.forward_body(sample).shape[1:]
-    error = _allocate(path, marker, (len(dataset), views, *shape)) if accelerator.is_main_process else None
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise UserError(error)
-
+    run_on_main(accelerator, partial(_allocate, path, marker, (len(dataset), views, *shape)))
     _fill(model, dataset, path, views, accelerator, batch_size, num_workers)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -102,9 +98,9 @@ def _fill(model: torch.nn.Module, dataset: Dataset, path: Path, views: int, acce
     out.flush()
 
 
-def _allocate(path: Path, marker: Path, shape: Tuple[int, ...]) -> Optional[str]:
+def _allocate(path: Path, marker: Path, shape: Tuple[int, ...]) -> None:
     """Create the cache file with all its blocks allocated up front: a memory map written on a full
-    disk would end the process with SIGBUS instead of an error. Returns the error message, if any."""
+    disk would end the process with SIGBUS instead of an error (``UserError`` naming the file)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
@@ -113,8 +109,7 @@ def _allocate(path: Path, marker: Path, shape: Tuple[int, ...]) -> Optional[str]
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     except OSError as e:
         path.unlink(missing_ok=True)
-        return f'cannot write the feature cache {path}: {e.strerror or e}'
-    return None
+        raise UserError(f'cannot write the feature cache {path}: {e.strerror or e}') from e
 
 
 def _read_marker(marker: Path) -> Optional[Dict[str, Any]]:

@@ -29,7 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors import SafetensorError, safe_open
 from timm.models import save_for_hf
 
-from .errors import UserError, one_line
+from .errors import UserError, WeightsMismatch, one_line
 from .models import SSANet, create_ssanet_by_name
 
 __all__ = ['MAX_IMG_SIZE', 'attention_args', 'check_img_size', 'check_model_folder', 'export_model', 'fix_config',
@@ -227,19 +227,26 @@ def load_model(spec: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
         pretrained: For model names only: load the body's ImageNet weights.
         **kwargs: Model arguments (e.g. num_classes) for model names.
     """
+    _check_tag(spec)
     try:
         model = _create(spec, pretrained, **kwargs)
     except LocalEntryNotFoundError as e:
         raise UserError(_not_downloadable(spec, e)) from e
     except HfHubHTTPError as e:  # no such repo or file, no access
         raise UserError(f'cannot load {spec}: {one_line(e)}') from e
-    except RuntimeError as e:
-        if 'Invalid pretrained tag' not in str(e):
-            raise
-        raise UserError(f'cannot build {spec}: {one_line(e)}') from e
     if not isinstance(model, SSANet):
         raise UserError(f'{spec} is a {type(model).__name__}, not an SSANet')
     return model
+
+
+def _check_tag(spec: str) -> None:
+    """A registered name's pretrained tag (``name.tag``) must be one timm lists for it."""
+    name, _, tag = spec.partition('.')
+    if not tag or model_folder(spec) is not None or spec.startswith('hf-hub:') or not timm.is_model(name):
+        return
+    tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{name}.*')]
+    if tag not in tags:
+        raise UserError(f'cannot build {spec}: {name} has no pretrained tag {tag!r} (its tags: {tags})')
 
 
 def _create(spec: str, pretrained: bool, **kwargs: Any) -> SSANet:
@@ -265,10 +272,8 @@ def _load_weights(spec: str, weights: str, **kwargs: Any) -> SSANet:
         raise UserError(f'{weights} is damaged or truncated ({e}); re-export or re-download it') from e
     except (TypeError, ValueError) as e:  # model_args of the right names with values the model refuses
         raise UserError(f'the config.json of {spec} describes a model that cannot be built: {one_line(e)}') from e
-    except RuntimeError as e:
-        if 'state_dict' not in str(e):
-            raise
-        raise UserError(f'{weights} does not fit the model its config describes: {str(e).splitlines()[1:2]}') from e
+    except WeightsMismatch as e:  # checked by the checkpoint filter before timm's strict load
+        raise WeightsMismatch(f'{weights} does not fit the model its config describes: {e}') from e
 
 
 def _not_downloadable(spec: str, error: Exception) -> str:
@@ -340,19 +345,21 @@ def attention_args(model: SSANet) -> dict[str, bool]:
     model without attention): an export records them whatever the name's default, so it loads with the
     attention it was trained with even if a later release changes a default."""
     attn = model.head.attn
-    return {} if attn is None else {'qk_norm': bool(attn.qk_norm), 'scale_attn': bool(attn.scale_attn)}
+    if attn is None:
+        return {}
+    sagan = {'sagan_qk': True} if attn.sagan_qk else {}  # recorded when on: older exports' args stay as they were
+    return {'qk_norm': bool(attn.qk_norm), 'scale_attn': bool(attn.scale_attn), **sagan}
 
 
 def export_model(
         model: SSANet,
         out_dir: str,
         labels: Sequence[str],
-        img_size: int,
         extra_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``config.json`` (architecture, model args, label names, the input size the weights
-    were trained at) + ``model.safetensors`` in timm's ``save_for_hf`` layout, loadable by
-    ``timm.create_model('local-dir:...')`` and by transformers (``fixed_config``)."""
+    """Write ``config.json`` (architecture, model args, label names, the input size the model was
+    built and trained at, from its ``pretrained_cfg``) + ``model.safetensors`` in timm's ``save_for_hf``
+    layout, loadable by ``timm.create_model('local-dir:...')`` and by transformers (``fixed_config``)."""
     if len(labels) != model.num_classes:
         raise ValueError(f'{len(labels)} label names for a model with {model.num_classes} classes')
     config = {'label_names': list(labels), **(extra_config or {})}
@@ -361,7 +368,7 @@ def export_model(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     try:
-        data_config = {'input_size': (model.in_chans, img_size, img_size), 'crop_pct': 1.0, 'crop_mode': 'squash'}
+        data_config = {'input_size': tuple(model.pretrained_cfg['input_size']), 'crop_pct': 1.0, 'crop_mode': 'squash'}
         save_for_hf(model, out_dir, model_config=config, model_args=attention_args(model), safe_serialization=True,
                     data_config=data_config)
     finally:

@@ -1,114 +1,46 @@
-"""Output folders a run owns: claimed before any data or model is loaded, locked against a
-second concurrent run, and written so that a kill at any moment leaves the previous complete copy.
+"""The run folder's lifecycle, in one place: claimed before any data or model is loaded, locked
+against every other run, its old run set aside by ``--overwrite`` and dropped once the new run has a
+checkpoint, its ``metrics.jsonl`` appended to and trimmed on resume, and every write fenced.
 
-A folder holds a run when it has ``checkpoints/``, ``best/`` or ``metrics.jsonl``. A new run
-refuses such a folder unless it resumes it or is told to overwrite it. ``.lock`` names the process
-that owns the folder (pid and host) and carries a heartbeat, its modification time, refreshed every
-``HEARTBEAT_SECONDS`` while the run lives. A lock is stale, and taken over, when its process is gone
-(same host) or its heartbeat is older than ``STALE_AFTER_SECONDS`` (any host: a run killed on
-another machine of a cluster, then requeued here).
+A folder holds a run when it has ``checkpoints/``, ``best/`` or ``metrics.jsonl``. A new run refuses
+such a folder unless it resumes it or is told to overwrite it.
+
+The lock (``<folder>/.lock``, JSON) names its owner: pid, host, the process's start time, a random
+owner token and a generation that grows with each takeover. Its modification time is a heartbeat,
+refreshed every ``HEARTBEAT_SECONDS``. A lock is taken over only when its owner is surely gone:
+
+* on this host, when its process no longer runs (a live process is never taken over, however old
+  its heartbeat: a paused job, a suspended laptop, a stopped process);
+* from another host, when its heartbeat is older than ``STALE_AFTER_SECONDS`` (a run killed on another
+  machine of a cluster, then requeued here).
+
+A takeover across hosts may hit an owner that was only paused. So the takeover is fenced: the owner
+re-reads the lock before every write to the folder (checkpoint, metrics, best model, release) and,
+finding another token there, stops with ``LockLost`` without writing; it never deletes the new
+owner's lock. Temporary names carry a per-owner suffix, so two owners never write one temporary file.
 """
 import json
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
+import uuid
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import UserError
+from .errors import LockLost, RunFolderInUse, UserError
+from .output_paths import atomic_write_text, ensure_writable_dir, restore_interrupted
 
-__all__ = [
-    'HEARTBEAT_SECONDS', 'RUN_FILES', 'RunLock', 'STALE_AFTER_SECONDS', 'atomic_dir', 'atomic_write_text',
-    'check_output_file', 'ensure_writable_dir', 'check_output_path', 'restore_interrupted', 'run_files',
-]
+__all__ = ['HEARTBEAT_SECONDS', 'METRICS', 'REPLACED', 'RUN_FILES', 'RunFolder', 'RunLock', 'STALE_AFTER_SECONDS',
+           'run_files']
 
 RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
+METRICS = 'metrics.jsonl'
+REPLACED = '.replaced'  # --overwrite moves the old run here, deleted once the new run has a checkpoint
 LOCK_NAME = '.lock'
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 300.0
-
-
-def ensure_writable_dir(path: Path, what: str = 'output folder') -> Path:
-    """Create ``path`` (and parents) and check that files can be written there."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f'{what} {path} is a file, not a folder')
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix='.write-check-'):
-            pass
-    except OSError as e:
-        raise UserError(f'{what} {path} is not writable: {e.strerror or e}') from e
-    return path
-
-
-def check_output_file(path: Optional[str], what: str = 'output file') -> Optional[Path]:
-    """Check, before the expensive work, that ``path`` can be written: its folder is created and
-    writable, and ``path`` itself is not a folder."""
-    if not path:
-        return None
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f'{what} {out} is a folder; give a file name')
-    ensure_writable_dir(out.parent if str(out.parent) else Path('.'), f'folder of the {what}')
-    return out
-
-
-def _same_or_inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def check_output_path(
-        path: str | None,
-        what: str,
-        inputs: Sequence[str | Path] = (),
-        model_folders: Sequence[str | Path] = (),
-        is_folder: bool = False,
-) -> Path | None:
-    """Check, before the expensive work, that an output neither clobbers an input nor fails late.
-
-    Refused: an output equal to one of ``inputs`` (or the same file under another name), an output
-    inside one of ``model_folders`` (a report written over ``config.json`` would break the model), a
-    file output that is a folder, and a folder where a written byte does not land (a full disk fails
-    here, in one line, not after the work). Nothing is left behind by the check.
-
-    Args:
-        path: The output (None: nothing to check).
-        what: The flag that names it, for messages (e.g. '--output').
-        inputs: Files the command reads.
-        model_folders: Model folders the command reads.
-        is_folder: ``path`` is an output folder (created) rather than a file.
-
-    Returns:
-        ``path`` as a ``Path``, or None.
-
-    Raises:
-        UserError: Naming ``what``, the path and the reason.
-    """
-    if not path:
-        return None
-    out = Path(path)
-    for folder in model_folders:
-        if _same_or_inside(out, Path(folder)):
-            raise UserError(f'{what} {out} is inside the model folder {folder}; write it elsewhere '
-                            "(it would replace or mix with the model's files)")
-    for item in inputs:
-        item = Path(item)
-        if out.resolve() == item.resolve() or (out.exists() and item.exists() and os.path.samefile(out, item)):
-            raise UserError(f'{what} {out} is also an input; give another path')
-    parent = ensure_writable_dir(out, what) if is_folder else check_output_file(path, what).parent
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix='.write-check-') as probe:
-            probe.write(b'\0')
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as e:
-        raise UserError(f'{what} {out}: cannot write to {parent}: {e.strerror or e}') from e
-    return out
 
 
 def run_files(path: Path) -> List[str]:
@@ -116,89 +48,66 @@ def run_files(path: Path) -> List[str]:
     return [name for name in RUN_FILES if (path / name).exists()]
 
 
-def restore_interrupted(final: Path) -> None:
-    """Finish an ``atomic_dir`` replacement a kill interrupted: bring back ``final`` from its
-    ``.old`` copy if ``final`` is missing, and drop leftover temporary copies."""
-    old = final.parent / f'.{final.name}.old'
-    if old.is_dir() and not final.exists():
-        old.rename(final)
-    for leftover in final.parent.glob(f'.{final.name}.tmp-*'):
-        shutil.rmtree(leftover, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; on success it replaces ``final``.
-
-    A new ``final`` appears with one rename. Replacing an existing one takes two (old aside, new in);
-    ``restore_interrupted`` repairs a kill between them. On an exception the temporary copy is
-    removed and ``final`` is untouched.
-    """
-    tmp = final.parent / f'.{final.name}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux: ``/proc/<pid>/stat`` field 22), to tell a reused pid
+    from the lock's owner; None where it cannot be read."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f'.{final.name}.old'
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        stat = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    return stat.rpartition(')')[2].split()[19]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _process_alive(pid: int) -> bool:
+def _process_alive(pid: int, started: Optional[str]) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    now = _process_start(pid)
+    return started is None or now is None or now == started
 
 
 class RunLock:
-    """Exclusive ownership of an output folder by one process (``<folder>/.lock``, JSON: pid, host),
-    kept alive by a heartbeat thread that touches the lock while it is held.
+    """Exclusive, fenced ownership of a run folder by one process (see the module doc).
 
     Args:
         folder: The folder to own.
         heartbeat: Seconds between two refreshes of the lock's modification time.
-        stale_after: A lock whose heartbeat is older than this many seconds is stale.
+        stale_after: A lock of another host whose heartbeat is older than this many seconds is stale.
     """
 
     def __init__(self, folder: Path, heartbeat: float = HEARTBEAT_SECONDS,
                  stale_after: float = STALE_AFTER_SECONDS) -> None:
-        self.path = folder / LOCK_NAME
+        self.path = Path(folder) / LOCK_NAME
         self.heartbeat = heartbeat
         self.stale_after = stale_after
+        self.token = uuid.uuid4().hex
+        self.generation = 0
         self.held = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def _record(self) -> Dict[str, Any]:
+        return {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _process_start(os.getpid()),
+                'token': self.token, 'generation': self.generation}
+
     def acquire(self) -> 'RunLock':
-        """Take the lock, taking over a stale one; a live owner raises ``UserError``."""
-        me = {'pid': os.getpid(), 'host': socket.gethostname()}
-        tmp = self.path.with_name(f'{LOCK_NAME}.{os.getpid()}')
+        """Take the lock, taking over a stale one (see the module doc).
+
+        Raises:
+            RunFolderInUse: Another live run owns the folder.
+            UserError: The lock cannot be written.
+        """
+        tmp = self.path.with_name(f'{LOCK_NAME}.{self.token}')
         try:
-            tmp.write_text(json.dumps(me))
-            for _ in range(2):
+            for _ in range(3):
+                tmp.write_text(json.dumps(self._record()))
                 try:
-                    os.link(tmp, self.path)  # atomic: the lock appears with its content
+                    os.link(tmp, self.path)  # atomic: the lock appears with its content, or not at all
                 except FileExistsError:
-                    self._refuse_live_owner(me['host'])
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone or its heartbeat stopped
+                    self._take_over_if_stale()
                     continue
                 self.held = True
                 self._start_heartbeat()
@@ -207,28 +116,58 @@ class RunLock:
             raise UserError(f'cannot write the lock {self.path}: {e.strerror or e}') from e
         finally:
             tmp.unlink(missing_ok=True)
-        raise UserError(f'could not take the lock {self.path}')
+        raise RunFolderInUse(f'could not take the lock {self.path}: other runs keep taking it')
 
-    def _refuse_live_owner(self, host: str) -> None:
-        owner, age = self._owner()
-        if owner is None or age > self.stale_after:
-            return
-        if owner.get('host') == host and not _process_alive(int(owner['pid'])):
-            return
-        raise UserError(
-            f'{self.path.parent} is in use by another run (pid {owner.get("pid")} on {owner.get("host")}, heartbeat '
-            f'{age:.0f} s ago); wait for it, or use another --output-dir (a lock whose heartbeat is older than '
-            f'{self.stale_after:.0f} s is taken over)')
-
-    def _owner(self) -> Tuple[Optional[dict], float]:
-        """The lock's content and the age of its heartbeat (None for an unreadable lock: stale)."""
+    def _take_over_if_stale(self) -> None:
+        """Move a stale lock out of the way (raise ``RunFolderInUse`` for a live one). The lock is renamed
+        aside, then checked to be the one judged stale; a racing run's fresh lock is put back."""
+        owner, age = self.owner()
+        self._refuse_live_owner(owner, age)
+        aside = self.path.with_name(f'{LOCK_NAME}.stale-{self.token}')
         try:
-            age = time.time() - self.path.stat().st_mtime
-            owner = json.loads(self.path.read_text())
-            int(owner['pid'])
-            return owner, age
-        except (OSError, ValueError, KeyError, TypeError):
-            return None, 0.0
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run moved it first
+        moved, _ = _read_lock(aside)
+        if owner is not None and (moved or {}).get('token') != owner.get('token'):
+            try:
+                os.link(aside, self.path)  # not the stale lock: a racing run's fresh one, back in place
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+        self.generation = int((owner or {}).get('generation', 0)) + 1
+
+    def _refuse_live_owner(self, owner: Optional[Dict[str, Any]], age: float) -> None:
+        if owner is None:
+            return  # unreadable: not a lock this code wrote
+        where = f'pid {owner.get("pid")} on {owner.get("host")}'
+        if owner.get('host') == socket.gethostname():
+            if _process_alive(int(owner['pid']), owner.get('started')):
+                raise RunFolderInUse(
+                    f'{self.path.parent} is in use by another run ({where}, alive; heartbeat {age:.0f} s ago); wait '
+                    'for it or stop it, or use another --output-dir (a run alive on this host is never taken over)')
+            return
+        if age <= self.stale_after:
+            raise RunFolderInUse(
+                f'{self.path.parent} is in use by another run ({where}, heartbeat {age:.0f} s ago); wait for it, '
+                f'or use another --output-dir (a lock from another host whose heartbeat is older than '
+                f'{self.stale_after:.0f} s is taken over)')
+
+    def owner(self) -> Tuple[Optional[Dict[str, Any]], float]:
+        """The lock's content and the age of its heartbeat in seconds (None for a missing or unreadable lock)."""
+        return _read_lock(self.path)
+
+    def check(self) -> None:
+        """Fence a write: raise ``LockLost`` unless this lock is still held by this owner."""
+        if not self.held:
+            return
+        owner, _ = self.owner()
+        if (owner or {}).get('token') != self.token:
+            taken = (f'by pid {owner.get("pid")} on {owner.get("host")} (generation {owner.get("generation")})'
+                     if owner else '(the lock file is gone)')
+            self._stop.set()
+            raise LockLost(f'the lock on {self.path.parent} was taken over {taken} while this run was paused or '
+                           'its heartbeat late; this run stopped without writing more (its last checkpoint stays)')
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
@@ -237,15 +176,125 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
+            owner, _ = self.owner()
+            if (owner or {}).get('token') != self.token:
+                return  # taken over: the next write stops the run (check)
             try:
                 os.utime(self.path)
             except OSError:  # a full or unmounted disk: the run itself reports its write errors
                 pass
 
     def release(self) -> None:
-        if self.held:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
+        """Stop the heartbeat and remove the lock, if it is still this owner's (a lost lock stays)."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.held = False
+        owner, _ = self.owner()
+        if (owner or {}).get('token') == self.token:
             self.path.unlink(missing_ok=True)
-            self.held = False
+
+
+def _read_lock(path: Path) -> Tuple[Optional[Dict[str, Any]], float]:
+    try:
+        age = time.time() - path.stat().st_mtime
+        owner = json.loads(path.read_text())
+        int(owner['pid'])
+        return owner, age
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, 0.0
+
+
+class RunFolder:
+    """A training run's folder, from claim to release (see the module doc).
+
+    Args:
+        path: The folder (``--output-dir``).
+        lock: Its lock (default: ``RunLock(path)``).
+    """
+
+    def __init__(self, path: Path, lock: Optional[RunLock] = None) -> None:
+        self.path = Path(path)
+        self.lock = lock or RunLock(self.path)
+
+    def claim(self, resume: Optional[str] = None, overwrite: bool = False) -> None:
+        """Own the folder: writable, locked, repaired after a kill, holding no other run unless
+        ``resume`` or ``overwrite`` (which sets the old run aside until ``drop_replaced``).
+
+        Raises:
+            RunFolderInUse: Another live run owns it.
+            UserError: Not writable, or it holds a run and neither ``resume`` nor ``overwrite`` is given.
+        """
+        ensure_writable_dir(self.path, '--output-dir')
+        self.lock.acquire()
+        try:
+            for name in ('best', 'checkpoints'):
+                restore_interrupted(self.path / name)
+            self._drop_leftovers()
+            found = run_files(self.path)
+            if found and not (resume or overwrite):
+                raise UserError(f'--output-dir {self.path} already holds a run ({", ".join(found)}); pass --resume '
+                                'latest to continue it, --overwrite to replace it, or another --output-dir')
+            if overwrite:
+                self._set_aside()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _drop_leftovers(self) -> None:
+        """Temporary files of earlier owners killed mid-write (checkpoints, metrics)."""
+        for pattern in ('checkpoints/.checkpoint_*.tmp*', 'checkpoints/.checkpoint_*.del', f'.{METRICS}.tmp-*'):
+            for leftover in self.path.glob(pattern):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+    def _set_aside(self) -> None:
+        """Move the run's files into ``.replaced`` (the feature cache stays: it is keyed by its inputs)."""
+        aside = self.path / REPLACED
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in RUN_FILES:
+            if (self.path / name).exists():
+                (self.path / name).rename(aside / name)
+
+    def fence(self) -> None:
+        """Raise ``LockLost`` if another run took the folder over; called before every write."""
+        self.lock.check()
+
+    def drop_replaced(self) -> None:
+        """Delete the run ``--overwrite`` set aside (once the new run has a checkpoint)."""
+        shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+
+    def append_metrics(self, line: Dict[str, Any]) -> None:
+        """Add one epoch's line to ``metrics.jsonl``."""
+        self.fence()
+        try:
+            with (self.path / METRICS).open('a') as f:
+                f.write(json.dumps(line) + '\n')
+        except OSError as e:
+            raise UserError(f'cannot write {self.path / METRICS}: {e.strerror or e}') from e
+
+    def keep_metrics_before(self, epoch: int) -> None:
+        """Keep the ``metrics.jsonl`` lines of the epochs before ``epoch`` (a resume redoes the others;
+        a line cut short by a kill is dropped)."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return
+        kept = []
+        for text in path.read_text().splitlines():
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and isinstance(line.get('epoch'), int) and line['epoch'] < epoch:
+                kept.append(text)
+        self.fence()
+        atomic_write_text(path, ''.join(f'{text}\n' for text in kept))
+
+    def release(self) -> None:
+        """Give the folder up (the lock is removed only if it is still this run's)."""
+        self.lock.release()

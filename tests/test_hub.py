@@ -45,7 +45,7 @@ def measured_export(folder: Path, num_classes: int) -> Path:
         report = classification_report(model.forward_per_head(torch.randn(12, 3, 32, 32)),
                                        torch.arange(12) % num_classes)
     labels = [f'class_{i}' for i in range(num_classes)]
-    return export_model(model, str(folder), labels, 32,
+    return export_model(model, str(folder), labels,
                         extra_config={'metrics': report, 'training': {'dataset': 'builtin', 'pretrained': False}})
 
 

@@ -151,7 +151,7 @@ def test_truncated_jpeg_names_the_file(tmp_path):
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'cut.jpg')
     data = (tmp_path / 'cut.jpg').read_bytes()
     (tmp_path / 'cut.jpg').write_bytes(data[:len(data) // 2])
-    with pytest.raises(CorruptImageError, match=rf'cannot read image {tmp_path / "cut.jpg"}: the file is truncated'):
+    with pytest.raises(CorruptImageError, match=rf'cannot read image {tmp_path / "cut.jpg"}: image file is truncated'):
         load_image(str(tmp_path / 'cut.jpg'))
 
 

@@ -31,7 +31,7 @@ def tiny_model(**kwargs) -> ssa_timm.SSANet:
 
 @pytest.fixture(scope='module')
 def export(tmp_path_factory) -> Path:
-    return export_model(tiny_model(), str(tmp_path_factory.mktemp('interop') / 'best'), LABELS, 64)
+    return export_model(tiny_model(), str(tmp_path_factory.mktemp('interop') / 'best'), LABELS)
 
 
 @pytest.fixture(scope='module')
@@ -163,7 +163,7 @@ def test_old_exports_load_after_fix_config(export, tmp_path):
 
 
 def test_other_channel_counts_load_in_transformers(tmp_path):
-    folder = export_model(tiny_model(in_chans=1), str(tmp_path / 'grey'), LABELS, 64)
+    folder = export_model(tiny_model(in_chans=1), str(tmp_path / 'grey'), LABELS)
     model = transformers.AutoModelForImageClassification.from_pretrained(str(folder)).eval()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():

@@ -290,7 +290,7 @@ def test_each_registered_name_pins_its_attention(name, tmp_path):
 
 def test_exports_record_the_attention_they_were_trained_with(tmp_path):
     model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=2, img_size=32, qk_norm=True)
-    ssa_timm.hub.export_model(model, str(tmp_path / 'qk'), ['a', 'b'], 32)
+    ssa_timm.hub.export_model(model, str(tmp_path / 'qk'), ['a', 'b'])
     config = json.loads((tmp_path / 'qk' / 'config.json').read_text())
     assert config['model_args']['qk_norm'] is True and config['model_args']['scale_attn'] is False
     loaded = timm.create_model(f'local-dir:{tmp_path / "qk"}', pretrained=True)

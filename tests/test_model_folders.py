@@ -32,7 +32,7 @@ def export(tmp_path_factory) -> Path:
     """A tiny export (timm's test_resnet body, 3 classes, 32 px) written by the library's export path."""
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32)
-    return export_model(model, str(tmp_path_factory.mktemp('export') / 'tiny'), LABELS, 32)
+    return export_model(model, str(tmp_path_factory.mktemp('export') / 'tiny'), LABELS)
 
 
 def logits(spec: str) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_old_style_exports_load_and_fix_config_rewrites_them(export, tmp_path):
 
 def test_fix_config_keeps_in_chans_of_other_channel_counts(tmp_path):
     model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=2, img_size=32, in_chans=1)
-    folder = export_model(model, str(tmp_path / 'grey'), ['a', 'b'], 32)
+    folder = export_model(model, str(tmp_path / 'grey'), ['a', 'b'])
     config = json.loads((folder / 'config.json').read_text())
     assert config['model_args']['in_chans'] == 1 and 'num_classes' not in config['model_args']
     assert load_model(str(folder)).in_chans == 1

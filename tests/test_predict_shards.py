@@ -25,7 +25,7 @@ from ssa_timm.prediction import (ImageFiles, collate_images, launched_world_size
 def tiny(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=3, img_size=32)
-    return export_model(model, str(tmp_path_factory.mktemp('tiny') / 'best'), ['ant', 'bee', 'cat'], 32)
+    return export_model(model, str(tmp_path_factory.mktemp('tiny') / 'best'), ['ant', 'bee', 'cat'])
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,7 @@ from recipe_runs import recipe, run_main, run_recipe
 from PIL import Image
 
 import ssa_timm
-import ssa_timm.run_dir
+import ssa_timm.output_paths
 from ssa_timm.data import BuiltinFineGrained
 from ssa_timm.hub import export_model
 
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=10, img_size=64, qk_norm=True,
                                    body_feature_index=2)
-    return export_model(model, str(tmp_path_factory.mktemp('tiny') / 'best'), CLASSES, 64)
+    return export_model(model, str(tmp_path_factory.mktemp('tiny') / 'best'), CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -185,7 +185,7 @@ def test_a_full_disk_is_found_before_the_model_is_loaded(tiny, images, tmp_path,
                                                         argv):
     module = recipe(name)
     monkeypatch.setattr(module, 'load_model', lambda *a, **k: pytest.fail('the model was loaded first'))
-    monkeypatch.setattr(ssa_timm.run_dir.os, 'fsync', enospc)  # the write probe's byte does not land
+    monkeypatch.setattr(ssa_timm.output_paths.os, 'fsync', enospc)  # the write probe's byte does not land
     out = tmp_path / 'out' / 'result'
     argv = [a.format(image=images / 'bird_0.png') for a in argv]
     assert run_main(name, '--model', str(tiny), *argv, flag, str(out)) == 1

@@ -117,7 +117,7 @@ def body_file(tmp_path: Path, name: str, **kwargs) -> Path:
 def test_pretrained_path_loads_the_body_file_into_a_frozen_body(tmp_path):
     weights = body_file(tmp_path, 'test_resnet')
     out = tmp_path / 'run'
-    assert train(*TINY_TRAIN, '--epochs', '1', '--freeze-backbone', '--pretrained-path', str(weights),
+    assert train(*TINY_TRAIN, '--epochs', '1', '--freeze-body', '--pretrained-path', str(weights),
                  '--output-dir', str(out)) == 0
     exported, saved = load_file(out / 'best' / 'model.safetensors'), load_file(weights)
     body = {k[len('body.'):]: v for k, v in exported.items() if k.startswith('body.')}
@@ -143,23 +143,25 @@ def test_pretrained_path_through_the_body_filter_and_a_file_that_does_not_fit(tm
 
 
 def test_initial_checkpoint_loads_a_whole_ssanet(trained_run, tmp_path):
-    from ssa_timm.train import build_model
+    from ssa_timm.train import build_model, load_initial_checkpoint
     config = RunConfig.from_mapping(dict(zip(['model', 'img_size', 'body_feature_index', 'qk_norm'],
-                                             ['ssanet_test_resnet_plus', 32, 2, True]),
-                                         initial_checkpoint=str(trained_run / 'best')))
+                                             ['ssanet_test_resnet_plus', 32, 2, True])))
     exported = load_file(trained_run / 'best' / 'model.safetensors')
-    same = build_model(config, 10).state_dict()
-    assert all(torch.equal(same[k], v) for k, v in exported.items())  # the heads too: 10 classes
-    fewer = build_model(config, 3).state_dict()
+    same = build_model(config, 10)
+    assert load_initial_checkpoint(same, trained_run / 'best') == []
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in exported.items())  # the heads too: 10 classes
+    fewer = build_model(config, 3)
+    notes = load_initial_checkpoint(fewer, trained_run / 'best')
+    assert len(notes) == 1 and 'has 10 classes and this run 3' in notes[0] and 'start fresh' in notes[0]
+    fewer = fewer.state_dict()
     for key, value in exported.items():
         if key.startswith(('head.ssa.fc.', 'head.fe.fc.')):
             assert fewer[key].shape[0] == 3  # new classifiers for 3 classes
         else:
             assert torch.equal(fewer[key], value), key
-    one_head = RunConfig.from_mapping(dict(model='ssanet_test_resnet_no_attention', img_size=32, body_feature_index=2,
-                                           initial_checkpoint=str(trained_run / 'best')))
-    with pytest.raises(UserError, match='does not fit .* unexpected'):  # a plus export is not a no_attention model
-        build_model(one_head, 3)
+    one_head = RunConfig.from_mapping(dict(model='ssanet_test_resnet_no_attention', img_size=32, body_feature_index=2))
+    with pytest.raises(UserError, match='do not fit .* unexpected'):  # a plus export is not a no_attention model
+        load_initial_checkpoint(build_model(one_head, 3), trained_run / 'best')
 
 
 def test_deterministic_runs_print_identical_metrics(tmp_path):
@@ -185,7 +187,7 @@ def test_builtin_families_share_no_glyph_and_are_recorded(tmp_path):
 
 
 def test_cached_features_match_uncached_frozen_run(tmp_path):
-    frozen = [*TINY_TRAIN, '--epochs', '2', '--freeze-backbone']
+    frozen = [*TINY_TRAIN, '--epochs', '2', '--freeze-body']
     assert train(*frozen, '--output-dir', str(tmp_path / 'plain')) == 0
     assert train(*frozen, '--cache-features', '--output-dir', str(tmp_path / 'cached')) == 0
     plain, cached = metrics(tmp_path / 'plain'), metrics(tmp_path / 'cached')
@@ -214,7 +216,7 @@ def test_bad_dataset_and_flags(tmp_path, capsys):
     assert train(*TINY_TRAIN, '--dataset', 'cub', '--data-dir', str(tmp_path), '--output-dir', str(tmp_path / 'o')) == 1
     assert 'images.txt' in capsys.readouterr().err
     assert train(*TINY_TRAIN, '--cache-features') == 2
-    assert '--cache-features needs --freeze-backbone' in capsys.readouterr().err
+    assert '--cache-features needs --freeze-body' in capsys.readouterr().err
     assert train(*TINY_TRAIN, '--qk-norm', '--scale-attn') == 2
     assert '--qk-norm and --scale-attn exclude each other' in capsys.readouterr().err
 

@@ -258,7 +258,7 @@ def test_train_and_evaluate_through_timm_specs(data, tmp_path, kind, offline):
 
 
 def test_streams_refuse_what_they_cannot_resume(data, tmp_path, offline, capsys):
-    assert run_main('train', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-backbone', '--cache-features',
+    assert run_main('train', *TRAIN_ARGS, *spec_args(data, 'wds'), '--freeze-body', '--cache-features',
                     '--output-dir', str(tmp_path / 'b')) == 1
     assert '--cache-features needs a map-style dataset' in capsys.readouterr().err
     assert run_main('train', *TRAIN_ARGS, *spec_args(data, 'hfids'), '--checkpoint-steps', '2',

@@ -7,7 +7,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from ssa_timm.train import CheckpointError, CheckpointStore, RunConfig, run_on_main
+from ssa_timm.errors import CheckpointError, DamagedCheckpoint, IdentityMismatch
+from ssa_timm.processes import run_on_main
+from ssa_timm.train import CheckpointStore, RunConfig
 from ssa_timm.train.config import BUILTIN_DEFAULTS, PAPER_DEFAULTS
 
 
@@ -54,13 +56,34 @@ def test_the_store_keeps_the_newest_and_refuses_another_run(tmp_path):
             model.weight.fill_(step)
         store.save(dict(identity=identity, progress={'epoch': step}, scheduler={'timm': {}}))
     assert [p.name for p in store.folders()] == ['checkpoint_2', 'checkpoint_1']
-    assert store.choose('latest', identity) == tmp_path / 'checkpoints' / 'checkpoint_2'
-    assert store.choose('auto', dict(identity, epochs=5)).name == 'checkpoint_2'  # the length may grow
-    with pytest.raises(CheckpointError, match='was saved by a run with lr=0.1; this run has lr=0.2'):
+    assert store.choose('latest', identity) == (tmp_path / 'checkpoints' / 'checkpoint_2', [])
+    assert store.choose('auto', dict(identity, epochs=5))[0].name == 'checkpoint_2'  # the length may grow
+    with pytest.raises(IdentityMismatch, match='was saved by a run with lr=0.1; this run has lr=0.2'):
         store.choose('latest', dict(identity, lr=0.2))
-    assert CheckpointStore(tmp_path / 'new', accelerator, 2, store.on_main).choose('auto', identity) is None
-    store.load(store.choose('latest', identity))
+    assert CheckpointStore(tmp_path / 'new', accelerator, 2, store.on_main).choose('auto', identity) == (None, [])
+    store.load(store.choose('latest', identity)[0])
     assert torch.all(model.weight == 2)
+
+
+def test_the_store_skips_a_damaged_checkpoint_by_its_type_and_says_so_without_printing(tmp_path, capsys):
+    """A damaged newest checkpoint is skipped for 'latest' (reported back, not printed); named directly
+    it is refused as DamagedCheckpoint; an identity mismatch is never skipped, even behind a damaged one."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    store = CheckpointStore(tmp_path, accelerator, keep=3, on_main=lambda work: run_on_main(accelerator, work))
+    identity = {'model': 'm', 'epochs': 2, 'lr': 0.1}
+    for step in range(2):
+        store.save(dict(identity=identity, progress={'epoch': step}, scheduler={'timm': {}}))
+    newest = store.folders()[0]
+    (newest / 'run_state.json').write_text('{"identity": ')
+    chosen, skipped = store.choose('latest', identity)
+    assert chosen.name == 'checkpoint_0' and len(skipped) == 1 and skipped[0].startswith(f'warning: skipping checkpoint {newest}')
+    assert capsys.readouterr().out == ''
+    with pytest.raises(DamagedCheckpoint):
+        store.choose(str(newest), identity)
+    with pytest.raises(IdentityMismatch):
+        store.choose('latest', dict(identity, lr=0.3))
+    assert issubclass(DamagedCheckpoint, CheckpointError) and issubclass(IdentityMismatch, CheckpointError)
 
 
 def test_the_package_version_is_the_project_version():

@@ -66,7 +66,7 @@ def test_optimizer_groups_body_lr_scale_and_no_decay():
         assert group['weight_decay'] == 0, name
     decayed = next(g for g in run.optimizer.param_groups if any(p is params['head.fe.fc.weight'] for p in g['params']))
     assert decayed['weight_decay'] == 0.05
-    frozen = setup_run('--freeze-backbone')
+    frozen = setup_run('--freeze-body')
     assert not groups_of(frozen, 'body.')  # a frozen body has no parameters in the optimizer
 
 

@@ -150,8 +150,7 @@ def load_image(path: str) -> Image.Image:
     except ImageTooLargeError:
         raise
     except _DECODE_ERRORS as e:
-        reason = f'the file is truncated ({e})' if 'truncated' in str(e) else str(e)
-        raise CorruptImageError(f'cannot read image {path}: {reason}') from e
+        raise CorruptImageError(f'cannot read image {path}: {e}') from e  # PIL names a truncated file itself
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:

@@ -32,6 +32,8 @@ import torch.nn as nn
 import timm
 from timm.layers import to_2tuple
 
+from ..errors import WeightsMismatch
+
 __all__ = [
     'BodyLayout', 'BodyProbe', 'create_body', 'prefixed_group_matcher', 'probe_body', 'token_grid', 'tokens_to_map',
 ]
@@ -300,10 +302,10 @@ def create_body(
     else:
         try:
             body = _create_timm_model(name, pretrained, in_chans, probe.kwargs, device, dtype)
-        except RuntimeError as e:
-            if not pretrained or 'state_dict' not in str(e):
+        except RuntimeError as e:  # timm's strict load_state_dict: keys or shapes that differ
+            if not pretrained:
                 raise
-            raise RuntimeError(f'the pretrained weights of {name!r} do not fit the {type(probe.model).__name__} body: '
-                               f'{str(e).splitlines()[0]} ...') from e
+            raise WeightsMismatch(f'the pretrained weights of {name!r} do not fit the {type(probe.model).__name__} '
+                                  f'body: {str(e).splitlines()[0]} ...') from e
     _strip_head(body, probe.prune_head, probe.feature_index)
     return body, probe.layout

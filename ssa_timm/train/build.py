@@ -1,9 +1,10 @@
 """The parts a training run is made of, from its ``RunConfig``: datasets, the model and its starting
 weights, the training and validation data (images, or cached body maps) and their loaders."""
+import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -12,10 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import EpochFlip, Transformed, TransformedStream, build_dataset, model_transform
 from ..data.streams import epoch_samples, is_stream
-from ..errors import UserError, one_line
+from ..errors import UserError, WeightsMismatch, one_line
 from ..feature_cache import CachedFeatures, HeadsOnCachedFeatures, build_feature_cache
 from ..hub import load_model
-from ..models.ssanet import checkpoint_filter_fn
+from ..models.ssanet import check_weights_fit, renamed_keys
 from .config import RunConfig
 
 __all__ = ['build_datasets', 'build_loaders', 'build_model', 'build_training_data', 'load_initial_checkpoint',
@@ -44,22 +45,31 @@ def build_datasets(config: RunConfig, accelerator=None) -> Tuple[Dataset, Datase
 
 def build_model(config: RunConfig, num_classes: int, device: Optional[str] = None) -> torch.nn.Module:
     """The SSANet of ``config`` for ``num_classes``: ImageNet body weights (``pretrained``), or body
-    weights from ``pretrained_path`` through the body's own checkpoint filter, then a whole SSANet
-    from ``initial_checkpoint`` (``load_initial_checkpoint``)."""
+    weights from ``pretrained_path`` through the body's own checkpoint filter (``load_initial_checkpoint``
+    then loads a whole SSANet, if any).
+
+    Raises:
+        WeightsMismatch: ``pretrained_path`` holds weights of another body (keys beyond what the body's
+            cut explains, missing keys, other shapes).
+        UserError: ``pretrained_path`` is not a readable weights file.
+    """
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, img_size=config.img_size, **config.model_kwargs())
     if device is not None:
         kwargs['device'] = device
     if config.pretrained_path:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(_body_file(Path(config.pretrained_path)).resolve()))
     try:
-        model = load_model(config.model, pretrained=bool(config.pretrained or config.pretrained_path), **kwargs)
+        return load_model(config.model, pretrained=bool(config.pretrained or config.pretrained_path), **kwargs)
+    except WeightsMismatch as e:
+        if not config.pretrained_path:
+            raise
+        raise WeightsMismatch(f'body weights {config.pretrained_path} do not fit the body of {config.model}: '
+                              f'{e.details or e}') from e
     except (RuntimeError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError) as e:
         if not config.pretrained_path:
             raise
-        raise UserError(_body_file_error(config, e)) from e
-    if config.initial_checkpoint:
-        load_initial_checkpoint(model, Path(config.initial_checkpoint))
-    return model
+        raise UserError(f'body weights {config.pretrained_path} are damaged or not a weights file '
+                        f'({type(e).__name__}: {one_line(e)[:300]})') from e
 
 
 def _body_file(path: Path) -> Path:
@@ -72,55 +82,69 @@ def _body_file(path: Path) -> Path:
     return path
 
 
-def _body_file_error(config: RunConfig, error: Exception) -> str:
-    """The one line for a ``pretrained_path`` that failed to load: a file that is damaged, not weights,
-    or a pickle of more than tensors (timm's weights-only load refuses it with a RuntimeError), or
-    weights for another body (missing, unexpected or differently shaped keys)."""
-    reason = one_line(error)[:300]
-    if not isinstance(error, (RuntimeError, ValueError)) or 'weights_only' in reason:
-        return (f'body weights {config.pretrained_path} are damaged or not a weights file '
-                f'({type(error).__name__}: {reason})')
-    return f'body weights {config.pretrained_path} do not fit the body of {config.model}: {reason}'
-
-
 def set_up_model(model: torch.nn.Module, config: RunConfig) -> None:
     """Switch on what training needs: both heads' logits (distilled training), gradient
     checkpointing, a frozen body, channels-last memory."""
     model.set_distilled_training(True)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if config.freeze_backbone:
+    if config.freeze_body:
         model.body.requires_grad_(False)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
 
-def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> None:
+def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> List[str]:
     """Load a whole SSANet's weights (an export folder or a ``.safetensors`` file) into ``model``; the
-    final classifier layers only when the class counts match (else they stay freshly initialised)."""
+    final classifier layers only when the class counts match (else they stay freshly initialised).
+
+    Returns:
+        Notes for the user: that the classifiers start fresh, when they do.
+
+    Raises:
+        WeightsMismatch: The weights are of another model (architecture, body, ``body_feature_index``).
+        UserError: No such export or file, or a damaged one.
+    """
     weights = path / 'model.safetensors' if path.is_dir() else path
     if not weights.is_file():
         raise UserError(f'initial checkpoint {path}: expected an export folder with model.safetensors or a '
                         '.safetensors file')
     try:
-        state = load_file(str(weights))
+        state = renamed_keys(load_file(str(weights)))
     except (SafetensorError, OSError) as e:
         raise UserError(f'initial checkpoint {weights} is damaged or not a safetensors file ({one_line(e)})') from e
     if not any(key.startswith('body.') for key in state):
         raise UserError(f'initial checkpoint {weights} holds no SSANet (no body.* weights); body weights alone go '
                         'through the body filter instead (--pretrained-path)')
-    state = checkpoint_filter_fn(state, model)  # older SSANet key names converted
+    architecture = model.pretrained_cfg.get('architecture')
+    _check_architecture(weights.parent / 'config.json', architecture)
     own = model.state_dict()
     classifier = model.pretrained_cfg.get('classifier', ())
     classifiers = tuple(f'{name}.' for name in ((classifier,) if isinstance(classifier, str) else classifier))
     fresh = [k for k in own if k.startswith(classifiers) and k in state and state[k].shape != own[k].shape]
-    for key in fresh:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if k not in fresh] + list(unexpected)
-    if wrong:
-        raise UserError(f'initial checkpoint {weights} does not fit {model.pretrained_cfg.get("architecture")}: '
-                        f'{len(wrong)} key(s) missing or unexpected, e.g. {wrong[:3]}')
+    check_weights_fit({k: v for k, v in state.items() if k not in fresh},
+                      {k: v for k, v in own.items() if k not in fresh}, f'initial checkpoint {weights}',
+                      f'{architecture} of this run (another body or --body-feature-index?)')
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    if not fresh:
+        return []
+    saved = state[next(k for k in fresh if k.endswith('.weight'))].shape[0]
+    return [f'note: initial checkpoint {weights} has {saved} classes and this run {model.num_classes}: its '
+            f'classifiers ({", ".join(sorted({k.rpartition(".")[0] for k in fresh}))}) start fresh']
+
+
+def _check_architecture(config_path: Path, architecture: Optional[str]) -> None:
+    """An export's ``config.json`` names the same architecture (and, for ``ssanet``, body) as the run's model."""
+    if not config_path.is_file():
+        return
+    try:
+        saved = json.loads(config_path.read_text())
+    except (ValueError, OSError):
+        return  # the weights' keys and shapes decide below
+    if isinstance(saved, dict) and saved.get('architecture') not in (None, architecture):
+        raise WeightsMismatch(f'initial checkpoint {config_path.parent} is a {saved["architecture"]}; this run '
+                              f'builds a {architecture} (give --model {saved["architecture"]}, or weights of '
+                              f'{architecture})')
 
 
 def save_body_weights(export: Path, path: Path) -> Path:
@@ -143,7 +167,7 @@ def build_training_data(config: RunConfig, model: torch.nn.Module, train_images:
                         accelerator) -> Tuple[Dataset, Dataset, torch.nn.Module]:
     """The training data (random flips drawn per epoch), the validation data and the module to train:
     the model on images, or with ``cache_features`` its SSA module and heads on cached body maps."""
-    transform, _ = model_transform(model, config.img_size)
+    transform, _ = model_transform(model)
     if is_stream(train_images):
         train_data = TransformedStream(train_images, transform, flip_seed=config.seed)
     else:

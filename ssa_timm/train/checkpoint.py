@@ -4,8 +4,11 @@
 the EMA weights when there are any, and ``run_state.json``: the run's identity, its ``Progress`` and
 the scheduler's state, as JSON (no pickles). A checkpoint is written into a temporary sibling and
 renamed into place, so a folder named ``checkpoint_N`` is always complete; the oldest beyond
-``keep`` are renamed out of the way, then deleted. A write that fails (a full disk) removes its
-temporary folder and leaves the earlier checkpoints as they were.
+``keep`` are renamed out of the way, then deleted. A write that fails (a full disk) or is aborted (a
+second stop signal) removes its temporary folder and leaves the earlier checkpoints as they were.
+
+The store only stores: the run folder's lifecycle (lock, set-aside runs, metrics) is
+``ssa_timm.run_dir.RunFolder``'s, and the store never prints: what it skipped is returned.
 """
 import json
 import shutil
@@ -18,19 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError, one_line
+from ..errors import CheckpointError, DamagedCheckpoint, IdentityMismatch, one_line
 from .config import RESUMABLE_CHANGES, identity_changes
 from .optim import load_scheduler_state
-from .outputs import drop_replaced_run, keep_metrics_before
 
-__all__ = ['CheckpointError', 'CheckpointStore', 'Progress', 'STATE_FILE', 'resume_run']
+__all__ = ['CheckpointStore', 'Progress', 'STATE_FILE', 'resume_run']
 
 STATE_FILE = 'run_state.json'
 EMA_FILE = 'ema.safetensors'
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is damaged, missing, or was saved by another run."""
 
 
 @dataclass
@@ -73,14 +71,19 @@ class CheckpointStore:
         accelerator: The run's ``accelerate.Accelerator`` (every process calls ``save`` and ``load``).
         keep: How many of the newest checkpoints to keep.
         on_main: Runs a function on the main process and raises its error on every process
-            (``ssa_timm.train.outputs.run_on_main``).
+            (``ssa_timm.processes.run_on_main``).
+        owner: A suffix for temporary names, the same on every process of this run and unique to it.
+        fence: Called on the main process before a checkpoint is put in place (``RunFolder.fence``).
     """
 
-    def __init__(self, output_dir: Path, accelerator, keep: int, on_main: Callable[[Callable[[], Any]], None]) -> None:
+    def __init__(self, output_dir: Path, accelerator, keep: int, on_main: Callable[[Callable[[], Any]], None],
+                 owner: str = 'run', fence: Callable[[], None] = lambda: None) -> None:
         self.folder = Path(output_dir) / 'checkpoints'
         self.accelerator = accelerator
         self.keep = keep
         self.on_main = on_main
+        self.owner = owner
+        self.fence = fence
 
     def folders(self) -> List[Path]:
         """The complete ``checkpoint_N`` folders, newest first."""
@@ -91,17 +94,20 @@ class CheckpointStore:
         """Write the next ``checkpoint_N``: accelerate's state, ``ema``'s weights and ``state`` as JSON."""
         existing = self.folders()
         final = self.folder / f'checkpoint_{checkpoint_index(existing[0]) + 1 if existing else 0}'
-        tmp = self.folder / f'.{final.name}.tmp'
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp = self.folder / f'.{final.name}.tmp-{self.owner}'
         self.accelerator.wait_for_everyone()
-        failed = None
         try:
-            self.accelerator.save_state(str(tmp))
-        except OSError as e:  # a full disk on any process: every process stops below
-            failed = e
-        self._agree_or_raise(failed, tmp)
-        self.on_main(lambda: self._complete(tmp, final, state, ema))
+            failed = None
+            try:
+                self.accelerator.save_state(str(tmp))
+            except OSError as e:  # a full disk on any process: every process stops below
+                failed = e
+            self._agree_or_raise(failed, tmp)
+            self.on_main(lambda: self._complete(tmp, final, state, ema))
+        except BaseException:  # a write error, a second stop signal (RunAborted), a lost lock
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.accelerator.wait_for_everyone()
         return final
 
@@ -124,12 +130,12 @@ class CheckpointStore:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_write_error(tmp, e)) from e
+        self.fence()
         tmp.rename(final)
         for old in self.folders()[self.keep:]:
             doomed = old.with_name(f'.{old.name}.del')  # out of the checkpoint names first, then deleted
             old.rename(doomed)
             shutil.rmtree(doomed)
-        drop_replaced_run(self.folder.parent)  # --overwrite: the old run, now replaced
 
     def read(self, folder: Path, identity: Dict[str, Any]) -> Dict[str, Any]:
         """``run_state.json`` of ``folder``, after checking that the checkpoint is complete, its files
@@ -137,7 +143,7 @@ class CheckpointStore:
         by a run with this ``identity`` (``RESUMABLE_CHANGES`` may differ)."""
         state_path = folder / STATE_FILE
         if not state_path.is_file():
-            raise CheckpointError(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
+            raise DamagedCheckpoint(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
         try:
             state = json.loads(state_path.read_text())
             saved = dict(state['identity'])
@@ -145,40 +151,50 @@ class CheckpointStore:
             if not isinstance(state['scheduler'], dict) or 'timm' not in state['scheduler']:
                 raise TypeError('no timm scheduler state')
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f'{state_path} is damaged ({type(e).__name__}: {e})') from e
+            raise DamagedCheckpoint(f'{state_path} is damaged ({type(e).__name__}: {e})') from e
         for key in identity_changes(saved, identity):
             if key in RESUMABLE_CHANGES:
                 continue
             shown = (lambda v: f'{len(v)} classes') if key == 'classes' else repr
-            raise CheckpointError(f'checkpoint {folder} was saved by a run with {key}={shown(saved.get(key))}; this '
+            raise IdentityMismatch(f'checkpoint {folder} was saved by a run with {key}={shown(saved.get(key))}; this '
                                   f'run has {key}={shown(identity[key])}')
         _check_files(folder)
         return state
 
-    def choose(self, resume: str, identity: Dict[str, Any], end_of_epoch_only: bool = False) -> Optional[Path]:
-        """The checkpoint ``resume`` names, checked (``read``): a folder; for 'latest' the newest good one,
-        skipping damaged ones with a warning; for 'auto' the same, or None when there is none."""
+    def choose(self, resume: str, identity: Dict[str, Any],
+               end_of_epoch_only: bool = False) -> Tuple[Optional[Path], List[str]]:
+        """The checkpoint ``resume`` names, checked (``read``), and what was skipped on the way: for a
+        folder, that folder; for 'latest' the newest good one, damaged ones skipped (an identity
+        mismatch is never skipped); for 'auto' the same, or None when there is none.
+
+        Raises:
+            IdentityMismatch: A checkpoint of another run.
+            CheckpointError: None to resume from ('latest'), or the one named is unusable.
+        """
         candidates = self.folders() if resume in ('latest', 'auto') else [Path(resume)]
-        if not candidates:
-            if resume == 'auto':
-                return None
+        if not candidates and resume == 'latest':
             raise CheckpointError(f'--resume latest: no checkpoint under {self.folder}')
+        skipped: List[str] = []
         for folder in candidates:
             if not folder.is_dir():
                 raise CheckpointError(f'--resume {folder}: not a checkpoint folder')
             try:
-                state = self.read(folder, identity)
-                if end_of_epoch_only and state['progress']['step_in_epoch']:
-                    raise CheckpointError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; '
-                                          'a streamed dataset resumes only from a checkpoint saved at the end of an '
-                                          'epoch')
-            except CheckpointError as e:
-                if resume not in ('latest', 'auto') or 'was saved by a run with' in str(e):
+                self._check_resumable(folder, identity, end_of_epoch_only)
+            except DamagedCheckpoint as e:
+                if resume not in ('latest', 'auto'):
                     raise
-                print(f'warning: skipping checkpoint {folder}: {e}', flush=True)
+                skipped.append(f'warning: skipping checkpoint {folder}: {e}')
                 continue
-            return folder
-        raise CheckpointError(f'--resume {resume}: every checkpoint under {self.folder} is damaged')
+            return folder, skipped
+        if candidates:
+            raise CheckpointError(f'--resume {resume}: every checkpoint under {self.folder} is damaged')
+        return None, skipped
+
+    def _check_resumable(self, folder: Path, identity: Dict[str, Any], end_of_epoch_only: bool) -> None:
+        state = self.read(folder, identity)
+        if end_of_epoch_only and state['progress']['step_in_epoch']:
+            raise CheckpointError(f'{folder} was saved in the middle of epoch {state["progress"]["epoch"]}; a streamed '
+                                  'dataset resumes only from a checkpoint saved at the end of an epoch')
 
     def load(self, folder: Path, ema: Optional[torch.nn.Module] = None,
              model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
@@ -202,13 +218,13 @@ def _check_files(folder: Path) -> None:
     header that does not fit the file, a torch archive whose directory or checksums fail), and pickled
     custom objects, which this recipe never saves and accelerate would unpickle."""
     for path in sorted(folder.glob('custom_checkpoint_*')):
-        raise CheckpointError(f'{path} is not a file this recipe writes (accelerate would unpickle it); refused')
+        raise DamagedCheckpoint(f'{path} is not a file this recipe writes (accelerate would unpickle it); refused')
     for path in sorted(folder.glob('*.safetensors')):
         try:
             with safe_open(str(path), framework='pt') as f:
                 f.keys()
         except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f'{path} is damaged or truncated ({one_line(e)})') from e
+            raise DamagedCheckpoint(f'{path} is damaged or truncated ({one_line(e)})') from e
     for path in sorted([*folder.glob('optimizer*.bin'), *folder.glob('scaler*.pt')]):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -216,42 +232,39 @@ def _check_files(folder: Path) -> None:
             if bad is not None:
                 raise zipfile.BadZipFile(f'member {bad} fails its checksum')
         except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f'{path} is damaged or truncated ({one_line(e)})') from e
+            raise DamagedCheckpoint(f'{path} is damaged or truncated ({one_line(e)})') from e
 
 
 
 def resume_run(store: CheckpointStore, resume: str, identity: Dict[str, Any], scheduler, ema=None, model=None,
-               end_of_epoch_only: bool = False) -> Tuple[Progress, Optional[str]]:
+               end_of_epoch_only: bool = False) -> Tuple[Progress, List[str]]:
     """Load the checkpoint ``resume`` names (``CheckpointStore.choose``) on every process: the main
     process picks and checks it (a refusal is raised on every process), every process loads it.
 
     The schedule continues at the resumed epoch (``load_scheduler_state``; a larger ``epochs`` than the
-    checkpoint's run planned re-plans an epoch-based schedule), and ``metrics.jsonl`` keeps the lines
-    of the epochs before it. Returns the progress and a line saying what was resumed, or, for 'auto'
-    without a checkpoint, a fresh ``Progress`` and None.
+    checkpoint's run planned re-plans an epoch-based schedule). Returns the progress (a fresh one for
+    'auto' without a checkpoint) and the lines to show: the skipped checkpoints and what was resumed.
     """
     from accelerate.utils import broadcast_object_list
-    chosen: List[Optional[str]] = [None]
+    chosen: List[Any] = [None, []]
 
     def pick() -> None:
-        folder = store.choose(resume, identity, end_of_epoch_only)
-        chosen[0] = str(folder) if folder else None
+        folder, skipped = store.choose(resume, identity, end_of_epoch_only)
+        chosen[:] = [str(folder) if folder else None, skipped]
     store.on_main(pick)
     if store.accelerator.num_processes > 1:
         chosen = broadcast_object_list(chosen)
-    out = store.folder.parent
-    if chosen[0] is None:
-        store.on_main(lambda: keep_metrics_before(out, 0))
-        return Progress(), None
-    folder = Path(chosen[0])
+    path, lines = chosen
+    if path is None:
+        return Progress(), [*lines, f'--resume {resume}: no checkpoint yet, a fresh run']
+    folder = Path(path)
     state = store.load(folder, ema, model)
     progress = Progress.from_dict(state['progress'])
     load_scheduler_state(scheduler, state['scheduler'], progress.epoch)
-    store.on_main(lambda: keep_metrics_before(out, progress.epoch))
     message = f'resumed from {folder}: epoch {progress.epoch}, step {progress.global_step}'
     planned, epochs = state['identity'].get('epochs'), identity['epochs']
     if planned != epochs:
         continues = ('its schedule continues' if 'torch' in state['scheduler'] else
                      f'the schedule is re-planned for {epochs} epochs, as timm\'s train.py does')
         message += f'; epochs {planned} -> {epochs}: {continues}'
-    return progress, message
+    return progress, [*lines, message]

@@ -6,122 +6,70 @@ or replaced) before any data or model is loaded; ``metrics.jsonl`` gets one line
 Work that only the main process does goes through ``run_on_main``, so an error there stops every
 process instead of leaving the others waiting at the next barrier.
 """
-import json
-import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
-from accelerate.utils import broadcast_object_list
 
-from ..errors import UserError
+from ..errors import RunFolderNotShared, UserError
 from ..hub import export_model
-from ..run_dir import RunLock, atomic_dir, atomic_write_text, ensure_writable_dir, restore_interrupted, run_files
+from ..output_paths import atomic_dir
+from ..processes import from_main, run_on_main
+from ..run_dir import RunFolder
 
-__all__ = ['REPLACED', 'append_metrics', 'claim_output_dir', 'drop_replaced_run', 'epoch_record', 'epoch_summary',
-           'export_best', 'keep_metrics_before', 'run_on_main', 'tracker_values', 'write_epoch']
-
-REPLACED = '.replaced'  # --overwrite moves the old run here, deleted once the new run has a checkpoint
-METRICS = 'metrics.jsonl'
-
-
-def run_on_main(accelerator, work: Callable[[], Any]) -> None:
-    """Run ``work()`` on the main process; its error, if any, is raised on every process as a
-    ``UserError`` (one process alone re-raises it as it is)."""
-    error = None
-    if accelerator.is_main_process:
-        try:
-            work()
-        except Exception as e:  # re-raised below, on every process
-            if accelerator.num_processes == 1:
-                raise
-            error = str(e) if isinstance(e, UserError) else f'the main process failed: {type(e).__name__}: {e}'
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise UserError(error)
+__all__ = ['claim_output_dir', 'epoch_record', 'epoch_summary', 'export_best', 'tracker_values', 'write_epoch']
 
 
 @contextmanager
-def claim_output_dir(output_dir: Path, accelerator, resume: str = None, overwrite: bool = False) -> Iterator[RunLock]:
-    """Own ``output_dir`` for the block: a writable folder, locked against another run (with a
-    heartbeat), holding no other run unless ``resume`` or ``overwrite`` (which sets the old run aside
-    until the new one's first checkpoint). The lock is released when the block ends, however it ends."""
-    lock = RunLock(output_dir)
+def claim_output_dir(output_dir: Path, accelerator, resume: Optional[str] = None,
+                     overwrite: bool = False) -> Iterator[RunFolder]:
+    """Own ``output_dir`` for the block (``RunFolder.claim`` on the main process) and check that every
+    process, on every machine, sees that same folder; the lock is released when the block ends,
+    however it ends.
 
-    def claim() -> None:
-        ensure_writable_dir(output_dir, '--output-dir')
-        lock.acquire()
-        try:
-            for name in ('best', 'checkpoints'):
-                restore_interrupted(output_dir / name)
-            found = run_files(output_dir)
-            if found and not (resume or overwrite):
-                raise UserError(f'--output-dir {output_dir} already holds a run ({", ".join(found)}); pass --resume '
-                                'latest to continue it, --overwrite to replace it, or another --output-dir')
-            if overwrite:
-                _set_aside_run(output_dir)
-        except BaseException:
-            lock.release()
-            raise
-    run_on_main(accelerator, claim)
+    Raises:
+        RunFolderNotShared: A process does not see the main process's lock in ``output_dir`` (machines
+            without a shared filesystem), on every process.
+    """
+    folder = RunFolder(output_dir)
+    run_on_main(accelerator, lambda: folder.claim(resume, overwrite))
     try:
-        yield lock
+        _check_shared(folder, accelerator)
+        yield folder
     finally:
-        lock.release()
+        folder.release()  # a no-op on the processes that hold no lock
 
 
-def _set_aside_run(out: Path) -> None:
-    """Move a run's files into ``<out>/.replaced`` (the feature cache stays: it is keyed by its inputs)."""
-    aside = out / REPLACED
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    for name in ('best', 'checkpoints', METRICS):
-        if (out / name).exists():
-            (out / name).rename(aside / name)
-
-
-def drop_replaced_run(out: Path) -> None:
-    """Delete the run ``--overwrite`` set aside (called once the new run has a checkpoint)."""
-    shutil.rmtree(out / REPLACED, ignore_errors=True)
-
-
-def export_best(model: torch.nn.Module, out: Path, classes: Sequence[str], img_size: int,
-                report: Dict[str, Any], notes: Dict[str, Any]) -> None:
-    """Export ``model`` to ``<out>/best`` through a temporary sibling, its report and training notes
-    in ``config.json``; a failed write (a full disk) leaves the previous ``best/`` and no temporary copy."""
-    try:
-        with atomic_dir(out / 'best') as tmp:
-            export_model(model, str(tmp), classes, img_size, extra_config={'metrics': report, 'training': notes})
-    except OSError as e:
-        raise UserError(f'cannot write the best model to {out / "best"}: {e.strerror or e}') from e
-
-
-def append_metrics(out: Path, line: Dict[str, Any]) -> None:
-    """Add one epoch's line to ``<out>/metrics.jsonl``."""
-    try:
-        with (out / METRICS).open('a') as f:
-            f.write(json.dumps(line) + '\n')
-    except OSError as e:
-        raise UserError(f'cannot write {out / METRICS}: {e.strerror or e}') from e
-
-
-def keep_metrics_before(out: Path, epoch: int) -> None:
-    """Keep the ``metrics.jsonl`` lines of the epochs before ``epoch`` (a resume redoes the others;
-    a line cut short by a kill is dropped)."""
-    path = out / METRICS
-    if not path.is_file():
+def _check_shared(folder: RunFolder, accelerator) -> None:
+    """Every process reads the lock the main process wrote, before any training (see ``RunFolderNotShared``)."""
+    if accelerator.num_processes == 1:
         return
-    kept = []
-    for text in path.read_text().splitlines():
-        try:
-            line = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(line, dict) and isinstance(line.get('epoch'), int) and line['epoch'] < epoch:
-            kept.append(text)
-    atomic_write_text(path, ''.join(f'{text}\n' for text in kept))
+    from accelerate.utils import gather_object
+    token = from_main(accelerator, folder.lock.token)
+    owner, _ = folder.lock.owner()
+    seen = (owner or {}).get('token') == token
+    blind = [(rank, host) for rank, (ok, host) in enumerate(gather_object([(seen, socket.gethostname())])) if not ok]
+    if blind:
+        ranks = ', '.join(f'process {rank} on {host}' for rank, host in blind[:4])
+        raise RunFolderNotShared(
+            f'--output-dir {folder.path} is not the same folder on every machine ({ranks} cannot see the run '
+            'the main process claimed there); several machines need an --output-dir on a filesystem they all '
+            'share (NFS, Lustre, ...): checkpoints, best/, metrics.jsonl and the lock live there')
+
+
+def export_best(model: torch.nn.Module, folder: RunFolder, classes: Sequence[str], report: Dict[str, Any],
+                notes: Dict[str, Any]) -> None:
+    """Export ``model`` to ``best/`` of the run folder through a temporary sibling, its report and training
+    notes in ``config.json``; a failed write (a full disk) leaves the previous ``best/`` and no temporary copy."""
+    best = folder.path / 'best'
+    try:
+        with atomic_dir(best) as tmp:
+            export_model(model, str(tmp), classes, extra_config={'metrics': report, 'training': notes})
+            folder.fence()
+    except OSError as e:
+        raise UserError(f'cannot write the best model to {best}: {e.strerror or e}') from e
 
 
 def epoch_record(epoch: int, progress, optimizer, report: Dict) -> Dict[str, Any]:
@@ -132,19 +80,20 @@ def epoch_record(epoch: int, progress, optimizer, report: Dict) -> Dict[str, Any
                 images_per_s=progress.images / max(progress.seconds, 1e-9), val=report)
 
 
-def write_epoch(out: Path, record: Dict[str, Any], best: Tuple[float, torch.nn.Module, Dict, bool], best_so_far: float,
-                classes: Sequence[str], config) -> None:
+def write_epoch(folder: RunFolder, record: Dict[str, Any], best: Tuple[float, torch.nn.Module, Dict, bool],
+                best_so_far: float, classes: Sequence[str], config) -> None:
     """Export ``best`` (``(top-1, model, report, is the EMA)``) when it beats ``best_so_far``, then add
     the epoch's metrics line: a resume drops the lines of the epochs it redoes, so the line goes
     before the epoch's checkpoint."""
     top1, model, report, is_ema = best
     if top1 > best_so_far:
-        export_best(model, out, classes, config.img_size, report, config.export_notes(record['epoch'], is_ema))
-    append_metrics(out, record)
+        export_best(model, folder, classes, report, config.export_notes(record['epoch'], is_ema))
+    folder.append_metrics(record)
 
 
 def epoch_summary(record: Dict[str, Any]) -> str:
-    """One printed line for an epoch: loss, top-1 of the output and each head, the attention's state."""
+    """One printed line for an epoch: loss, top-1 of the output and each head, the attention's state and,
+    on the scene task, where it looks (in-box attention mass beside uniform's, pointing game hit rates)."""
     report = record['val']
     heads = ', '.join(f'{k} {v["top1"]:.1f}%' for k, v in report['heads'].items())
     text = (f'epoch {record["epoch"]}: loss {record["train_loss"]:.4f}, '
@@ -153,6 +102,12 @@ def epoch_summary(record: Dict[str, Any]) -> str:
     if attention and attention['alpha'] is not None:
         text += (f'; attention: alpha {attention["alpha"]:+.3f}, row entropy {attention["entropy_ratio"]:.2f} of '
                  f'uniform, row max {attention["row_max"]:.2f}')
+    where = report.get('localization')
+    if where and where['images']:
+        mass = where['in_box_mass']
+        text += ('; localisation: ' + (f'in-box attention {mass:.2f} (uniform {where["box_share"]:.2f}), ' if
+                                       mass is not None else '') + f'pointing Grad-CAM {where["pointing_cam"]:.2f}' +
+                 (f', attention {where["pointing_attention"]:.2f}' if mass is not None else ''))
     return text
 
 

@@ -4,9 +4,16 @@ SIGTERM (what SLURM, Kubernetes and most schedulers send before they kill a job)
 and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) ask the run to stop at the next optimizer step:
 it writes a mid-epoch checkpoint that resumes exactly, releases its lock and exits with status
 128 + the signal number (143, 130, 138), as a shell reports a process the signal ended. A second
-signal aborts at once. With several processes, the one that received the signal tells the others
-at the next step (one small all-reduce per step, only when more than one process runs).
+signal aborts at once.
+
+With several processes, the one that received the signal tells the others: every ``CHECK_EVERY``
+optimizer steps (the same steps on every process) and at each epoch's end the processes reduce one
+flag, so no other step waits for the host. Under ``ssa-timm-launch`` (``ssa_timm.launch``) the
+workers register with the wrapper, which forwards its signals to them, and exit 0 after telling it the
+signal; under a bare launcher (torchrun, ``accelerate launch``) a worker whose launcher dies receives
+SIGTERM and stops the same way, instead of training on without it.
 """
+import os
 import signal
 from types import FrameType
 from typing import Optional
@@ -14,10 +21,12 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
+from ..launch import die_with_parent, register_worker, stop_exit_status
 
-__all__ = ['STOP_SIGNALS', 'RunAborted', 'StopRequest']
+__all__ = ['CHECK_EVERY', 'STOP_SIGNALS', 'RunAborted', 'StopRequest']
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+CHECK_EVERY = 10
 
 
 class RunAborted(UserError):
@@ -26,17 +35,25 @@ class RunAborted(UserError):
     def __init__(self, signum: int) -> None:
         super().__init__(f'{signal.Signals(signum).name} again: aborted at once, without a checkpoint of the '
                          'current step (the last complete checkpoint is kept)')
+        self.signum = signum
         self.exit_code = 128 + signum
+
+    def __reduce__(self):
+        return RunAborted, (self.signum,)
 
 
 class StopRequest:
     """Catches ``STOP_SIGNALS`` while the ``with`` block runs (in the main thread only).
 
-    ``requested(accelerator)`` tells, identically on every process, whether any process got one.
+    ``requested(accelerator, step)`` tells, identically on every process, whether any process got one.
+
+    Args:
+        check_every: With several processes, the optimizer steps between two agreements.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = CHECK_EVERY) -> None:
         self.signum: Optional[int] = None
+        self.check_every = check_every
         self._previous = {}
 
     def __enter__(self) -> 'StopRequest':
@@ -45,6 +62,10 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
+            return self
+        register_worker()
+        if 'TORCHELASTIC_RUN_ID' in os.environ:  # a worker of torchrun / accelerate launch
+            die_with_parent(signal.SIGTERM)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,15 +82,19 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ''
 
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process the signal ended."""
-        return 128 + (self.signum or 0)
+    def exit_status(self) -> int:
+        """The status to exit with after a stop: 128 + the signal number, as a shell reports a process the
+        signal ended (0 under ``ssa-timm-launch``, which is told the signal and exits with that itself)."""
+        return stop_exit_status(self.signum or 0)
 
-    def requested(self, accelerator) -> bool:
-        """Whether a stop signal reached this process or, with several, any process."""
+    def requested(self, accelerator, step: Optional[int] = None) -> bool:
+        """Whether a stop signal reached this process or, with several, any process. With several, the
+        processes agree (one reduced flag, read on the host) only when ``step`` is None (an epoch's end)
+        or a multiple of ``check_every``; at other steps the answer is False everywhere."""
         if accelerator.num_processes == 1:
             return self.signum is not None
+        if step is not None and step % self.check_every:
+            return False
         flag = torch.tensor(float(self.signum or 0), device=accelerator.device)
         signum = int(accelerator.reduce(flag, reduction='max').item())
         if signum and self.signum is None:

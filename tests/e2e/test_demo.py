@@ -42,7 +42,7 @@ def export(tmp_path_factory) -> Path:
     """A tiny export: timm's test_resnet read after layer1 (stride 4), a 16 x 16 SSA map (256 positions) at 64 px."""
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=3, img_size=64, body_feature_index=1)
-    return export_model(model, str(tmp_path_factory.mktemp('demo') / 'best'), CLASSES, 64)
+    return export_model(model, str(tmp_path_factory.mktemp('demo') / 'best'), CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -183,7 +183,7 @@ def test_a_model_without_attention_gets_grad_cam_on_f_only(picture, tmp_path):
     model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_no_attention', num_classes=3, img_size=64,
                                            body_feature_index=1)
     demo = recipe('demo')
-    served = demo.load_demo_model(str(export_model(model, str(tmp_path / 'plain'), CLASSES, 64)))
+    served = demo.load_demo_model(str(export_model(model, str(tmp_path / 'plain'), CLASSES)))
     assert served.shape is None and 'no attention (Grad-CAM on the body map F)' in demo.summary(served)
     labels, chosen, mean, cam, state = demo.analyze(served, {'path': str(picture)}, -1)
     assert chosen is None and mean is None and state is None and len(labels) == 3

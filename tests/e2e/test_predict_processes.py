@@ -23,7 +23,7 @@ def records(path: Path) -> list:
 def test_two_processes_write_the_file_of_one(tmp_path, capsys):
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=3, img_size=32)
-    tiny = export_model(model, str(tmp_path / 'model'), ['ant', 'bee', 'cat'], 32)
+    tiny = export_model(model, str(tmp_path / 'model'), ['ant', 'bee', 'cat'])
     folder = tmp_path / 'images'
     for i in range(8):  # and an unreadable file: 9 paths, shares of 5 and 4
         write_image(folder / ('sub' if i % 3 == 0 else '') / f'img_{i}.png', i)
