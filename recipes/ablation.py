@@ -1,17 +1,23 @@
 """Regenerate the paper's ablations: Table 2 (the five aggregation variants) and Table 3 (CE on both
 heads vs Self-AD) by training each configuration with recipes/train.py, each in its own process;
-with ``--remedies`` also ``plus`` with attention options the paper lacks (``--qk-norm``, ``--scale-attn``).
+with ``--remedies`` also ``plus`` with attention options the paper lacks (``--qk-norm``, ``--scale-attn``,
+``--sagan-qk``).
 
 ``--regime scratch`` (the default) trains every run's body from scratch. ``--regime transfer`` is the
 paper's regime on the built-in data: a body is first trained once on another glyph family
 (``--builtin-family 1``, no attention), saved, then frozen for every run on family 0, whose SSA
 module and heads train from the cached body maps (``--pretrained-path --freeze-backbone
---cache-features``).
+--cache-features``). ``--builtin-task scene`` (passed on to train.py) runs both regimes on the built-in
+scene task, whose ground-truth part boxes add the localisation columns: the attention's in-box mass
+beside uniform attention's (the box's share of positions) and the pointing game of Grad-CAM and of the
+most attended position (``ssa_timm.localization``).
 
     python recipes/ablation.py --seeds 0,1,2                    # built-in dataset, small body
     python recipes/ablation.py --seeds 0,1,2 --variants no_attention,plus --losses ad --remedies qk-norm,scale-attn
     python recipes/ablation.py --regime transfer --seeds 0,1,2 --variants no_attention,plus,multiply,no_alpha \
         --remedies qk-norm,scale-attn --epochs 10            # the paper's regime, frozen pretrained body
+    python recipes/ablation.py --builtin-task scene --seeds 0,1,2,3,4 --variants no_attention,plus,no_alpha \
+        --losses ad --remedies scale-attn,qk-norm,sagan-qk   # the scene task: a part to find, localisation columns
     python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
         --data-dir /data/CUB_200_2011                           # other flags go to train.py
 
@@ -39,7 +45,7 @@ TRAIN = Path(__file__).resolve().parent / 'train.py'
 # (Table 2 rows in the paper's order: every variant of ssa_timm.VARIANTS).
 PAPER_TABLE2_CUB = {'no_attention': 75.0, 'no_alpha': 82.3, 'alpha': 82.7, 'multiply': 86.5, 'plus': 88.4}
 PAPER_TABLE3_CUB = {'alpha': (81.4, 82.7), 'multiply': (85.6, 86.5), 'plus': (87.1, 88.4)}
-REMEDIES = ('qk-norm', 'scale-attn')
+REMEDIES = ('qk-norm', 'scale-attn', 'sagan-qk')
 
 
 def parse_args(argv=None):
@@ -52,9 +58,10 @@ def parse_args(argv=None):
     p.add_argument('--losses', default='ad,ce',
                    help='comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)')
     p.add_argument('--remedies', default='',
-                   help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn')
+                   help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn, sagan-qk')
     p.add_argument('--regime', choices=('scratch', 'transfer'), default='scratch',
-                   help='transfer: one body pretrained on glyph family 1, frozen for every run (builtin only)')
+                   help='transfer: one body pretrained on family 1 of the built-in task, frozen for every run '
+                   '(builtin only)')
     p.add_argument('--pretrain-epochs', type=at_least(1), default=6, help='transfer: epochs of the body pretraining')
     p.add_argument('--output-dir', default='runs/ablation')
     p.add_argument('--launcher', default=sys.executable,
@@ -107,7 +114,7 @@ def train_once(args: argparse.Namespace, run_dir: Path, flags: List[str], epochs
 
 
 def pretrained_body(args: argparse.Namespace, body: str, train_args: List[str]) -> List[str]:
-    """``--regime transfer``: train ``body`` once on glyph family 1 (no attention, seed 0) and save it;
+    """``--regime transfer``: train ``body`` once on family 1 of the built-in task (no attention, seed 0) and save it;
     the train.py flags that start a run from it, frozen, on cached body maps."""
     run_dir = Path(args.output_dir) / 'pretrain_family1'
     train_once(args, run_dir, [*train_args, '--dataset', 'builtin', '--builtin-family', '1', '--model',
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_arg
     report = line['val']
     heads = {k: v['top1'] for k, v in report['heads'].items()}
     return dict(variant=variant, loss=loss, remedy=remedy, seed=seed, top1=report['output']['top1'], heads=heads,
-                attention=report.get('attention'), epoch=line['epoch'])
+                attention=report.get('attention'), localization=report.get('localization'), epoch=line['epoch'])
 
 
 def best_epoch_line(run_dir: Path, epochs: int) -> Optional[Dict]:
@@ -141,59 +148,104 @@ def best_epoch_line(run_dir: Path, epochs: int) -> Optional[Dict]:
 
 
 def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '') -> Optional[Dict]:
+    """The runs of one configuration over the seeds: top-1 mean and sample standard deviation, each seed's
+    top-1, each head's mean, and the means of the attention diagnostics and the localisation metrics."""
     picked = [r for r in rows if r['variant'] == variant and r['loss'] == loss and r['remedy'] == remedy]
     if not picked:
         return None
     heads = {h: statistics.mean(r['heads'][h] for r in picked) for h in picked[0]['heads']}
-    spread = statistics.pstdev(r['top1'] for r in picked) if len(picked) > 1 else 0.0
-    attention = {}
-    if picked[0]['attention']:
-        for key in ('alpha', 'entropy_ratio', 'row_max'):
-            values = [abs(r['attention'][key]) for r in picked if r['attention'][key] is not None]
-            attention[key] = statistics.mean(values) if values else None
-    return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads, attention=attention)
+    spread = statistics.stdev(r['top1'] for r in picked) if len(picked) > 1 else 0.0
+    return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads,
+                seeds=[r['top1'] for r in picked],
+                attention=_means(picked, 'attention', ('alpha', 'entropy_ratio', 'row_max'), absolute=True),
+                localization=_means(picked, 'localization', ('in_box_mass', 'box_share', 'pointing_cam',
+                                                             'pointing_attention')))
+
+
+def _means(picked: List[Dict], part: str, keys: tuple, absolute: bool = False) -> Dict[str, Optional[float]]:
+    """Mean over the runs of each of ``keys`` of their ``part`` report (None where no run has a value)."""
+    means: Dict[str, Optional[float]] = {}
+    if not picked[0].get(part):
+        return means
+    for key in keys:
+        values = [r[part][key] for r in picked if r.get(part) and r[part].get(key) is not None]
+        means[key] = statistics.mean(abs(v) if absolute else v for v in values) if values else None
+    return means
 
 
 def attention_cells(m: Dict) -> str:
-    """abs(alpha), row entropy as a fraction of uniform, row maximum (best epoch, mean over seeds)."""
-    a = m['attention']
-    if not a:
-        return '- | - | -'
-    alpha = f'{a["alpha"]:.3f}' if a['alpha'] is not None else '-'
-    return f'{alpha} | {a["entropy_ratio"]:.2f} | {a["row_max"]:.2f}'
+    """abs(alpha), row entropy as a fraction of uniform, row maximum (best epoch, mean over seeds), then
+    with boxes the in-box attention mass (uniform's beside it) and the pointing game of Grad-CAM and of
+    the most attended position."""
+    a, where = m['attention'], m.get('localization')
+    cells = '- | - | -'
+    if a:
+        alpha = f'{a["alpha"]:.3f}' if a['alpha'] is not None else '-'
+        cells = f'{alpha} | {a["entropy_ratio"]:.2f} | {a["row_max"]:.2f}'
+    if not where:
+        return cells
+    mass, point = where['in_box_mass'], where['pointing_attention']
+    return (cells + (f' | {mass:.2f} ({where["box_share"]:.2f})' if mass is not None else
+                     f' | - ({where["box_share"]:.2f})') +
+            f' | {where["pointing_cam"]:.2f} | ' + (f'{point:.2f}' if point is not None else '-'))
+
+
+def seed_cells(m: Dict) -> str:
+    """Each seed's top-1, in the order of ``--seeds``."""
+    return ' / '.join(f'{v:.1f}' for v in m['seeds'])
 
 
 def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
     """Tables 2 and 3 and the remedies, each with the rows that were trained."""
     fmt = (lambda m: f'{m["top1"]:.1f} ± {m["std"]:.1f}') if len(seeds) > 1 else (lambda m: f'{m["top1"]:.1f}')
     diagnostics = 'abs(alpha) | row entropy / uniform | row max'
-    lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s); Self-AD loss)', '',
-             f'| variant | model output (mean of heads) | SSA head | FE head | paper, CUB | {diagnostics} |',
-             '|---|---|---|---|---|---|---|---|']
+    boxes = any(r.get('localization') for r in rows)
+    if boxes:
+        diagnostics += ' | in-box attention (uniform) | pointing: Grad-CAM | pointing: attention'
+    rule = '|---' * (9 + 3 * boxes) + '|'
+    lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean ± sd of {len(seeds)} seed(s); Self-AD loss)', '',
+             f'| variant | model output (mean of heads) | seeds | SSA head | FE head | paper, CUB | {diagnostics} |',
+             rule]
     for variant in PAPER_TABLE2_CUB:
         m = mean_over_seeds(rows, variant, 'ad')
         if m:
             ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
-            lines.append(f'| {variant} | {fmt(m)} | {ssa} | {m["heads"]["fe"]:.1f} | {PAPER_TABLE2_CUB[variant]} | '
-                         f'{attention_cells(m)} |')
+            lines.append(f'| {variant} | {fmt(m)} | {seed_cells(m)} | {ssa} | {m["heads"]["fe"]:.1f} | '
+                         f'{PAPER_TABLE2_CUB[variant]} | {attention_cells(m)} |')
     pairs = [(v, mean_over_seeds(rows, v, 'ce'), mean_over_seeds(rows, v, 'ad')) for v in PAPER_TABLE3_CUB]
     if any(ce and ad for _, ce, ad in pairs):
         lines += ['', f'Table 3 ({dataset}, top-1 %): CE on both heads vs Self-AD', '',
                   '| variant | CE | Self-AD | paper, CUB (CE -> Self-AD) |', '|---|---|---|---|']
         lines += [f'| {v} | {fmt(ce)} | {fmt(ad)} | {PAPER_TABLE3_CUB[v][0]} -> {PAPER_TABLE3_CUB[v][1]} |'
                   for v, ce, ad in pairs if ce and ad]
-    remedies = sorted({r['remedy'] for r in rows if r['remedy']})
-    if remedies:
-        lines += ['', f'Attention remedies on plus ({dataset}, top-1 %, best epoch, mean of {len(seeds)} seed(s))', '',
-                  f'| setting | loss | model output | SSA head | FE head | {diagnostics} |',
-                  '|---|---|---|---|---|---|---|---|']
-        for remedy in ['', *remedies]:
-            for loss in ('ad', 'ce'):
-                m = mean_over_seeds(rows, 'plus', loss, remedy)
-                if m:
-                    lines.append(f'| plus{" --" + remedy if remedy else " (paper)"} | {loss} | {fmt(m)} | '
-                                 f'{m["heads"]["ssa"]:.1f} | {m["heads"]["fe"]:.1f} | {attention_cells(m)} |')
+    lines += remedies_table(rows, seeds, dataset, fmt, diagnostics, rule)
     return '\n'.join(lines) + '\n'
+
+
+def remedies_table(rows: List[Dict], seeds: List[int], dataset: str, fmt, diagnostics: str, rule: str) -> List[str]:
+    """The lines of the table of ``plus`` with each attention remedy beside the paper's attention."""
+    remedies = sorted({r['remedy'] for r in rows if r['remedy']})
+    if not remedies:
+        return []
+    lines = ['', f'Attention remedies on plus ({dataset}, top-1 %, best epoch, mean ± sd of {len(seeds)} seed(s))',
+             '', f'| setting | loss | model output | seeds | SSA head | FE head | {diagnostics} |', rule]
+    for remedy in ['', *remedies]:
+        for loss in ('ad', 'ce'):
+            m = mean_over_seeds(rows, 'plus', loss, remedy)
+            if m:
+                lines.append(f'| plus{" --" + remedy if remedy else " (paper)"} | {loss} | {fmt(m)} | {seed_cells(m)} '
+                             f'| {m["heads"]["ssa"]:.1f} | {m["heads"]["fe"]:.1f} | {attention_cells(m)} |')
+    return lines
+
+
+def _option(flags: List[str], name: str, default: str) -> str:
+    """The value of ``name`` among train.py flags (``--name value`` or ``--name=value``), or ``default``."""
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith(name + '='):
+            return flag.split('=', 1)[1]
+    return default
 
 
 def main(argv=None) -> Dict:
@@ -204,8 +256,9 @@ def main(argv=None) -> Dict:
     if args.regime == 'transfer':
         train_args = [*train_args, *pretrained_body(args, body, train_args)]
     rows = [run(args, body, config, seed, train_args) for seed in seeds for config in configs(args)]
-    setting = f'{dataset}, {args.regime}' + (': frozen body pretrained on glyph family 1' if args.regime == 'transfer'
-                                             else ': bodies from scratch')
+    task = _option(train_args, '--builtin-task', 'glyph') if dataset == 'builtin' else ''
+    setting = f'{dataset}{" " + task if task else ""}, {args.regime}' + (
+        f': frozen body pretrained on {task} family 1' if args.regime == 'transfer' else ': bodies from scratch')
     markdown = tables(rows, seeds, setting)
     result = dict(body=body, dataset=dataset, regime=args.regime, epochs=args.epochs, seeds=seeds,
                   train_args=train_args, runs=rows)

@@ -64,6 +64,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
     g.add_argument('--qk-norm', action='store_true', help='cosine attention: L2-normalised A and B with a learnable '
                    'temperature (paper: unscaled dot products)')
+    g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
+                   'of K/8 channels (paper: none)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
                    help='ImageNet body weights (default: on, except for the built-in dataset)')
     g.add_argument('--pretrained-path', metavar='FILE', help="body weights from a local file, in the body's own "
@@ -87,6 +89,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help='default: %(default)s')
     g.add_argument('--builtin-family', type=at_least(0), default=DEFAULT.builtin_family,
                    help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
+    g.add_argument('--builtin-task', choices=('glyph', 'scene'), default=DEFAULT.builtin_task,
+                   help='builtin: glyph (default) or scene: a 96 px textured canvas where the class is one small '
+                   'framed part among distractors, with ground-truth boxes and localisation metrics')
     g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers,
                    help='loader worker processes')
 

@@ -44,6 +44,7 @@ class SSAHeads(nn.Module):
             scale_attn: bool = False,
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
+            sagan_qk: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -61,6 +62,7 @@ class SSAHeads(nn.Module):
             qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
             fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
+            sagan_qk: SAGAN's safeguard: spectrally normalised A and B convs of K/8 channels (paper: none).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -75,7 +77,7 @@ class SSAHeads(nn.Module):
         else:  # SpatialSelfAttention checks the aggregation
             self.attn = SpatialSelfAttention(
                 in_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm,
-                fused_attn=fused_attn, **dd)
+                fused_attn=fused_attn, sagan_qk=sagan_qk, **dd)
             self.ssa = BottleneckHead(in_channels, num_classes, **head_args)
         self.fe = BottleneckHead(in_channels, num_classes, **head_args)
         num_heads = 1 if self.attn is None else 2

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from timm.layers import SelectAdaptivePool2d, use_fused_attn
 
-__all__ = ['AGGREGATIONS', 'VARIANTS', 'BottleneckHead', 'SpatialSelfAttention', 'check_aggregation']
+__all__ = ['AGGREGATIONS', 'VARIANTS', 'BottleneckHead', 'SpatialSelfAttention', 'SpectralNormConv2d',
+           'check_aggregation']
 
 # How the attended map O is combined with the body map F (paper Table 2 rows 2-5).
 AGGREGATIONS = ('plus', 'multiply', 'alpha', 'no_alpha')
@@ -45,6 +46,38 @@ def _check_feature_map(x: torch.Tensor, in_channels: int) -> None:
     torch._assert(x.shape[1] == in_channels, f'expected a (B, {in_channels}, H, W) feature map, got shape {x.shape}')
 
 
+class SpectralNormConv2d(nn.Conv2d):
+    """A 1x1 (or any) conv whose weight is divided by its largest singular value, estimated by one power
+    iteration per training step (Miyato et al. 2018, "Spectral Normalization for Generative Adversarial
+    Networks"; SAGAN, Zhang et al. 2019, applies it to its attention's query and key convs).
+
+    It computes what ``torch.nn.utils.parametrizations.spectral_norm`` computes with one iteration (the
+    bias is not normalised), written out so that the module stays TorchScript- and FX-friendly and its
+    state dict keeps ``weight`` and ``bias`` under their plain names; the left singular vector estimate
+    ``sn_u`` is a buffer (saved, not trained). In eval mode ``sn_u`` is not updated.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, device=device, dtype=dtype)
+        self.register_buffer('sn_u', F.normalize(torch.randn(out_channels, device=device, dtype=dtype), dim=0))
+
+    def normalized_weight(self) -> torch.Tensor:
+        """The weight over its spectral norm estimate (after one power iteration in training)."""
+        w = self.weight.flatten(1)
+        with torch.no_grad():
+            u = self.sn_u
+            if self.training:
+                u = F.normalize(w @ F.normalize(w.t() @ u, dim=0, eps=1e-12), dim=0, eps=1e-12)
+                self.sn_u.copy_(u)
+            v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
+            u = u.clone()
+        sigma = torch.dot(u, w @ v)
+        return self.weight / sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.normalized_weight(), self.bias)
+
+
 class SpatialSelfAttention(nn.Module):
     """Spatial self-attention over the positions of a feature map (paper Eqs. 1-2, Fig. 3).
 
@@ -59,7 +92,11 @@ class SpatialSelfAttention(nn.Module):
     ``alpha`` is a learnable scalar initialised to 0. With ``qk_norm`` the logits are cosine
     similarities times a learnable temperature (Swin-V2's cosine attention): A and B are
     L2-normalised per position, so ``|A_i . B_j| <= tau`` and the softmax cannot saturate by the
-    growth of A and B alone; tau starts at 10 and is clamped at 100. The attention runs either through
+    growth of A and B alone; tau starts at 10 and is clamped at 100. With ``sagan_qk`` the layer takes
+    SAGAN's safeguard (Zhang et al. 2019, "Self-Attention Generative Adversarial Networks", the paper's
+    ref. 28): A and B narrowed to K/8 channels and their 1x1 convs spectrally normalised
+    (``SpectralNormConv2d``), so the logits grow only with the features, not with the convs' weights.
+    The attention runs either through
     ``F.scaled_dot_product_attention`` (fused kernels) or through the plain matmul-softmax path,
     which ``forward_with_attention`` always takes because it must return S. By default the fused
     path serves eval mode (same speed or faster, and no N x N map in memory) and the plain path
@@ -75,6 +112,7 @@ class SpatialSelfAttention(nn.Module):
             scale_attn: bool = False,
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
+            sagan_qk: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -89,6 +127,8 @@ class SpatialSelfAttention(nn.Module):
             fused_attn: True: always ``scaled_dot_product_attention``; False: always the plain path;
                 None: fused in eval mode (unless timm's ``TIMM_FUSED_ATTN=0`` or exportable
                 layer config turns it off), plain in training.
+            sagan_qk: SAGAN's safeguard: A and B with K/8 channels (``qk_ratio`` must stay 1.0) from
+                spectrally normalised 1x1 convs (the paper does not; it excludes ``qk_norm``).
         """
         super().__init__()
         if check_aggregation(aggregation) == 'no_attention':
@@ -98,16 +138,21 @@ class SpatialSelfAttention(nn.Module):
         if qk_norm and scale_attn:
             raise ValueError('qk_norm and scale_attn exclude each other: qk_norm scales the logits by its own '
                              'learnable temperature')
+        if sagan_qk and (qk_norm or qk_ratio != 1.):
+            raise ValueError('sagan_qk sets the width of A and B (K/8) and their normalisation itself: it excludes '
+                             f'qk_norm and a qk_ratio other than 1.0 (got qk_norm={qk_norm}, qk_ratio={qk_ratio})')
         dd = {'device': device, 'dtype': dtype}
-        qk_dim = max(1, int(in_channels * qk_ratio))
+        qk_dim = max(1, in_channels // 8) if sagan_qk else max(1, int(in_channels * qk_ratio))
         self.in_channels = in_channels
         self.aggregation = aggregation
         self.scale_attn = scale_attn
         self.scale = qk_dim ** -0.5 if scale_attn else 1.0
         self.fused_attn_train = bool(fused_attn)
         self.fused_attn_eval = use_fused_attn() if fused_attn is None else fused_attn
-        self.conv_a = nn.Conv2d(in_channels, qk_dim, 1, **dd)
-        self.conv_b = nn.Conv2d(in_channels, qk_dim, 1, **dd)
+        qk_conv = SpectralNormConv2d if sagan_qk else nn.Conv2d
+        self.sagan_qk = sagan_qk
+        self.conv_a = qk_conv(in_channels, qk_dim, 1, **dd)
+        self.conv_b = qk_conv(in_channels, qk_dim, 1, **dd)
         self.conv_c = nn.Conv2d(in_channels, in_channels, 1, **dd)
         self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
         self.qk_norm = qk_norm

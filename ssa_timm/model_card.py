@@ -70,6 +70,9 @@ def _attention_note(model: SSANet) -> str:
                 '(not in the paper)')
     if attn.scale_attn:
         return 'dot products scaled by 1/sqrt(d), `scale_attn=True` (not in the paper)'
+    if getattr(attn, 'sagan_qk', False):
+        return ("SAGAN's safeguard, `sagan_qk=True`: queries and keys of K/8 channels from spectrally normalised "
+                '1x1 convs (Zhang et al. 2019, the paper\'s ref. 28; not in the paper)')
     return ("the paper's unscaled dot products `softmax_i(A_i . B_j)` (`qk_norm=False`, `scale_attn=False`); "
             'pass `qk_norm=True` for cosine attention')
 

@@ -3,7 +3,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from torch.utils.data import Dataset
 
-from .builtin import BuiltinFineGrained
+from .builtin import BUILTIN_TASKS, BuiltinFineGrained, BuiltinScene
 from .images import (
     BACKGROUND, IMAGE_SUFFIXES, CorruptImageError, ImageTooLargeError, find_images, load_image, max_image_pixels,
     to_rgb)
@@ -14,10 +14,10 @@ from .transforms import (
     EpochFlip, FlipSchedule, Transformed, TransformedStream, eval_transform, first_images, model_transform)
 
 __all__ = [
-    'BACKGROUND', 'BuiltinFineGrained', 'CorruptImageError', 'DATASETS', 'DatasetLayoutError', 'EpochFlip',
-    'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages', 'TIMM_PREFIXES', 'Transformed',
-    'TransformedStream', 'build_dataset', 'dataset_options', 'eval_transform', 'find_images', 'first_images',
-    'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'to_rgb',
+    'BACKGROUND', 'BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene', 'CorruptImageError', 'DATASETS',
+    'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages',
+    'TIMM_PREFIXES', 'Transformed', 'TransformedStream', 'build_dataset', 'dataset_options', 'eval_transform',
+    'find_images', 'first_images', 'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'to_rgb',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
@@ -34,7 +34,8 @@ def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
                                    samples_per_class=get('builtin_train_per_class' if training
                                                          else 'builtin_val_per_class'))
     if not is_timm_spec(settings.dataset):
-        return dict(options, split='train' if training else 'val', family=get('builtin_family', 0))
+        return dict(options, split='train' if training else 'val', family=get('builtin_family', 0),
+                    task=get('builtin_task', 'glyph'))
     return dict(options, split=get('train_split', 'train') if training else get('val_split', 'validation'),
                 class_map=get('class_map', ''), input_key=get('input_key'), target_key=get('target_key'),
                 download=get('dataset_download', False), is_training=training,
@@ -42,7 +43,7 @@ def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
-                  seed: int = 0, samples_per_class: Optional[int] = None, family: int = 0,
+                  seed: int = 0, samples_per_class: Optional[int] = None, family: int = 0, task: str = 'glyph',
                   classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split',
                   **timm_options: Any) -> Dataset:
     """``(PIL image, label)`` dataset with a ``classes`` list (and ``missing_classes``).
@@ -55,6 +56,8 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         seed: 'builtin' only: the generation seed.
         samples_per_class: 'builtin' only: images per class (default 300 train, 50 val).
         family: 'builtin' only: the glyph family (``BuiltinFineGrained``).
+        task: 'builtin' only: one of ``BUILTIN_TASKS``: 'glyph' (``BuiltinFineGrained``) or 'scene'
+            (``BuiltinScene``, with ground-truth part boxes).
         classes: The run's class list (the training split's, or a model's label names): labels are
             indices into it, a class it lacks is an error (``align_classes``).
         classes_of: Where ``classes`` come from, for error messages.
@@ -62,7 +65,7 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
     """
     if is_timm_spec(name):
         return build_timm_dataset(name, split, data_dir=data_dir, seed=seed, classes=classes, **timm_options)
-    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class, family)
+    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class, family, task)
     dataset.missing_classes = []
     if classes is not None and list(classes) != list(dataset.classes):
         if not isinstance(dataset, LabeledImages):
@@ -73,12 +76,15 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
 
 
 def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed: int,
-          samples_per_class: Optional[int], family: int = 0) -> Dataset:
+          samples_per_class: Optional[int], family: int = 0, task: str = 'glyph') -> Dataset:
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == 'builtin':
         default = 300 if split == 'train' else 50
-        return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed, family=family)
+        if task not in BUILTIN_TASKS:
+            raise DatasetLayoutError(f'the built-in task must be one of {BUILTIN_TASKS}, got {task!r}')
+        builtin = BuiltinScene if task == 'scene' else BuiltinFineGrained
+        return builtin(split, samples_per_class=samples_per_class or default, seed=seed, family=family)
     if name not in DATASETS:
         raise DatasetLayoutError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:

@@ -16,9 +16,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['BuiltinFineGrained']
+__all__ = ['BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene']
 
 _SPLITS = {'train': 0, 'val': 1}
+# the built-in tasks: glyph (BuiltinFineGrained, the default) and scene (BuiltinScene)
+BUILTIN_TASKS = ('glyph', 'scene')
 _GLYPH = 4
 
 
@@ -111,6 +113,128 @@ class BuiltinFineGrained(Dataset):
         corner_top = int(rng.choice([0, s - size]))
         self._draw_glyph(img, distractor, corner_top, int(rng.integers(0, s - size)), cell, part_color)
         return np.clip(img, 0, 255).astype(np.uint8), label
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        img, label = self.render(index)
+        return Image.fromarray(img), label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scene task: find the part first
+
+_SCENE_STREAM = 98  # the scene task's glyphs: another sequence than the glyph task's
+_SCENE_DISTRACTORS = 3
+_FRAME = 2  # frame thickness (px); one pixel of plate separates it from the glyph
+
+
+def _scene_part_side(cell: int) -> int:
+    """Side (px) of a scene part: the glyph of ``cell`` px cells, one pixel of plate and the frame around it."""
+    return _GLYPH * cell + 2 * (_FRAME + 1)
+
+
+class BuiltinScene(Dataset):
+    """Procedural fine-grained task where the deciding part must be found: ``(PIL.Image, label)``.
+
+    Each image is a larger canvas of textured, noisy background (a blocky low-frequency pattern,
+    stripes, rectangles and pixel noise). The class is decided by one small part at a random position
+    and scale: the class's 4x4 glyph inside a one-pixel frame. Elsewhere sit unframed distractor parts,
+    glyphs of *other* classes of the same vocabulary, in the same colour: global average pooling mixes
+    the true part's evidence with theirs, so a model that finds the framed part wins.
+
+    ``part_boxes(index)`` gives the ground-truth box of the deciding part (frame included) as
+    ``(x, y, w, h)`` pixels of the generated image, without rendering it. Images depend only on
+    ``(seed, family, split, index)``; families of one seed share no glyph (family 1 pretrains a body
+    for family 0, as in ``BuiltinFineGrained``).
+
+    Args:
+        split: 'train' or 'val'.
+        num_classes: Number of classes (each a glyph).
+        samples_per_class: Images per class in this split.
+        image_size: Side of the generated square canvas.
+        seed: Dataset seed; the same seed gives the same images.
+        family: Glyph family; families of one seed share no glyph.
+    """
+
+    def __init__(self, split: str = 'train', num_classes: int = 10, samples_per_class: int = 100,
+                 image_size: int = 96, seed: int = 0, family: int = 0) -> None:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
+        if image_size < 48:
+            raise ValueError(f'image_size must be >= 48 to hold the parts, got {image_size}')
+        if family < 0:
+            raise ValueError(f'family must be >= 0, got {family}')
+        if num_classes < 2:
+            raise ValueError(f'num_classes must be >= 2 (distractors come from other classes), got {num_classes}')
+        self.split, self.num_classes, self.samples_per_class = split, num_classes, samples_per_class
+        self.image_size, self.seed, self.family = image_size, seed, family
+        first = family * num_classes
+        self.class_glyphs = _glyphs(first + num_classes, seed * 1000 + _SCENE_STREAM)[first:]
+        self.classes = [f'part_{first + i:02d}' for i in range(num_classes)]
+        self.targets = [i % num_classes for i in range(len(self))]
+
+    def __len__(self) -> int:
+        return self.num_classes * self.samples_per_class
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SPLITS[self.split], index, self.family, stream])
+
+    def layout(self, index: int) -> List[Tuple[int, int, int, int, int]]:
+        """The parts of ``index`` as ``(glyph, top, left, cell, framed)``: the framed class part first,
+        then the distractors; no two parts overlap."""
+        if not 0 <= index < len(self):
+            raise IndexError(f'index {index} out of range for {len(self)} images')
+        label, s = self.targets[index], self.image_size
+        rng = self._rng(index, 1)
+        others = [g for g in range(self.num_classes) if g != label]
+        glyphs = [label] + [int(g) for g in rng.choice(others, size=_SCENE_DISTRACTORS, replace=True)]
+        parts: List[Tuple[int, int, int, int, int]] = []
+        taken: List[Tuple[int, int, int]] = []
+        for n, glyph in enumerate(glyphs):
+            cell = int(rng.integers(3, 5))
+            side = _scene_part_side(cell)
+            for _ in range(50):  # rejection sampling of a free spot
+                top, left = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+                if all(top + side + 2 <= t or t + ts + 2 <= top or left + side + 2 <= lf or lf + ts + 2 <= left
+                       for t, lf, ts in taken):
+                    break
+            taken.append((top, left, side))
+            parts.append((glyph, top, left, cell, int(n == 0)))
+        return parts
+
+    def part_boxes(self, index: int) -> List[Tuple[int, int, int, int]]:
+        """The boxes ``(x, y, w, h)`` (pixels of the generated image) of the part that decides the class."""
+        return [(left, top, _scene_part_side(cell), _scene_part_side(cell))
+                for _, top, left, cell, framed in self.layout(index) if framed]
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        s = self.image_size
+        blocks = -(-s // 8)
+        coarse = rng.integers(60, 190, size=(blocks, blocks, 3)).astype(np.float64)
+        img = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:s, :s]
+        yy, xx = np.mgrid[:s, :s]
+        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
+        img += 20 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)[..., None]
+        for _ in range(3):
+            h, w = rng.integers(s // 12, s // 4, size=2)
+            y, x = rng.integers(0, s - h), rng.integers(0, s - w)
+            img[y:y + h, x:x + w] = rng.integers(0, 255, size=3)
+        return img + rng.normal(0, 12, size=(s, s, 3))
+
+    def render(self, index: int) -> Tuple[np.ndarray, int]:
+        """The ``(H, W, 3)`` uint8 image and label of ``index``."""
+        parts = self.layout(index)
+        rng = self._rng(index, 2)
+        img = self._background(rng)
+        color, frame = rng.integers(200, 256, size=3), rng.integers(0, 60, size=3)
+        for glyph, top, left, cell, framed in parts:
+            side, inset = _scene_part_side(cell), (_FRAME if framed else 0)
+            if framed:
+                img[top:top + side, left:left + side] = frame
+            img[top + inset:top + side - inset, left + inset:left + side - inset] = rng.integers(60, 140, size=3)
+            for r, c in zip(*np.nonzero(self.class_glyphs[glyph])):
+                y, x = top + _FRAME + 1 + r * cell, left + _FRAME + 1 + c * cell
+                img[y:y + cell, x:x + cell] = color
+        return np.clip(img, 0, 255).astype(np.uint8), self.targets[index]
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         img, label = self.render(index)

@@ -112,6 +112,7 @@ class SSANet(nn.Module):
             scale_attn: bool = False,
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
+            sagan_qk: bool = False,
             body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
             body_feature_index: Optional[int] = None,
@@ -131,6 +132,7 @@ class SSANet(nn.Module):
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
             qk_ratio, scale_attn, qk_norm, fused_attn: ``SpatialSelfAttention`` options (the paper's: 1.0,
                 unscaled, plain dot products; ``fused_attn=None``: fused in eval mode only).
+            sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
             body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.
             body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
@@ -154,8 +156,8 @@ class SSANet(nn.Module):
         self.head: Optional[SSAHeads] = SSAHeads(
             self.body_channels, num_classes, aggregation=aggregation, width=head_width, pool_type=global_pool,
             drop_rate=drop_rate, act_layer=get_act_layer(head_act_layer) if head_act_layer else None,
-            qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm, fused_attn=fused_attn, device=device,
-            dtype=dtype)
+            qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm, fused_attn=fused_attn, sagan_qk=sagan_qk,
+            device=device, dtype=dtype)
         self.num_features, self.head_hidden_size = self.head.num_features, self.head.head_hidden_size  # 2K, 2 x width
 
     @torch.jit.ignore

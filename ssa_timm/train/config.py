@@ -18,6 +18,8 @@ __all__ = ['BUILTIN_DEFAULTS', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES', 'RunConfig
 BUILTIN_DEFAULTS = dict(model='ssanet_resnet18_plus', img_size=64, opt='adamw', weight_decay=0.05)
 PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='momentum', weight_decay=5e-4)
 _BUILTIN_RESNET18_FEATURE_INDEX = 2
+# the built-in scene task (--builtin-task scene) is drawn on a larger canvas: a 12 x 12 map after layer2
+SCENE_IMG_SIZE = 96
 
 # identity fields a resume may change: the schedule is re-planned for a new length
 RESUMABLE_CHANGES = ('epochs',)
@@ -36,6 +38,7 @@ class RunConfig:
     img_size: Optional[int] = None
     scale_attn: bool = False
     qk_norm: bool = False
+    sagan_qk: bool = False
     pretrained: Optional[bool] = None
     pretrained_path: Optional[str] = None
     initial_checkpoint: Optional[str] = None
@@ -48,6 +51,7 @@ class RunConfig:
     builtin_train_per_class: int = 300
     builtin_val_per_class: int = 50
     builtin_family: int = 0
+    builtin_task: str = 'glyph'
     train_split: str = 'train'
     val_split: str = 'validation'
     class_map: str = ''
@@ -109,6 +113,8 @@ class RunConfig:
         config = cls(**given)
         builtin = config.dataset == 'builtin'
         defaults = BUILTIN_DEFAULTS if builtin else PAPER_DEFAULTS
+        if builtin and config.builtin_task == 'scene':
+            defaults = dict(defaults, img_size=SCENE_IMG_SIZE)  # the scene's canvas, at its native size
         filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
         if config.pretrained is None:
             filled['pretrained'] = not builtin or config.pretrained_path is not None
@@ -128,7 +134,7 @@ class RunConfig:
 
     def model_kwargs(self) -> Dict[str, Any]:
         """SSANet arguments these settings set (and an export's config records)."""
-        kwargs: Dict[str, Any] = {k: True for k in ('scale_attn', 'qk_norm') if getattr(self, k)}
+        kwargs: Dict[str, Any] = {k: True for k in ('scale_attn', 'qk_norm', 'sagan_qk') if getattr(self, k)}
         if self.body_feature_index is not None:
             kwargs['body_feature_index'] = self.body_feature_index
         return kwargs
@@ -160,9 +166,11 @@ class RunConfig:
                     seed=self.seed, builtin=[self.builtin_train_per_class, self.builtin_val_per_class],
                     **self._family(), split=split)
 
-    def _family(self) -> Dict[str, int]:
-        """The built-in glyph family, recorded only when it is not the default (older records stay equal)."""
-        return {'builtin_family': self.builtin_family} if self.builtin_family else {}
+    def _family(self) -> Dict[str, Any]:
+        """The built-in glyph family and task, each recorded only when it is not the default (older records
+        stay equal)."""
+        task = {'builtin_task': self.builtin_task} if self.builtin_task != 'glyph' else {}
+        return {'builtin_family': self.builtin_family, **task} if self.builtin_family else task
 
     def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:
         """The ``training`` entry of an export's ``config.json``."""

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..data.streams import batches_on_every_process, is_stream
 from ..diagnostics import probe_attention
 from ..errors import UserError
+from ..localization import scene_localization
 from ..loss import SelfADLoss
 from ..metrics import evaluate_heads, report_top1
 from .checkpoint import Progress
@@ -140,8 +141,8 @@ def train_one_epoch(trainee: Trainee, config: RunConfig, accelerator, loader, tr
 
 
 def validate(model: torch.nn.Module, config: RunConfig, accelerator, loader, probe_inputs: torch.Tensor) -> Dict:
-    """Per-head top-1/top-5 on the validation set (images, or cached body maps), and the attention
-    diagnostics on a fixed batch of it."""
+    """Per-head top-1/top-5 on the validation set (images, or cached body maps), the attention
+    diagnostics on a fixed batch of it and, on the built-in scene task, the localisation metrics."""
     model.eval()
     if config.cache_features:
         report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), loader, accelerator)
@@ -151,6 +152,8 @@ def validate(model: torch.nn.Module, config: RunConfig, accelerator, loader, pro
     if model.head.attn is not None:
         report['attention'] = probe_attention(model, probe_inputs.to(accelerator.device), accelerator.autocast(),
                                               body_maps=config.cache_features)
+    if config.dataset == 'builtin' and config.builtin_task == 'scene':  # where the model looks: part boxes
+        report['localization'] = scene_localization(model, config, loader.dataset, accelerator)
     return report
 
 
