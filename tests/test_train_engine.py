@@ -77,7 +77,8 @@ def test_the_store_skips_a_damaged_checkpoint_by_its_type_and_says_so_without_pr
     newest = store.folders()[0]
     (newest / 'run_state.json').write_text('{"identity": ')
     chosen, skipped = store.choose('latest', identity)
-    assert chosen.name == 'checkpoint_0' and len(skipped) == 1 and skipped[0].startswith(f'warning: skipping checkpoint {newest}')
+    assert chosen.name == 'checkpoint_0' and len(skipped) == 1
+    assert skipped[0].startswith(f'warning: skipping checkpoint {newest}')
     assert capsys.readouterr().out == ''
     with pytest.raises(DamagedCheckpoint):
         store.choose(str(newest), identity)

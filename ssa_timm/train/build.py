@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.models import get_model_args
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import EpochFlip, Transformed, TransformedStream, build_dataset, model_transform
@@ -116,8 +117,8 @@ def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> List[str]:
     if not any(key.startswith('body.') for key in state):
         raise UserError(f'initial checkpoint {weights} holds no SSANet (no body.* weights); body weights alone go '
                         'through the body filter instead (--pretrained-path)')
+    _check_architecture(weights.parent / 'config.json', model)
     architecture = model.pretrained_cfg.get('architecture')
-    _check_architecture(weights.parent / 'config.json', architecture)
     own = model.state_dict()
     classifier = model.pretrained_cfg.get('classifier', ())
     classifiers = tuple(f'{name}.' for name in ((classifier,) if isinstance(classifier, str) else classifier))
@@ -133,18 +134,28 @@ def load_initial_checkpoint(model: torch.nn.Module, path: Path) -> List[str]:
             f'classifiers ({", ".join(sorted({k.rpartition(".")[0] for k in fresh}))}) start fresh']
 
 
-def _check_architecture(config_path: Path, architecture: Optional[str]) -> None:
-    """An export's ``config.json`` names the same architecture (and, for ``ssanet``, body) as the run's model."""
-    if not config_path.is_file():
-        return
+def _check_architecture(config_path: Path, model: torch.nn.Module) -> None:
+    """An export's ``config.json`` describes the run's model: the same architecture, body and
+    ``body_feature_index`` (what differs is named)."""
     try:
         saved = json.loads(config_path.read_text())
     except (ValueError, OSError):
-        return  # the weights' keys and shapes decide below
-    if isinstance(saved, dict) and saved.get('architecture') not in (None, architecture):
-        raise WeightsMismatch(f'initial checkpoint {config_path.parent} is a {saved["architecture"]}; this run '
-                              f'builds a {architecture} (give --model {saved["architecture"]}, or weights of '
-                              f'{architecture})')
+        return  # no config (a bare .safetensors file): the weights' keys and shapes decide
+    if not isinstance(saved, dict) or not isinstance(saved.get('model_args', {}), dict):
+        return
+    architecture = model.pretrained_cfg.get('architecture')
+    ours, theirs = get_model_args(model), saved.get('model_args', {})
+    differences = [f'architecture {saved.get("architecture")} vs {architecture}']
+    if saved.get('architecture') == architecture:
+        body_of = lambda args: str(args.get('body', '')).partition('.')[0]  # noqa: E731 (the tag may differ)
+        differences = [f'{name} {theirs_value} vs {ours_value}' for name, theirs_value, ours_value in (
+            ('body', body_of(theirs), body_of(ours)),
+            ('body_feature_index', theirs.get('body_feature_index'), ours.get('body_feature_index'))
+        ) if theirs_value != ours_value]
+    if differences:
+        raise WeightsMismatch(f'initial checkpoint {config_path.parent} is another model than this run\'s '
+                              f'({"; ".join(differences)}, the checkpoint\'s first); give the --model and '
+                              '--body-feature-index it was trained with')
 
 
 def save_body_weights(export: Path, path: Path) -> Path:

@@ -95,7 +95,7 @@ class CheckpointStore:
         existing = self.folders()
         final = self.folder / f'checkpoint_{checkpoint_index(existing[0]) + 1 if existing else 0}'
         tmp = self.folder / f'.{final.name}.tmp-{self.owner}'
-        self.accelerator.wait_for_everyone()
+        self.on_main(self.fence)  # a run that lost its folder writes nothing more
         try:
             failed = None
             try:
@@ -118,6 +118,7 @@ class CheckpointStore:
             messages = [m for m in gather_object([message]) if m]
             message = broadcast_object_list([messages[0] if messages else None])[0]
         if message:
+            self.on_main(self.fence)  # a write that failed because another run took the folder over
             if self.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(message)
