@@ -9,7 +9,7 @@ import pytest
 
 from recipe_runs import TINY_TRAIN, run_main
 from ssa_timm.data import BuiltinFineGrained, BuiltinScene, build_dataset
-from ssa_timm.data.builtin import _FRAME, _GLYPH
+from ssa_timm.data.builtin import _FRAME, _GLYPH, write_image_folder
 
 
 def glyph_in_box(img: np.ndarray, box, cell: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_bad_scene_arguments_are_refused():
         BuiltinScene(samples_per_class=1).part_boxes(10)
 
 
-def test_train_on_the_scene_reports_localisation(tmp_path, capsys):
+def test_train_on_the_scene_reports_localisation_and_evaluate_reads_its_boxes_file(tmp_path, capsys):
     out = tmp_path / 'run'
     assert run_main('train', *TINY_TRAIN, '--img-size', '48', '--builtin-task', 'scene', '--epochs', '1',
                     '--builtin-train-per-class', '2', '--builtin-val-per-class', '2', '--batch-size', '4',
@@ -98,3 +98,15 @@ def test_train_on_the_scene_reports_localisation(tmp_path, capsys):
     where = line['val']['localization']
     assert where['images'] == 20 and 0 < where['box_share'] < 1
     assert 0 <= where['in_box_mass'] <= 1 and where['pointing_cam'] in [k / 20 for k in range(21)]
+    # the split as an image folder with its boxes file: evaluate.py --boxes gives what the dataset's own boxes give
+    boxes = write_image_folder(BuiltinScene('val', samples_per_class=2), tmp_path / 'folder')
+    assert boxes.read_text().splitlines()[0] == 'path,x,y,w,h' and len(boxes.read_text().splitlines()) == 21
+    reports = []
+    for data in (['--dataset', 'builtin', '--builtin-task', 'scene', '--builtin-val-per-class', '2'],
+                 ['--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'folder'), '--boxes', str(boxes)]):
+        output = tmp_path / f'report_{len(reports)}.json'
+        assert run_main('evaluate', '--model', str(out / 'best'), *data, '--workers', '0', '--output',
+                        str(output)) == 0
+        assert 'localisation (20 images with boxes)' in capsys.readouterr().out
+        reports.append(json.loads(output.read_text())['localization'])
+    assert reports[0] == pytest.approx(reports[1])

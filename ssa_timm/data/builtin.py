@@ -10,13 +10,15 @@ is for. Images depend only on ``(seed, family, split, index)``.
 for the same seed: family 1 is a pretraining task for a body that family 0 (the default) then
 fine-tunes on, the paper's regime of a body pretrained on other classes of the same domain.
 """
-from typing import List, Tuple
+import csv
+from pathlib import Path
+from typing import List, Tuple, Union
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene']
+__all__ = ['BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene', 'write_image_folder']
 
 _SPLITS = {'train': 0, 'val': 1}
 # the built-in tasks: glyph (BuiltinFineGrained, the default) and scene (BuiltinScene)
@@ -123,7 +125,7 @@ class BuiltinFineGrained(Dataset):
 # The scene task: find the part first
 
 _SCENE_STREAM = 98  # the scene task's glyphs: another sequence than the glyph task's
-_SCENE_DISTRACTORS = 3
+_SCENE_DISTRACTORS = (2, 3)  # distractor parts per image: two or three
 _FRAME = 2  # frame thickness (px); one pixel of plate separates it from the glyph
 
 
@@ -137,8 +139,9 @@ class BuiltinScene(Dataset):
 
     Each image is a larger canvas of textured, noisy background (a blocky low-frequency pattern,
     stripes, rectangles and pixel noise). The class is decided by one small part at a random position
-    and scale: the class's 4x4 glyph inside a one-pixel frame. Elsewhere sit unframed distractor parts,
-    glyphs of *other* classes of the same vocabulary, in the same colour: global average pooling mixes
+    and scale (cells of 3 or 4 px): the class's 4x4 glyph inside a dark two-pixel frame. Elsewhere sit two
+    or three unframed distractor parts, glyphs of *other* classes of the same vocabulary, in the same
+    colour, on the same kind of plate: global average pooling mixes
     the true part's evidence with theirs, so a model that finds the framed part wins.
 
     ``part_boxes(index)`` gives the ground-truth box of the deciding part (frame included) as
@@ -186,7 +189,8 @@ class BuiltinScene(Dataset):
         label, s = self.targets[index], self.image_size
         rng = self._rng(index, 1)
         others = [g for g in range(self.num_classes) if g != label]
-        glyphs = [label] + [int(g) for g in rng.choice(others, size=_SCENE_DISTRACTORS, replace=True)]
+        count = int(rng.integers(_SCENE_DISTRACTORS[0], _SCENE_DISTRACTORS[1] + 1))
+        glyphs = [label] + [int(g) for g in rng.choice(others, size=count, replace=True)]
         parts: List[Tuple[int, int, int, int, int]] = []
         taken: List[Tuple[int, int, int]] = []
         for n, glyph in enumerate(glyphs):
@@ -239,3 +243,27 @@ class BuiltinScene(Dataset):
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         img, label = self.render(index)
         return Image.fromarray(img), label
+
+
+def write_image_folder(dataset: Union[BuiltinFineGrained, BuiltinScene], root: Union[str, Path]) -> Path:
+    """Write a built-in split as ``root/<split>/<class>/<index>.png`` (the ImageFolder layout that
+    ``--dataset imagefolder`` reads) and, for the scene task, its part boxes as ``root/boxes_<split>.csv``:
+    ``path,x,y,w,h`` rows (paths relative to ``root``), the format ``evaluate.py --boxes`` reads.
+
+    Returns:
+        The boxes file (scene task) or the split's folder (glyph task).
+    """
+    root = Path(root)
+    rows = []
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        relative = Path(dataset.split) / dataset.classes[label] / f'{index:05d}.png'
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / relative)
+        rows += [(relative.as_posix(), *box) for box in getattr(dataset, 'part_boxes', lambda i: [])(index)]
+    if not isinstance(dataset, BuiltinScene):
+        return root / dataset.split
+    boxes = root / f'boxes_{dataset.split}.csv'
+    with boxes.open('w', newline='') as f:
+        csv.writer(f).writerows([('path', 'x', 'y', 'w', 'h'), *rows])
+    return boxes
