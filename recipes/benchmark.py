@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 
 import ssa_timm
-from ssa_timm.cli import at_least, comma_separated
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, comma_separated, deprecated_alias
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--sections', default='ssa,train,cache,data', help='comma separated: ssa, train, cache, data')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--model', default='ssanet_vgg16_plus',
                         help='comma separated ssanet_<timm body>_<aggregation> names for the train section, '
                              'e.g. ssanet_vgg16_plus,ssanet_vit_small_patch16_224_plus (a token body)')
-    parser.add_argument('--img-size', type=int, default=448)
+    add_img_size_arg(parser, 'default: %(default)s', default=448)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
     parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--data-workers', type=comma_separated(at_least(0)), default=[0, 1, 2],
                         help='data: comma separated loader worker counts')
     parser.add_argument('--data-batch', type=at_least(1), default=32, help='data: loader batch size')
-    parser.add_argument('--out', default='benchmark.json')
+    parser.add_argument('--output', default='benchmark.json', help='the JSON results file')
+    deprecated_alias(parser, '--out', '--output')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = parser.parse_args(argv)
     for name in args.model.split(','):
@@ -372,7 +373,7 @@ def main(argv=None) -> dict:
                   f'{r["tensor_images_per_s"] / r["pil_images_per_s"]:.2f}x |')
         print(f'{d["model"]} train step ({result["device"]}, batch {args.batch_size}): '
               f'{d["train_images_per_s"]:.3g} images/s, i.e. {d["workers_needed"]:.3g} loader workers\' worth')
-    with open(args.out, 'w') as f:
+    with open(args.output, 'w') as f:
         json.dump(result, f, indent=2)
     return result
 

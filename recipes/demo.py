@@ -44,10 +44,10 @@ from PIL import Image  # noqa: E402
 import ssa_timm  # noqa: E402
 from ssa_timm.attention_maps import (attention_maps, grad_cam, mark_query, overlay, query_at,  # noqa: E402
                                      query_attention, upsample)
-from ssa_timm.cli import at_least, torch_device  # noqa: E402
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, torch_device  # noqa: E402
 from ssa_timm.data import BuiltinFineGrained, CorruptImageError, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
-from ssa_timm.hub import check_img_size, check_model_folder, label_names, load_model, model_folder  # noqa: E402
+from ssa_timm.hub import check_model_folder, label_names, load_model, model_folder  # noqa: E402
 from ssa_timm.output_paths import check_output_path  # noqa: E402
 
 DISPLAY = 384  # longest side of the pictures shown, in pixels
@@ -55,11 +55,10 @@ MOST_ATTENDED = -1  # the slider's value for "the most attended position"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', required=True, help='export folder, local-dir:PATH, hf-hub:ORG/NAME or a model name')
     p.add_argument('--top-k', type=at_least(1), default=5, help='classes shown (at most the model has)')
-    p.add_argument('--img-size', type=at_least(1), default=None,
-                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
+    add_img_size_arg(p)
     p.add_argument('--device', type=torch_device, default=None, help='default: cuda when available, else cpu')
     p.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: every interface)')
     p.add_argument('--port', type=at_least(0), default=7860, help='port to serve on; 0: a free port')
@@ -94,10 +93,8 @@ def load_demo_model(spec: str, top_k: int = 5, img_size: Optional[int] = None,
     """Load ``spec`` as ``predict.py`` does (``load_model``, ``model_transform``, ``label_names``).
 
     Raises:
-        UserError: The model cannot be loaded, or ``img_size`` is over the limit.
+        UserError: The model cannot be loaded.
     """
-    if img_size is not None:
-        check_img_size(img_size, '--img-size')
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = load_model(spec).to(device).eval()
     names = label_names(model) or [str(i) for i in range(model.num_classes)]

@@ -25,19 +25,19 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssa_timm.cli import add_timm_dataset_args, at_least, dataset_name
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, add_timm_dataset_args, at_least, dataset_name
 from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_options, first_images, model_transform
 from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import check_img_size, label_names, load_model, model_folder
+from ssa_timm.hub import label_names, load_model, model_folder
 from ssa_timm.localization import dataset_boxes, localization_report, read_boxes
 from ssa_timm.metrics import evaluate_heads
 from ssa_timm.output_paths import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', required=True, help='export folder, local-dir:PATH or hf-hub:ORG/NAME')
     p.add_argument('--dataset', default='builtin', type=dataset_name,
                    help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
@@ -50,8 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--boxes', metavar='FILE', help="ground-truth part boxes, for the localisation metrics: CUB's "
                    'bounding_boxes.txt (with images.txt beside it), or a CSV of path,x,y,w,h rows in pixels of the '
                    "original image (paths relative to the CSV's folder)")
-    p.add_argument('--img-size', type=at_least(1), default=None,
-                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
+    add_img_size_arg(p)
     p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
     p.add_argument('--workers', type=at_least(0), default=2)
     p.add_argument('--tta', choices=('none', 'flip'), default='none',
@@ -121,8 +120,6 @@ def localization_line(where: Dict) -> str:
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.img_size is not None:
-        check_img_size(args.img_size, '--img-size')
     folder = model_folder(args.model)
     output = check_output_path(args.output, '--output', model_folders=[folder] if folder else [])
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)

@@ -20,17 +20,16 @@ import numpy as np
 import torch
 
 import timm
-from ssa_timm.cli import at_least, positive_float
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, positive_float
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import check_img_size, load_model, model_folder
+from ssa_timm.hub import load_model, model_folder
 from ssa_timm.output_paths import check_output_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', required=True, help='model name, export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--img-size', type=at_least(1), default=None,
-                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
+    add_img_size_arg(p)
     p.add_argument('--onnx', default=None, help='write an ONNX model here')
     p.add_argument('--opset', type=at_least(17), default=18)
     p.add_argument('--torchscript', default=None, help='write a TorchScript model here')
@@ -96,8 +95,6 @@ def check_compile(model: torch.nn.Module, example: torch.Tensor, reference: torc
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.img_size is not None:
-        check_img_size(args.img_size, '--img-size')
     folder = model_folder(args.model)
     outputs = [getattr(args, flag) for flag in ('onnx', 'torchscript', 'report') if getattr(args, flag)]
     if len(set(Path(p).resolve() for p in outputs)) < len(outputs):

@@ -42,10 +42,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from ssa_timm.cli import at_least, torch_device
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, torch_device
 from ssa_timm.data import IMAGE_SUFFIXES, find_images, load_image, model_transform
 from ssa_timm.errors import UserError, exit_on_user_error
-from ssa_timm.hub import check_img_size, label_names, load_model, model_folder
+from ssa_timm.hub import label_names, load_model, model_folder
 from ssa_timm.prediction import (ImageFiles, collate_images, launched_world_size, merge_json_lines, merge_parts,
                                  part_path, part_paths, process_device, shard)
 from ssa_timm.output_paths import check_output_path
@@ -57,15 +57,14 @@ SHARE_WAIT = timedelta(hours=24)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
     p.add_argument('--model', required=True, help='model name, export folder, local-dir:PATH or hf-hub:ORG/NAME')
     p.add_argument('--top-k', type=at_least(1), default=5, help='classes per image (at most the model has)')
     p.add_argument('--batch-size', type=at_least(1), default=16, help='images per batch (per process)')
     p.add_argument('--workers', type=at_least(0), default=0,
                    help='image loading processes (per process); 0: load in the predicting process')
-    p.add_argument('--img-size', type=at_least(1), default=None,
-                   help="default: the model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
+    add_img_size_arg(p)
     p.add_argument('--device', type=torch_device, default=None,
                    help='default: cuda when available, else cpu; under accelerate launch each process its own '
                         '(cuda:<local rank>); cpu runs every process on the CPU')
@@ -306,8 +305,6 @@ def run_processes(args: argparse.Namespace, paths: Sequence[Path], output: Optio
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.img_size is not None:
-        check_img_size(args.img_size, '--img-size')
     paths = find_images(args.inputs)
     if not paths:
         raise UserError(f'no images found in {", ".join(args.inputs)} (looked for {", ".join(sorted(IMAGE_SUFFIXES))})')

@@ -84,9 +84,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--data-dir')
     g.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
     g.add_argument('--builtin-train-per-class', type=at_least(1), default=DEFAULT.builtin_train_per_class,
-                   help='default: %(default)s')
+                   help='builtin: training images per class')
     g.add_argument('--builtin-val-per-class', type=at_least(1), default=DEFAULT.builtin_val_per_class,
-                   help='default: %(default)s')
+                   help='builtin: validation images per class')
     g.add_argument('--builtin-family', type=at_least(0), default=DEFAULT.builtin_family,
                    help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
     g.add_argument('--builtin-task', choices=('glyph', 'scene'), default=DEFAULT.builtin_task,
@@ -100,9 +100,12 @@ def add_loss_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Loss')
     g.add_argument('--loss', choices=('ad', 'ce'), default=DEFAULT.loss,
                    help='Self-AD (Eq. 5) or CE on both heads')
-    g.add_argument('--gamma', type=non_negative_float, default=DEFAULT.gamma, help='default: %(default)s')
-    g.add_argument('--temperature', type=positive_float, default=DEFAULT.temperature, help='default: %(default)s')
-    g.add_argument('--label-smoothing', type=fraction, default=DEFAULT.label_smoothing, help='default: %(default)s')
+    g.add_argument('--gamma', type=non_negative_float, default=DEFAULT.gamma,
+                   help="weight of Self-AD's second CE term (Eq. 5)")
+    g.add_argument('--temperature', type=positive_float, default=DEFAULT.temperature,
+                   help='distillation temperature T')
+    g.add_argument('--label-smoothing', type=fraction, default=DEFAULT.label_smoothing,
+                   help='label smoothing of the CE terms')
 
 
 def add_optimization_args(p: argparse.ArgumentParser) -> None:
@@ -155,11 +158,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--resume', help="'latest' (the newest complete checkpoint), 'auto' (that, or a fresh run when "
                    "there is none: what a requeued job passes) or a checkpoint folder")
     g.add_argument('--keep-checkpoints', type=at_least(1), default=DEFAULT.keep_checkpoints,
-                   help='default: %(default)s')
+                   help='the newest checkpoints kept')
     g.add_argument('--checkpoint-steps', type=at_least(1), help='also checkpoint every N optimizer steps')
 
     g = p.add_argument_group('Reproducibility, devices and logging')
-    g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed, help='default: %(default)s')
+    g.add_argument('--seed', type=at_least(0), default=DEFAULT.seed,
+                   help='seeds the initialisation, the data order and the flips (and the built-in data)')
     g.add_argument('--deterministic', action='store_true',
                    help="torch's deterministic algorithms and, on CPU, one thread: the same metrics for the same "
                    'seed on the same machine')

@@ -1,9 +1,9 @@
 """Visualise what SSANet looks at (paper Figs. 1 and 4): Grad-CAM on the SSA-aggregated map H and
 the SSA layer's own attention, overlaid on each image.
 
-    python recipes/visualize.py --model runs/builtin/best images/ --out-dir vis/
+    python recipes/visualize.py --model runs/builtin/best images/ --output-dir vis/
     python recipes/visualize.py --model runs/abl/no_attention/best --model runs/abl/no_alpha/best ... \\
-        --out-dir fig4/ img.jpg
+        --output-dir fig4/ img.jpg
 
 Per image and model it writes ``<stem>_gradcam.png``, ``<stem>_attention.png`` (the attention of
 the most attended position, and the mean attention over all query positions) and ``<stem>.npz``
@@ -11,7 +11,7 @@ with the raw maps. Given several models it also draws ``grid.png`` in the layout
 Fig. 4: the input, then one Grad-CAM column per model. Grad-CAM comes from the ``grad-cam``
 package; for ``no_attention`` models it targets the body's last feature map F. Images are read by the
 library's one loader; an unreadable image, or one over the pixel limit (PIL.Image.MAX_IMAGE_PIXELS),
-is skipped with a warning naming it. ``--out-dir`` may not be, or lie inside, a model's folder.
+is skipped with a warning naming it. ``--output-dir`` may not be, or lie inside, a model's folder.
 
 timm's own attention tool reads the same map: ``timm.utils.AttentionExtract(model)`` finds the node
 ``head.attn.softmax``, S of shape ``(B, N, N)`` (row j = query position j, N = H * W), equal to
@@ -37,21 +37,21 @@ from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
 from ssa_timm import SSANet  # noqa: E402
 from ssa_timm.attention_maps import attention_maps, grad_cam, upsample  # noqa: E402
-from ssa_timm.cli import at_least  # noqa: E402
+from ssa_timm.cli import HelpFormatter, add_img_size_arg, deprecated_alias  # noqa: E402
 from ssa_timm.data import CorruptImageError, find_images, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
-from ssa_timm.hub import check_img_size, label_names, load_model, model_folder  # noqa: E402
+from ssa_timm.hub import label_names, load_model, model_folder  # noqa: E402
 from ssa_timm.output_paths import check_output_path  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
     p.add_argument('--model', action='append', required=True,
                    help='a model spec; repeat it for several models (Fig. 4: --model A --model B ...)')
-    p.add_argument('--img-size', type=at_least(1), default=None,
-                   help="default: the first model's input size; at most ssa_timm.hub.img_size_limit() (1024 px)")
-    p.add_argument('--out-dir', default='vis')
+    add_img_size_arg(p, "default: the first model's input size")
+    p.add_argument('--output-dir', default='vis', help='the figures go here')
+    deprecated_alias(p, '--out-dir', '--output-dir')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     return p.parse_args(argv)
 
@@ -59,14 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_inputs(args: argparse.Namespace) -> Path:
     """The output folder, after checking the arguments before any model is loaded: image inputs that
     are no model folders (several models take one ``--model`` each), ``--img-size`` within the limit,
-    ``--out-dir`` writable and outside every model folder."""
+    ``--output-dir`` writable and outside every model folder."""
     for item in args.inputs:
         if model_folder(item) is not None and (Path(item) / 'config.json').is_file():
             raise UserError(f'{item} is a model folder, given as an image input; give each model its own --model')
-    if args.img_size is not None:
-        check_img_size(args.img_size, '--img-size')
     folders = [f for f in (model_folder(spec) for spec in args.model) if f is not None]
-    return check_output_path(args.out_dir, '--out-dir', model_folders=folders, is_folder=True)
+    return check_output_path(args.output_dir, '--output-dir', model_folders=folders, is_folder=True)
 
 
 def read_image(path: Path):

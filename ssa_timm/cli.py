@@ -3,7 +3,7 @@ time, so a bad value is an argparse error, exit status 2, that names the flag be
 is loaded), the shared flags themselves, and deprecated flag names kept for one release."""
 import argparse
 import sys
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -18,7 +18,13 @@ REMOVED_IN = '0.7'
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The recipes' help: the module docstring as written, and each flag's default from its definition."""
+    """The recipes' help: the module docstring as written, and each flag's default from its definition
+    (unset defaults, None or False, are not shown: the help text says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def image_side(text: str) -> int:
@@ -31,10 +37,11 @@ def image_side(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_img_size_arg(p, default_help: str = "default: the model's own input size") -> None:
-    """``--img-size`` (parsed by ``image_side``) on a parser or an argument group."""
-    p.add_argument('--img-size', type=image_side, default=None, metavar='PX',
-                   help=f'square input side in pixels; {default_help}')
+def add_img_size_arg(p, default_help: str = "default: the model's own input size",
+                     default: Optional[int] = None) -> None:
+    """``--img-size`` (parsed by ``image_side``: exit status 2 for a bad value) on a parser or a group."""
+    p.add_argument('--img-size', type=image_side, default=default, metavar='PX',
+                   help=f'square input side in pixels, at most the image-size limit; {default_help}')
 
 
 def deprecated_alias(p, old: str, new: str, **kwargs: Any) -> None:

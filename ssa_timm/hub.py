@@ -257,8 +257,6 @@ def _create(spec: str, pretrained: bool, **kwargs: Any) -> SSANet:
     if spec.startswith('hf-hub:'):
         _check_hub_repo(spec)
         return _load_weights(spec, f'the weights of {spec}', **kwargs)
-    if timm.is_model(spec):
-        return timm.create_model(spec, pretrained=pretrained, **kwargs)
     try:
         return create_ssanet_by_name(spec, pretrained=pretrained, **kwargs)
     except ValueError as e:

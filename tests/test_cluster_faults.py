@@ -149,8 +149,11 @@ def test_an_initial_checkpoint_of_another_body_or_map_is_one_line(tmp_path, caps
     out = tmp_path / 'run'
     other = tiny_export(tmp_path, 'ssanet_resnet18_plus', 10, body_feature_index=2)
     assert train(*TINY_TRAIN, '--epochs', '1', '--initial-checkpoint', str(other), '--output-dir', str(out)) == 1
-    assert (f'initial checkpoint {other} is another model than this run\'s (body resnet18 vs test_resnet, the '
-            "checkpoint's first)") in error_line(capsys)
+    assert (f'initial checkpoint {other} is another model than this run\'s (architecture ssanet_resnet18_plus vs '
+            "ssanet, the checkpoint's first)") in error_line(capsys)
+    generic = tiny_export(tmp_path, 'ssanet_resnet34_plus', 10, body_feature_index=2)  # no registered name
+    assert train(*TINY_TRAIN, '--epochs', '1', '--initial-checkpoint', str(generic), '--output-dir', str(out)) == 1
+    assert '(body resnet34 vs test_resnet, ' in error_line(capsys)
     deeper = tiny_export(tmp_path, 'ssanet_test_resnet_plus', 10, body_feature_index=3)
     assert train(*TINY_TRAIN, '--epochs', '1', '--initial-checkpoint', str(deeper), '--output-dir', str(out)) == 1
     assert '(body_feature_index 3 vs 2, ' in error_line(capsys)

@@ -215,9 +215,12 @@ def test_names_parse_into_body_and_aggregation():
 def test_registered_body_through_builder_and_bad_arguments():
     registered = create_ssanet('densenet121', 'alpha', num_classes=2, device='meta')
     assert registered.pretrained_cfg['architecture'] == 'ssanet_densenet121_alpha'
-    # another tag or input size than the registered one: the generic entrypoint
+    # another tag than the registered one: the generic entrypoint; another input size: the registered name,
+    # whose pretrained_cfg records the size it was built for
     assert create_ssanet('resnet18.tv_in1k', 'plus', device='meta').pretrained_cfg['architecture'] == 'ssanet'
-    assert create_ssanet('resnet18', 'plus', img_size=224, device='meta').pretrained_cfg['architecture'] == 'ssanet'
+    at_224 = create_ssanet('resnet18', 'plus', img_size=224, device='meta').pretrained_cfg
+    assert at_224['architecture'] == 'ssanet_resnet18_plus' and at_224['input_size'] == (3, 224, 224)
+    assert at_224['pool_size'] == (7, 7)
     with pytest.raises(ValueError, match='aggregation must be one of'):
         create_ssanet('resnet18', 'sum')
     with pytest.raises(ValueError, match="unknown timm model 'not_a_net'"):

@@ -160,15 +160,22 @@ def test_image_size_limit(monkeypatch):
         img_size_limit()
 
 
-@pytest.mark.parametrize('name,extra', [('predict', ['x.png']), ('evaluate', ['--cpu']),
-                                        ('export', ['--torchscript', 'm.pt']), ('visualize', ['x.png'])])
-def test_recipes_bound_img_size(name, extra, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize('name,extra', [('train', []), ('predict', ['x.png']), ('evaluate', ['--cpu']),
+                                        ('export', ['--torchscript', 'm.pt']), ('visualize', ['x.png']), ('demo', []),
+                                        ('benchmark', [])])
+def test_every_recipe_refuses_a_bad_img_size_at_parse_time(name, extra, capsys, tmp_path, monkeypatch):
+    """One definition of --img-size (ssa_timm.cli): argparse's exit status 2 and one error line, before anything
+    is loaded, in every recipe that has the flag."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'x.png').write_bytes(b'')
-    assert run_main(name, '--model', 'ssanet_test_resnet_plus', '--img-size', '4000', *extra) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == ('error: --img-size 4000 is over the image-size limit of 1024 px (ssa_timm.hub.MAX_IMG_SIZE; '
-                   'set SSA_TIMM_MAX_IMG_SIZE to allow larger images)')
+    for bad, message in (('4000', 'image side 4000 is over the image-size limit of 1024 px (ssa_timm.hub.MAX_IMG_SIZE; '
+                                  'set SSA_TIMM_MAX_IMG_SIZE to allow larger images)'),
+                         ('0', 'must be at least 1, got 0'), ('big', "expected an integer, got 'big'")):
+        assert run_main(name, '--model', 'ssanet_test_resnet_plus', '--img-size', bad, *extra) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ': error: ' in line]
+        assert len(errors) == 1 and errors[0].endswith(f': error: argument --img-size: {message}'), err
+        assert 'Traceback' not in err and list(tmp_path.iterdir()) == [tmp_path / 'x.png']
 
 
 @pytest.mark.parametrize('name,extra', [('predict', []), ('evaluate', ['--cpu', '--workers', '0'])])

@@ -161,7 +161,7 @@ def test_predict_registered_name_random_weights(images, capsys):
     ('predict', ['{image}', '--output', '{model}/predictions.jsonl', '--format', 'jsonl']),
     ('predict', ['{image}', '--output', '{image}']),
     ('export', ['--torchscript', '{model}/model.pt']),
-    ('visualize', ['{image}', '--out-dir', '{model}']),
+    ('visualize', ['{image}', '--output-dir', '{model}']),
 ])
 def test_outputs_never_clobber_inputs_or_model_files(tiny, images, tmp_path, capsys, name, argv):
     import shutil
@@ -259,7 +259,7 @@ def test_evaluate_and_export_full_disk_at_the_end(tiny, tmp_path, monkeypatch, c
 def test_visualize_maps_and_fig4_grid(tiny, images, tmp_path, capsys):
     out = tmp_path / 'vis'
     assert run_main('visualize', '--model', str(tiny), '--model', 'ssanet_vgg16_no_attention', '--img-size', '64',
-                    '--out-dir', str(out), str(images / 'bird_0.png'), str(images / 'bird_1.png')) == 0
+                    '--output-dir', str(out), str(images / 'bird_0.png'), str(images / 'bird_1.png')) == 0
     for stem in ('bird_0', 'bird_1'):
         ssa = np.load(out / f'{stem}_m0.npz')
         assert ssa['gradcam'].shape == (64, 64) and 0 <= ssa['gradcam'].min() and ssa['gradcam'].max() <= 1
@@ -279,17 +279,18 @@ def test_visualize_maps_and_fig4_grid(tiny, images, tmp_path, capsys):
 
 
 def test_visualize_usage_of_the_docs_and_skipped_images(tiny, images, tmp_path, monkeypatch, capsys):
-    """The README's ``visualize.py --model M images/ --out-dir vis/`` works (--model takes one value);
+    """The README's ``visualize.py --model M images/ --output-dir vis/`` works (--model takes one value);
     a model folder given where images go is a one-line error; a too large image is skipped."""
     huge = tmp_path / 'in' / 'huge.png'
     huge.parent.mkdir()
     Image.new('RGB', (120, 120)).save(huge)
     BuiltinFineGrained('val', samples_per_class=1)[0][0].save(tmp_path / 'in' / 'ok.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100 * 100)
-    assert run_main('visualize', '--model', str(tiny), str(tmp_path / 'in'), '--out-dir', str(tmp_path / 'vis')) == 0
+    assert run_main('visualize', '--model', str(tiny), str(tmp_path / 'in'), '--output-dir', str(tmp_path / 'vis')) == 0
     assert sorted(p.name for p in (tmp_path / 'vis').iterdir()) == ['ok.npz', 'ok_attention.png', 'ok_gradcam.png']
     assert f'warning: skipping cannot read image {huge}: 120 x 120' in capsys.readouterr().err
-    assert run_main('visualize', '--model', str(tiny), str(tiny), str(images), '--out-dir', str(tmp_path / 'v2')) == 1
+    assert run_main('visualize', '--model', str(tiny), str(tiny), str(images),
+                    '--output-dir', str(tmp_path / 'v2')) == 1
     assert capsys.readouterr().err.strip() == (f'error: {tiny} is a model folder, given as an image input; '
                                                'give each model its own --model')
 

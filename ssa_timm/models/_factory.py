@@ -1,10 +1,17 @@
-"""The public SSANet factory: ``create_ssanet`` over any timm image model, and SSANet model names.
+"""The public SSANet factory: from a model name to a model, in timm's layering.
 
-timm keeps its ``create_model`` in ``timm/models/_factory.py``; the builders users call live here in
-the same way, while ``ssanet.py`` holds the model class, its configs and the registered entrypoints.
-A registered body at its registered input size and tag goes through its registered name
-(``ssanet_<body>_<aggregation>``); anything else through the generic ``ssanet`` entrypoint. Both are
-timm entrypoints, so ``hf-hub:`` / ``local-dir:`` exports load back through ``timm.create_model``.
+The route, one verb per layer as in timm (``create_model`` -> ``_create_x`` -> ``build_model_with_cfg``):
+
+1. ``ssa_timm.hub.load_model(spec)``: any spec a recipe takes. Export folders, ``local-dir:`` and
+   ``hf-hub:`` are validated there and loaded through ``timm.create_model``; every model *name* comes here.
+2. ``create_ssanet_by_name(name)``: ``ssanet_<timm body>_<aggregation>[.<tag>]`` (registered or not) and
+   the generic ``ssanet`` name.
+3. ``create_ssanet(body, aggregation)``: a registered body with its registered tag goes through its
+   registered name, anything else through the generic ``ssanet`` entrypoint (both timm entrypoints, so
+   exports load back through ``timm.create_model``), at any input size.
+4. ``ssanet._build_ssanet``, the one private builder under every entrypoint: ``build_model_with_cfg``
+   with a ``pretrained_cfg`` that records the input and pool size the model is built for, so the
+   transform and the export read the size from the model.
 """
 from typing import Any, Optional, Tuple
 
@@ -27,16 +34,15 @@ def parse_ssanet_name(name: str) -> Tuple[str, str]:
     raise ValueError(f"expected a name 'ssanet_<timm body>_<aggregation>' with aggregation in {VARIANTS}, got {name!r}")
 
 
-def _registered_name(arch: str, aggregation: str, tag: str, img_size: Optional[int]) -> Optional[str]:
-    """The registered name that builds ``arch`` with ``aggregation`` from weights ``tag`` at ``img_size``
-    ('' and None: the registered ones), or None when no registered name does."""
+def _registered_name(arch: str, aggregation: str, tag: str) -> Optional[str]:
+    """The registered name that builds ``arch`` with ``aggregation`` from weights ``tag`` ('': the registered
+    one), or None when no registered name does. A registered name builds at any input size: its
+    ``pretrained_cfg`` then records the size it was built for."""
     name = f'ssanet_{arch}_{aggregation}'
     if not timm.is_model(name):
         return None
     cfg = get_pretrained_cfg(name)  # each registered name has one tag
-    if (tag and tag != cfg.tag) or (img_size is not None and img_size != cfg.input_size[-1]):
-        return None
-    return name
+    return None if tag and tag != cfg.tag else name
 
 
 def create_ssanet(
@@ -61,15 +67,25 @@ def create_ssanet(
         **kwargs: ``SSANet`` arguments (num_classes, in_chans, global_pool, head_width, ...).
     """
     arch, _, tag = body.partition('.')
-    name = _registered_name(arch, aggregation, tag, img_size)
+    name = _registered_name(arch, aggregation, tag)
     if name is not None:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **({} if img_size is None else {'img_size': img_size}),
+                                 **kwargs)
     return timm.create_model(
         'ssanet', pretrained=pretrained, body=body, aggregation=aggregation,
         img_size=448 if img_size is None else img_size, **kwargs)
 
 
 def create_ssanet_by_name(name: str, pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """``create_ssanet`` from a name ``'ssanet_<timm body>_<aggregation>'``, registered or not."""
-    body, aggregation = parse_ssanet_name(name)
-    return create_ssanet(body, aggregation, pretrained=pretrained, **kwargs)
+    """An SSANet from a name: ``'ssanet_<timm body>_<aggregation>'`` with an optional ``.<tag>`` of the
+    body's weights (registered or not; ``create_ssanet``), or the generic ``'ssanet'`` (body and
+    aggregation as ``kwargs``).
+
+    Raises:
+        ValueError: Not such a name.
+    """
+    base, _, tag = name.partition('.')
+    if base == 'ssanet':
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    body, aggregation = parse_ssanet_name(base)
+    return create_ssanet(f'{body}.{tag}' if tag else body, aggregation, pretrained=pretrained, **kwargs)

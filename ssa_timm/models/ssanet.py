@@ -15,26 +15,28 @@ then the ``@register_model`` entrypoints. The builders users call (``create_ssan
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` - Baffour et al., JVCIR 81 (2021), https://doi.org/10.1016/j.jvcir.2021.103368
 """
+import dataclasses
 import sys
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.layers import get_act_layer, to_2tuple
 from timm.models import (
-    PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model,
+    PretrainedCfg, build_model_with_cfg, create_model, generate_default_cfgs, get_pretrained_cfg, register_model,
     resolve_pretrained_cfg,
 )
 # private: timm 1.0.31 exports feature_take_indices from neither timm.models nor timm.layers
 # (timm's own model files import it from here too)
 from timm.models._features import feature_take_indices
 
+from ..errors import WeightsMismatch
 from ..heads import SSAHeads
 from ..layers import VARIANTS, check_aggregation
 from .body import create_body, prefixed_group_matcher, probe_body, tokens_to_map
 
-__all__ = ['VARIANTS', 'BodySpec', 'SSANet', 'checkpoint_filter_fn', 'generic_cfg']
+__all__ = ['VARIANTS', 'BodySpec', 'SSANet', 'check_weights_fit', 'checkpoint_filter_fn', 'generic_cfg', 'renamed_keys']
 
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
 _PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
@@ -303,26 +305,56 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SSANet) -> 
 
     A bare body checkpoint (e.g. ``pretrained_cfg_overlay=dict(file=...)``) goes through the body
     module's own ``checkpoint_filter_fn`` where it has one; the freshly initialised SSA head module is
-    kept, so the load stays strict for the body: a missing body key is an error.
+    kept. Either way the weights must fit: a missing key, a key the model (or, for a bare body, the
+    whole timm model the body was cut from) does not have, or another shape raises ``WeightsMismatch``.
     """
     if any(k.startswith('body.') for k in state_dict):
-        out = {}
-        for key, value in state_dict.items():
-            prefix = next((p for p in _LEGACY_KEYS if key.startswith(p)), None)
-            out[_LEGACY_KEYS[prefix] + key[len(prefix):] if prefix else key] = value
+        out = renamed_keys(state_dict)
+        check_weights_fit(out, model.state_dict(), 'the checkpoint', type(model).__name__)
         return out
     body_filter = getattr(sys.modules[type(model.body).__module__], 'checkpoint_filter_fn', None)
     if body_filter is not None:
         state_dict = body_filter(state_dict, model.body)
-    body_keys = model.body.state_dict().keys()
-    missing = [k for k in body_keys if k not in state_dict]
-    if missing:
-        raise RuntimeError(
-            f'the pretrained weights do not fit the {type(model.body).__name__} body: '
-            f'{len(missing)} keys missing, e.g. {missing[:5]}')
-    out = {f'body.{k}': state_dict[k] for k in body_keys}
+    body_state = model.body.state_dict()
+    cut_away = _cut_away_keys(model.body)  # stages pruned by body_feature_index, the removed classifier
+    check_weights_fit({k: v for k, v in state_dict.items() if k not in cut_away}, body_state, 'the pretrained weights',
+               f'{type(model.body).__name__} body')
+    out = {f'body.{k}': state_dict[k] for k in body_state}
     out.update({k: v for k, v in model.state_dict().items() if not k.startswith('body.')})
     return out
+
+
+def renamed_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An SSANet state dict with the key names of older releases converted to today's."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in _LEGACY_KEYS if key.startswith(p)), None)
+        out[_LEGACY_KEYS[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
+
+
+def _cut_away_keys(body: nn.Module) -> Set[str]:
+    """Keys of the whole timm model ``body`` was built from that the body no longer has."""
+    arch = (getattr(body, 'pretrained_cfg', None) or {}).get('architecture')
+    if not arch:
+        return set()
+    with torch.device('meta'):
+        whole = create_model(arch, pretrained=False, in_chans=getattr(body, 'in_chans', 3))
+    return set(whole.state_dict()) - set(body.state_dict())
+
+
+def check_weights_fit(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], what: str, where: str) -> None:
+    """Raise ``WeightsMismatch`` naming the first missing, unexpected and differently shaped keys."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = [f'{len(keys)} {kind}, e.g. {keys[:3]}' for kind, keys in
+                (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes)) if keys]
+    if problems:
+        error = WeightsMismatch(f'{what} do not fit the {where}: keys ' + '; '.join(problems))
+        error.details = 'keys ' + '; '.join(problems)
+        raise error
 
 
 def _names_a_checkpoint(cfg: PretrainedCfg) -> bool:
@@ -357,6 +389,7 @@ def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         kwargs['body_pretrained'] = True
     if not cfg.fixed_input_size:
         kwargs.setdefault('img_size', cfg.input_size[-2:])
+    cfg = _built_cfg(cfg, kwargs)
     feature_cfg = dict(feature_cls='getter')
     if kwargs.get('features_only'):
         levels = probe_body(kwargs['body'], kwargs.get('in_chans', 3), cfg.input_size[-1], kwargs.get('body_kwargs'),
@@ -378,6 +411,22 @@ def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         model.pretrained_cfg['hf_hub_id'] = None
         model.pretrained_cfg['notes'] = (_NO_WEIGHTS_NOTE,)
     return model
+
+
+def _built_cfg(cfg: PretrainedCfg, kwargs: Dict[str, Any]) -> PretrainedCfg:
+    """``cfg`` with the input and pool size the model is built for (``img_size``, ``in_chans`` and
+    ``body_feature_index`` may differ from the name's defaults), so transforms and exports read the
+    model's own size."""
+    in_chans, (height, width) = kwargs.get('in_chans', 3), _sides(kwargs.get('img_size') or cfg.input_size[-2:])
+    if (in_chans, height, width) == tuple(cfg.input_size) and kwargs.get('body_feature_index') is None:
+        return cfg
+    probe = probe_body(kwargs['body'], in_chans, (height, width), kwargs.get('body_kwargs'),
+                       kwargs.get('body_feature_index'))
+    return dataclasses.replace(cfg, input_size=(in_chans, height, width), pool_size=tuple(probe.map_size))
+
+
+def _sides(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
 def _create_registered(variant: str, pretrained: bool = False, **kwargs: Any) -> SSANet:

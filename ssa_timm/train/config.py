@@ -42,7 +42,7 @@ class RunConfig:
     pretrained: Optional[bool] = None
     pretrained_path: Optional[str] = None
     initial_checkpoint: Optional[str] = None
-    freeze_backbone: bool = False
+    freeze_body: bool = False
     cache_features: bool = False
     # data
     dataset: str = 'builtin'
@@ -155,7 +155,7 @@ class RunConfig:
         return dict(model=self.model, model_args=self.model_kwargs(), dataset=self.dataset, data_dir=self.data_path,
                     crop_bbox=self.crop_bbox, **self._family(), classes=list(classes), train_samples=train_samples,
                     val_samples=val_samples, img_size=self.img_size, seed=self.seed, **self.weights_sources(),
-                    freeze_backbone=self.freeze_backbone, cache_features=self.cache_features,
+                    freeze_body=self.freeze_body, cache_features=self.cache_features,
                     batch_size=self.batch_size, grad_accum=self.grad_accum, num_processes=num_processes,
                     **{k: getattr(self, k) for k in _TRAINING_SETTINGS})
 
@@ -175,7 +175,7 @@ class RunConfig:
     def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:
         """The ``training`` entry of an export's ``config.json``."""
         return dict(model=self.model, dataset=self.dataset, **self.weights_sources(), img_size=self.img_size,
-                    epoch=epoch, loss=self.loss, freeze_backbone=self.freeze_backbone, ema=ema, seed=self.seed)
+                    epoch=epoch, loss=self.loss, freeze_body=self.freeze_body, ema=ema, seed=self.seed)
 
     def trackers_config(self) -> Dict[str, Any]:
         """The settings as accelerate trackers take them (scalars and strings, no None)."""

@@ -112,7 +112,7 @@ def train_one_epoch(trainee: Trainee, config: RunConfig, accelerator, loader, tr
     signal ended it early (after ``save()`` wrote a mid-epoch checkpoint). ``checkpoint_steps`` also
     saves every so many optimizer steps."""
     trainee.trainable.train()
-    if config.freeze_backbone:
+    if config.freeze_body:
         trainee.model.body.eval()  # frozen BatchNorm statistics, as in the cached features
     batches, steps_per_epoch = _epoch_batches(loader, train_data, config, accelerator, progress, epoch)
     sums = EpochSums(accelerator)
@@ -127,7 +127,8 @@ def train_one_epoch(trainee: Trainee, config: RunConfig, accelerator, loader, tr
         if trainee.ema is not None:
             trainee.ema.update(trainee.model, step=progress.global_step)
         mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch's end saves anyway
-        stopping = (bool(config.max_steps) and progress.global_step >= config.max_steps) or stop.requested(accelerator)
+        stopping = ((bool(config.max_steps) and progress.global_step >= config.max_steps)
+                    or stop.requested(accelerator, progress.global_step))
         periodic = bool(config.checkpoint_steps) and progress.global_step % config.checkpoint_steps == 0
         if mid_epoch and (stopping or periodic):
             sums.carry(progress)
