@@ -25,8 +25,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssa_timm.cli import HelpFormatter, add_img_size_arg, add_timm_dataset_args, at_least, dataset_name
-from ssa_timm.data import Transformed, TransformedStream, build_dataset, dataset_options, first_images, model_transform
+from ssa_timm.cli import HelpFormatter, add_dataset_args, add_img_size_arg, at_least
+from ssa_timm.data import (
+    DATASET_DEFAULTS, Transformed, TransformedStream, build_dataset, dataset_options, first_images, model_transform)
 from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
@@ -39,14 +40,8 @@ from ssa_timm.output_paths import check_output_path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', required=True, help='export folder, local-dir:PATH or hf-hub:ORG/NAME')
-    p.add_argument('--dataset', default='builtin', type=dataset_name,
-                   help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
-    p.add_argument('--data-dir', default=None)
-    p.add_argument('--crop-bbox', action='store_true')
-    p.add_argument('--builtin-val-per-class', type=at_least(1), default=50)
-    p.add_argument('--seed', type=int, default=0, help='builtin: dataset seed')
-    p.add_argument('--builtin-task', choices=('glyph', 'scene'), default='glyph',
-                   help='builtin: glyph or scene (the scene task brings its part boxes: localisation metrics)')
+    p.add_argument('--seed', type=at_least(0), default=DATASET_DEFAULTS['seed'],
+                   help='builtin: the seed the dataset was generated with')
     p.add_argument('--boxes', metavar='FILE', help="ground-truth part boxes, for the localisation metrics: CUB's "
                    'bounding_boxes.txt (with images.txt beside it), or a CSV of path,x,y,w,h rows in pixels of the '
                    "original image (paths relative to the CSV's folder)")
@@ -59,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--output', default=None, help='JSON report (default: print only)')
     p.add_argument('--cpu', action='store_true')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
-    add_timm_dataset_args(p)
+    add_dataset_args(p, training=False)
     return p.parse_args(argv)
 
 

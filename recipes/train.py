@@ -24,8 +24,8 @@ from timm.utils import ModelEmaV3
 
 from ssa_timm import SelfADLoss
 from ssa_timm.cli import (
-    HelpFormatter, add_img_size_arg, add_timm_dataset_args, at_least, dataset_name, deprecated_alias, fraction,
-    non_negative_float, positive_float, trackers)
+    HelpFormatter, add_dataset_args, add_img_size_arg, at_least, deprecated_alias, fraction, non_negative_float,
+    positive_float, trackers)
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
@@ -47,7 +47,6 @@ def parse_args(argv=None) -> RunConfig:
     add_loss_args(p)
     add_optimization_args(p)
     add_run_args(p)
-    add_timm_dataset_args(p)
     config = RunConfig.from_mapping(vars(p.parse_args(argv)))
     check_config(p, config)
     return config
@@ -78,22 +77,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group('Data')
-    g.add_argument('--dataset', default=DEFAULT.dataset, type=dataset_name,
-                   help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
-    g.add_argument('--data-dir')
-    g.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
-    g.add_argument('--builtin-train-per-class', type=at_least(1), default=DEFAULT.builtin_train_per_class,
-                   help='builtin: training images per class')
-    g.add_argument('--builtin-val-per-class', type=at_least(1), default=DEFAULT.builtin_val_per_class,
-                   help='builtin: validation images per class')
-    g.add_argument('--builtin-family', type=at_least(0), default=DEFAULT.builtin_family,
-                   help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
-    g.add_argument('--builtin-task', choices=('glyph', 'scene'), default=DEFAULT.builtin_task,
-                   help='builtin: glyph (default) or scene: a 96 px textured canvas where the class is one small '
-                   'framed part among distractors, with ground-truth boxes and localisation metrics')
-    g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers,
-                   help='loader worker processes')
+    add_dataset_args(p, training=True)
+    g = p.add_argument_group('Data loading')
+    g.add_argument('--workers', type=at_least(0), default=DEFAULT.workers, help='loader worker processes')
 
 
 def add_loss_args(p: argparse.ArgumentParser) -> None:

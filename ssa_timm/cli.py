@@ -7,12 +7,12 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from .data import DATASETS, TIMM_PREFIXES, is_timm_spec
+from .data import BUILTIN_TASKS, DATASET_DEFAULTS, DATASETS, TIMM_PREFIXES, is_timm_spec
 from .errors import UserError
 
-__all__ = ['HelpFormatter', 'add_img_size_arg', 'add_timm_dataset_args', 'at_least', 'deprecated_alias', 'fraction',
-           'image_side', 'non_negative_float', 'positive_float', 'comma_separated', 'dataset_name', 'torch_device',
-           'trackers']
+__all__ = ['HelpFormatter', 'add_dataset_args', 'add_img_size_arg', 'add_timm_dataset_args', 'at_least',
+           'deprecated_alias', 'fraction', 'image_side', 'non_negative_float', 'positive_float', 'comma_separated',
+           'dataset_name', 'torch_device', 'trackers']
 
 REMOVED_IN = '0.7'
 
@@ -22,7 +22,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     (unset defaults, None or False, are not shown: the help text says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == '':
             return action.help
         return super()._get_help_string(action)
 
@@ -155,14 +155,41 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_timm_dataset_args(p: argparse.ArgumentParser) -> None:
+def add_dataset_args(p: argparse.ArgumentParser, training: bool) -> None:
+    """The dataset flags (defaults from ``ssa_timm.data.DATASET_DEFAULTS``) in a 'Data' group, then timm's
+    dataset-spec flags; ``training``: the training split's flags too (else the validation split's only)."""
+    d = DATASET_DEFAULTS
+    g = p.add_argument_group('Data')
+    g.add_argument('--dataset', default=d['dataset'], type=dataset_name,
+                   help='builtin, cub, dogs, cars, imagefolder, or a timm spec: hfds/..., hfids/..., wds/...')
+    g.add_argument('--data-dir', default=d['data_dir'], help='the dataset folder (not for builtin)')
+    g.add_argument('--crop-bbox', action='store_true', help='CUB: crop images to bounding_boxes.txt')
+    if training:
+        g.add_argument('--builtin-train-per-class', type=at_least(1), default=d['builtin_train_per_class'],
+                       help='builtin: training images per class')
+    g.add_argument('--builtin-val-per-class', type=at_least(1), default=d['builtin_val_per_class'],
+                   help='builtin: validation images per class')
+    g.add_argument('--builtin-family', type=at_least(0), default=d['builtin_family'],
+                   help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
+    g.add_argument('--builtin-task', choices=BUILTIN_TASKS, default=d['builtin_task'],
+                   help='builtin: glyph, or scene: a 96 px textured canvas where the class is one small framed part '
+                   'among distractors, with ground-truth boxes and localisation metrics')
+    add_timm_dataset_args(p, training)
+
+
+def add_timm_dataset_args(p: argparse.ArgumentParser, training: bool = True) -> None:
     """timm's dataset flags (its train.py's names), for ``--dataset hfds/...``, ``hfids/...``, ``wds/...``."""
+    d = DATASET_DEFAULTS
     g = p.add_argument_group('timm dataset specs (--dataset hfds/<hub id or folder>, hfids/..., wds/<folder>)')
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='validation')
-    g.add_argument('--class-map', default='', help='timm class map file: class names in label order')
-    g.add_argument('--input-key', default=None, help='image column / WebDataset extension')
-    g.add_argument('--target-key', default=None, help='label column / WebDataset field')
-    g.add_argument('--train-num-samples', type=at_least(1), default=None, help='streamed training samples per epoch')
-    g.add_argument('--val-num-samples', type=at_least(1), default=None, help='streamed validation samples')
+    if training:
+        g.add_argument('--train-split', default=d['train_split'], help='the training split')
+    g.add_argument('--val-split', default=d['val_split'], help='the validation split')
+    g.add_argument('--class-map', default=d['class_map'], help='timm class map file: class names in label order')
+    g.add_argument('--input-key', default=d['input_key'], help='image column / WebDataset extension')
+    g.add_argument('--target-key', default=d['target_key'], help='label column / WebDataset field')
+    if training:
+        g.add_argument('--train-num-samples', type=at_least(1), default=d['train_num_samples'],
+                       help='streamed training samples per epoch')
+    g.add_argument('--val-num-samples', type=at_least(1), default=d['val_num_samples'],
+                   help='streamed validation samples')
     g.add_argument('--dataset-download', action='store_true', help='hfids: prepare the dataset in the cache first')

@@ -15,6 +15,7 @@ from .transforms import (
 
 __all__ = [
     'BACKGROUND', 'BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene', 'CorruptImageError', 'DATASETS',
+    'DATASET_DEFAULTS',
     'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages',
     'TIMM_PREFIXES', 'Transformed', 'TransformedStream', 'build_dataset', 'dataset_options', 'eval_transform',
     'find_images', 'first_images', 'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'to_rgb',
@@ -23,23 +24,33 @@ __all__ = [
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 
 
+# The dataset settings, by the recipes' flag names, with their defaults: the one place they are set
+# (ssa_timm.cli's flags, ssa_timm.train.RunConfig and dataset_options read them from here).
+DATASET_DEFAULTS: Dict[str, Any] = dict(
+    dataset='builtin', data_dir=None, crop_bbox=False, seed=0,
+    builtin_train_per_class=300, builtin_val_per_class=50, builtin_family=0, builtin_task='glyph',
+    train_split='train', val_split='validation', class_map='', input_key=None, target_key=None,
+    train_num_samples=None, val_num_samples=None, dataset_download=False,
+)
+_SPLIT_SETTINGS = {True: ('builtin_train_per_class', 'train_split', 'train_num_samples'),
+                   False: ('builtin_val_per_class', 'val_split', 'val_num_samples')}
+
+
 def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
     """``build_dataset``'s arguments besides the name, for the training or the validation split, from
-    settings named as the recipes' flags (an argparse namespace or a ``ssa_timm.train.RunConfig``;
-    a setting it lacks takes its default): the built-in readers' 'train' / 'val' split, sample count
-    and glyph family, or a timm spec's split names and reader options."""
-    def get(name: str, default: Any = None) -> Any:
-        return getattr(settings, name, default)
-    options: Dict[str, Any] = dict(data_dir=get('data_dir'), crop_bbox=get('crop_bbox', False), seed=get('seed', 0),
-                                   samples_per_class=get('builtin_train_per_class' if training
-                                                         else 'builtin_val_per_class'))
+    settings named as the recipes' flags (an argparse namespace from ``ssa_timm.cli.add_dataset_args``
+    or a ``ssa_timm.train.RunConfig``, which both hold every setting of ``DATASET_DEFAULTS`` that the split
+    uses): the built-in readers' 'train' / 'val' split, sample count, family and task, or a timm spec's
+    split name and reader options."""
+    per_class, split, num_samples = (getattr(settings, name) for name in _SPLIT_SETTINGS[training])
+    options: Dict[str, Any] = dict(data_dir=settings.data_dir, crop_bbox=settings.crop_bbox, seed=settings.seed,
+                                   samples_per_class=per_class)
     if not is_timm_spec(settings.dataset):
-        return dict(options, split='train' if training else 'val', family=get('builtin_family', 0),
-                    task=get('builtin_task', 'glyph'))
-    return dict(options, split=get('train_split', 'train') if training else get('val_split', 'validation'),
-                class_map=get('class_map', ''), input_key=get('input_key'), target_key=get('target_key'),
-                download=get('dataset_download', False), is_training=training,
-                num_samples=get('train_num_samples') if training else get('val_num_samples'))
+        return dict(options, split='train' if training else 'val', family=settings.builtin_family,
+                    task=settings.builtin_task)
+    return dict(options, split=split, class_map=settings.class_map, input_key=settings.input_key,
+                target_key=settings.target_key, download=settings.dataset_download, is_training=training,
+                num_samples=num_samples)
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,

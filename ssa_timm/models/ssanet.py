@@ -132,8 +132,10 @@ class SSANet(nn.Module):
             img_size: Input size the body is built for (position embeddings, attention windows).
             head_width: Hidden width of each head (paper: 1024).
             head_act_layer: Optional activation after each head's BatchNorm (paper: none).
-            qk_ratio, scale_attn, qk_norm, fused_attn: ``SpatialSelfAttention`` options (the paper's: 1.0,
-                unscaled, plain dot products; ``fused_attn=None``: fused in eval mode only).
+            qk_ratio: Channels of A and B relative to K (``SpatialSelfAttention``; paper: 1.0).
+            scale_attn: Scale the attention logits by 1/sqrt(d) (paper: unscaled).
+            qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
+            fused_attn: Use ``scaled_dot_product_attention`` (None: fused in eval mode only).
             sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
             body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
             body_kwargs: Extra keyword arguments for the body's timm constructor.

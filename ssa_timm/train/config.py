@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..data import DATASET_DEFAULTS, dataset_options
+
 __all__ = ['BUILTIN_DEFAULTS', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES', 'RunConfig', 'identity_changes']
 
 # Settings left unset (None) take these. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
@@ -45,21 +47,21 @@ class RunConfig:
     freeze_body: bool = False
     cache_features: bool = False
     # data
-    dataset: str = 'builtin'
-    data_dir: Optional[str] = None
-    crop_bbox: bool = False
-    builtin_train_per_class: int = 300
-    builtin_val_per_class: int = 50
-    builtin_family: int = 0
-    builtin_task: str = 'glyph'
-    train_split: str = 'train'
-    val_split: str = 'validation'
-    class_map: str = ''
-    input_key: Optional[str] = None
-    target_key: Optional[str] = None
-    train_num_samples: Optional[int] = None
-    val_num_samples: Optional[int] = None
-    dataset_download: bool = False
+    dataset: str = DATASET_DEFAULTS['dataset']
+    data_dir: Optional[str] = DATASET_DEFAULTS['data_dir']
+    crop_bbox: bool = DATASET_DEFAULTS['crop_bbox']
+    builtin_train_per_class: int = DATASET_DEFAULTS['builtin_train_per_class']
+    builtin_val_per_class: int = DATASET_DEFAULTS['builtin_val_per_class']
+    builtin_family: int = DATASET_DEFAULTS['builtin_family']
+    builtin_task: str = DATASET_DEFAULTS['builtin_task']
+    train_split: str = DATASET_DEFAULTS['train_split']
+    val_split: str = DATASET_DEFAULTS['val_split']
+    class_map: str = DATASET_DEFAULTS['class_map']
+    input_key: Optional[str] = DATASET_DEFAULTS['input_key']
+    target_key: Optional[str] = DATASET_DEFAULTS['target_key']
+    train_num_samples: Optional[int] = DATASET_DEFAULTS['train_num_samples']
+    val_num_samples: Optional[int] = DATASET_DEFAULTS['val_num_samples']
+    dataset_download: bool = DATASET_DEFAULTS['dataset_download']
     workers: int = 2
     # loss
     loss: str = 'ad'
@@ -91,7 +93,7 @@ class RunConfig:
     grad_checkpointing: bool = False
     tta: str = 'none'
     # run
-    seed: int = 0
+    seed: int = DATASET_DEFAULTS['seed']
     deterministic: bool = False
     mixed_precision: Optional[str] = None
     output_dir: str = 'runs/builtin'
@@ -146,7 +148,6 @@ class RunConfig:
 
     def dataset_options(self, training: bool) -> Dict[str, Any]:
         """``ssa_timm.data.build_dataset``'s arguments for the training or the validation split."""
-        from ..data import dataset_options
         return dataset_options(self, training)
 
     def identity(self, classes: Sequence[str], train_samples: int, val_samples: int,
