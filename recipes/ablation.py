@@ -6,7 +6,7 @@ with ``--remedies`` also ``plus`` with attention options the paper lacks (``--qk
 ``--regime scratch`` (the default) trains every run's body from scratch. ``--regime transfer`` is the
 paper's regime on the built-in data: a body is first trained once on another glyph family
 (``--builtin-family 1``, no attention), saved, then frozen for every run on family 0, whose SSA
-module and heads train from the cached body maps (``--pretrained-path --freeze-backbone
+module and heads train from the cached body maps (``--pretrained-path --freeze-body
 --cache-features``). ``--builtin-task scene`` (passed on to train.py) runs both regimes on the built-in
 scene task, whose ground-truth part boxes add the localisation columns: the attention's in-box mass
 beside uniform attention's (the box's share of positions) and the pointing game of Grad-CAM and of the
@@ -120,7 +120,7 @@ def pretrained_body(args: argparse.Namespace, body: str, train_args: List[str]) 
     train_once(args, run_dir, [*train_args, '--dataset', 'builtin', '--builtin-family', '1', '--model',
                                f'ssanet_{body}_no_attention', '--seed', '0'], args.pretrain_epochs)
     weights = save_body_weights(run_dir / 'best', run_dir / 'body.safetensors')
-    return ['--pretrained-path', str(weights), '--freeze-backbone', '--cache-features']
+    return ['--pretrained-path', str(weights), '--freeze-body', '--cache-features']
 
 
 def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_args: List[str]) -> Dict:
