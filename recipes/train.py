@@ -196,11 +196,7 @@ def training_function(config: RunConfig) -> Dict:
         train_images, val_images = build_datasets(config, accelerator)
         classes = train_images.classes
         # model (its own input size decides the transforms and the export), and the data it trains on
-        model = build_model(config, len(classes))
-        if config.initial_checkpoint:
-            for note in load_initial_checkpoint(model, Path(config.initial_checkpoint)):
-                accelerator.print(note)
-        set_up_model(model, config)
+        model = starting_model(config, len(classes), accelerator)
         train_data, val_data, trainable = build_training_data(config, model, train_images, val_images, accelerator)
         train_loader, val_loader = build_loaders(config, accelerator, train_data, val_data)
         # optimizer, schedule, loss; then accelerate prepares what it runs
@@ -220,12 +216,7 @@ def training_function(config: RunConfig) -> Dict:
         store = CheckpointStore(config.output_path, accelerator, config.keep_checkpoints,
                                 partial(run_on_main, accelerator), owner=from_main(accelerator, folder.lock.token),
                                 fence=folder.fence)
-        progress = Progress()
-        if config.resume:
-            progress, lines = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None,
-                                         model, end_of_epoch_only=is_stream(train_data))
-            accelerator.print('\n'.join(lines))
-            run_on_main(accelerator, partial(folder.keep_metrics_before, progress.epoch))
+        progress = resume(config, accelerator, folder, store, identity, scheduler, ema, model, is_stream(train_data))
 
         def checkpoint() -> None:
             state = dict(identity=identity, progress=dataclasses.asdict(progress), scheduler=scheduler_state(scheduler))
@@ -255,6 +246,29 @@ def training_function(config: RunConfig) -> Dict:
         accelerator.wait_for_everyone()
         accelerator.end_training()
     return finish(accelerator, config, progress, stop, store, len(classes))
+
+
+def starting_model(config: RunConfig, num_classes: int, accelerator):
+    """The model with its starting weights (a note when an initial checkpoint's classifiers start fresh)."""
+    model = build_model(config, num_classes)
+    if config.initial_checkpoint:
+        for note in load_initial_checkpoint(model, Path(config.initial_checkpoint)):
+            accelerator.print(note)
+    set_up_model(model, config)
+    return model
+
+
+def resume(config: RunConfig, accelerator, folder, store: CheckpointStore, identity: Dict, scheduler, ema, model,
+           streamed: bool) -> Progress:
+    """Where the run starts: ``--resume``'s checkpoint (or a fresh progress), ``metrics.jsonl`` cut to the
+    epochs before it."""
+    if not config.resume:
+        return Progress()
+    progress, lines = resume_run(store, config.resume, identity, scheduler, ema.module if ema else None, model,
+                                 end_of_epoch_only=streamed)
+    accelerator.print('\n'.join(lines))
+    run_on_main(accelerator, partial(folder.keep_metrics_before, progress.epoch))
+    return progress
 
 
 def finish(accelerator, config: RunConfig, progress: Progress, stop: StopRequest, store: CheckpointStore,

@@ -97,6 +97,26 @@ class SSANet(nn.Module):
     are listed: the train-mode logits ``(z_ssa, z_fe)`` (``SelfADLoss`` takes the teacher first),
     ``pre_logits`` (SSA hidden vector, then FE), ``get_classifier()``, the cfg's ``classifier``,
     ``head.heads()`` and the per-head dicts ``{'ssa': z_ssa, 'fe': z_fe}``.
+
+    Args:
+        body: timm model name of the body, e.g. 'vgg16'; a tag ('resnet18.a1_in1k') picks its weights.
+        aggregation: One of ``VARIANTS`` ('plus', 'multiply', 'alpha', 'no_alpha', 'no_attention').
+        num_classes: Classes of both heads; 0 keeps the heads' hidden layers only.
+        in_chans: Input image channels.
+        global_pool: Pool of the heads ('avg', 'max', 'avgmax'; '' for unpooled output).
+        drop_rate: Dropout before each head's final Linear.
+        img_size: Input size the body is built for (position embeddings, attention windows).
+        head_width: Hidden width of each head (paper: 1024).
+        head_act_layer: Optional activation after each head's BatchNorm (paper: none).
+        qk_ratio: Channels of A and B relative to K (``SpatialSelfAttention``; paper: 1.0).
+        scale_attn: Scale the attention logits by 1/sqrt(d) (paper: unscaled).
+        qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
+        fused_attn: Use ``scaled_dot_product_attention`` (None: fused in eval mode only).
+        sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
+        body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
+        body_kwargs: Extra keyword arguments for the body's timm constructor.
+        body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
+            ``forward_intermediates`` indices), pruning the later stages; default: the body's end.
     """
 
     def __init__(
@@ -121,27 +141,6 @@ class SSANet(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        """
-        Args:
-            body: timm model name of the body, e.g. 'vgg16'; a tag ('resnet18.a1_in1k') picks its weights.
-            aggregation: One of ``VARIANTS`` ('plus', 'multiply', 'alpha', 'no_alpha', 'no_attention').
-            num_classes: Classes of both heads; 0 keeps the heads' hidden layers only.
-            in_chans: Input image channels.
-            global_pool: Pool of the heads ('avg', 'max', 'avgmax'; '' for unpooled output).
-            drop_rate: Dropout before each head's final Linear.
-            img_size: Input size the body is built for (position embeddings, attention windows).
-            head_width: Hidden width of each head (paper: 1024).
-            head_act_layer: Optional activation after each head's BatchNorm (paper: none).
-            qk_ratio: Channels of A and B relative to K (``SpatialSelfAttention``; paper: 1.0).
-            scale_attn: Scale the attention logits by 1/sqrt(d) (paper: unscaled).
-            qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
-            fused_attn: Use ``scaled_dot_product_attention`` (None: fused in eval mode only).
-            sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
-            body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
-            body_kwargs: Extra keyword arguments for the body's timm constructor.
-            body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
-                ``forward_intermediates`` indices), pruning the later stages; default: the body's end.
-        """
         super().__init__()
         check_aggregation(aggregation)  # before the body is built (or its weights downloaded)
         self.num_classes = num_classes
