@@ -55,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--cpu', action='store_true')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
     add_dataset_args(p, training=False)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.boxes and args.crop_bbox:
+        p.error('--boxes are boxes of the whole images: they cannot be used with --crop-bbox')
+    return args
 
 
 def validation_images(args: argparse.Namespace, model):
@@ -75,8 +78,6 @@ def localization(args: argparse.Namespace, net, images, data, accelerator) -> Op
     """The localisation metrics on the images with boxes (``--boxes``, or the dataset's own); None when
     there are no boxes."""
     if args.boxes:
-        if args.crop_bbox:
-            raise UserError('--boxes are boxes of the whole images: they cannot be used with --crop-bbox')
         if is_stream(images):
             raise UserError('--boxes matches images by path: it needs a dataset of image files, not a stream')
         boxes = read_boxes(args.boxes, images)

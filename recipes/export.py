@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (args.onnx or args.torchscript or args.compile):
         p.error('nothing to do: give --onnx, --torchscript and/or --compile')
+    outputs = [getattr(args, flag) for flag in ('onnx', 'torchscript', 'report') if getattr(args, flag)]
+    if len(set(Path(path).resolve() for path in outputs)) < len(outputs):
+        p.error(f'--onnx, --torchscript and --report must be different files, got {outputs}')
     return args
 
 
@@ -96,9 +99,6 @@ def check_compile(model: torch.nn.Module, example: torch.Tensor, reference: torc
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     folder = model_folder(args.model)
-    outputs = [getattr(args, flag) for flag in ('onnx', 'torchscript', 'report') if getattr(args, flag)]
-    if len(set(Path(p).resolve() for p in outputs)) < len(outputs):
-        raise UserError(f'--onnx, --torchscript and --report must be different files, got {outputs}')
     for flag in ('onnx', 'torchscript', 'report'):  # before the conversion, not after it
         check_output_path(getattr(args, flag), f'--{flag}', model_folders=[folder] if folder else [])
     if args.onnx:

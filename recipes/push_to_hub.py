@@ -37,7 +37,7 @@ TEMPLATE = Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md'
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='export folder (config.json + model.safetensors)')
-    p.add_argument('--repo-id', default=None, help='ORG/NAME (required unless only --fix-config)')
+    p.add_argument('--repo-id', type=repo_id, default=None, help='ORG/NAME (required unless only --fix-config)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--revision', default=None, help='branch to push to (created if missing)')
     p.add_argument('--token', default=None, help='default: the logged-in token / HF_TOKEN')
@@ -52,13 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_repo_id(repo_id: str) -> None:
+def repo_id(text: str) -> str:
+    """A ``--repo-id``: a valid Hub repo id of the form 'ORG/NAME' (an argparse type: exit status 2)."""
     try:
-        validate_repo_id(repo_id)
+        validate_repo_id(text)
     except HFValidationError as e:
-        raise UserError(f'--repo-id {repo_id!r} is not a valid Hub repo id: {e}') from e
-    if repo_id.count('/') != 1:
-        raise UserError(f"--repo-id {repo_id!r} must be 'ORG/NAME'")
+        raise argparse.ArgumentTypeError(f'{text!r} is not a valid Hub repo id: {e}') from None
+    if text.count('/') != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 'ORG/NAME'")
+    return text
 
 
 def read_checkpoint(folder: Path) -> dict:
@@ -129,7 +131,6 @@ def main(argv=None) -> Path:
                                                    'already loads in timm and transformers, left as it is'))
         if args.repo_id is None:
             return checkpoint
-    check_repo_id(args.repo_id)
     if args.dry_run:
         check_output_path(args.dry_run, '--dry-run', model_folders=[checkpoint], is_folder=True)
         out = build_folder(checkpoint, args.repo_id, Path(args.dry_run))

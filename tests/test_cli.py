@@ -58,3 +58,16 @@ def test_a_model_built_at_another_size_carries_that_size(tmp_path):
     config = json.loads((export_model(model, str(tmp_path / 'best'), ['a', 'b', 'c']) / 'config.json').read_text())
     assert config['pretrained_cfg']['input_size'] == [3, 64, 64] and config['architecture'] == 'ssanet_resnet18_plus'
     assert ssa_timm.create_ssanet_by_name('ssanet_resnet18_plus').pretrained_cfg['input_size'] == (3, 448, 448)
+
+
+@pytest.mark.parametrize('name,argv,message', [
+    ('export', ['--model', 'm', '--onnx', 'a.out', '--report', './a.out'], '--onnx, --torchscript and --report must be'),
+    ('push_to_hub', ['--checkpoint', 'c', '--repo-id', 'a/b/c'], "argument --repo-id: 'a/b/c'"),
+    ('evaluate', ['--model', 'm', '--boxes', 'b.txt', '--crop-bbox'], 'they cannot be used with --crop-bbox'),
+    ('train', ['--resume', 'latest', '--overwrite'], '--resume continues the run'),
+])
+def test_bad_argument_combinations_are_argparse_errors(name, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe(name).parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err.strip().splitlines()[-1], err

@@ -178,9 +178,9 @@ def test_push_dry_run_may_not_write_into_the_checkpoint(export, capsys):
 @pytest.mark.parametrize('repo_id', ['no-namespace', 'a/b/c', 'bad name/x', 'org/--double'])
 def test_push_refuses_invalid_repo_ids(export, tmp_path, capsys, repo_id):
     assert run_main('push_to_hub', '--checkpoint', str(export), '--repo-id', repo_id, '--dry-run',
-                    str(tmp_path)) == 1
+                    str(tmp_path)) == 2  # argparse's status for a bad argument
     err = capsys.readouterr().err
-    assert 'is not a valid Hub repo id' in err or "must be 'ORG/NAME'" in err
+    assert 'argument --repo-id:' in err and ('is not a valid Hub repo id' in err or "must be 'ORG/NAME'" in err)
 
 
 @pytest.mark.slow

@@ -141,5 +141,5 @@ def test_evaluate_boxes_on_cub_prints_the_localisation(tmp_path, capsys):
     assert f'(uniform attention: {9 / 16:.3f})' in printed
     assert 'pointing game: Grad-CAM' in printed and 'most attended position' in printed
     assert run_main('evaluate', '--model', str(run / 'best'), '--dataset', 'cub', '--data-dir', str(root),
-                    '--boxes', str(base / 'bounding_boxes.txt'), '--crop-bbox', '--workers', '0') == 1
+                    '--boxes', str(base / 'bounding_boxes.txt'), '--crop-bbox', '--workers', '0') == 2
     assert 'cannot be used with --crop-bbox' in capsys.readouterr().err
