@@ -29,6 +29,7 @@ from ssa_timm.cli import (
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.launch import attach_worker
 from ssa_timm.metrics import report_top1
 from ssa_timm.processes import from_main, run_on_main
 from ssa_timm.train import (
@@ -188,6 +189,7 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
 
 
 def training_function(config: RunConfig) -> Dict:
+    attach_worker()  # under a launcher: its stop signals reach this process, its death stops it
     accelerator = make_accelerator(config)
     with claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder, \
             StopRequest() as stop:

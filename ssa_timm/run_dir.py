@@ -5,14 +5,19 @@ checkpoint, its ``metrics.jsonl`` appended to and trimmed on resume, and every w
 A folder holds a run when it has ``checkpoints/``, ``best/`` or ``metrics.jsonl``. A new run refuses
 such a folder unless it resumes it or is told to overwrite it.
 
-The lock (``<folder>/.lock``, JSON) names its owner: pid, host, the process's start time, a random
-owner token and a generation that grows with each takeover. Its modification time is a heartbeat,
-refreshed every ``HEARTBEAT_SECONDS``. A lock is taken over only when its owner is surely gone:
+The lock (``<folder>/.lock``, JSON) names its owner: pid, host (name, boot id, pid namespace), the
+process's start time, the SLURM job and restart count when there is one, a random owner token and a
+generation that grows with each takeover. Its modification time is a heartbeat, refreshed every
+``HEARTBEAT_SECONDS``. A lock is taken over only when its owner is surely gone:
 
-* on this host, when its process no longer runs (a live process is never taken over, however old
-  its heartbeat: a paused job, a suspended laptop, a stopped process);
+* on this host (same name, boot and pid namespace), when its process no longer runs (a live process
+  is never taken over, however old its heartbeat: a paused job, a suspended laptop, a stopped process);
+* when it is an earlier run of this SLURM job (same job id, another restart count: a requeued job
+  whose node died; SLURM requeues a job only once its processes are gone);
 * from another host, when its heartbeat is older than ``STALE_AFTER_SECONDS`` (a run killed on another
-  machine of a cluster, then requeued here).
+  machine of a cluster, then requeued here). The age is read against the folder's own filesystem
+  clock (a file touched there now), so clock skew between machines of a shared filesystem does not
+  make a live lock look stale.
 
 A takeover across hosts may hit an owner that was only paused. So the takeover is fenced: the owner
 re-reads the lock before every write to the folder (checkpoint, metrics, best model, release) and,
@@ -58,6 +63,22 @@ def _process_start(pid: int) -> Optional[str]:
     return stat.rpartition(')')[2].split()[19]
 
 
+def _host_identity() -> Dict[str, Any]:
+    """What tells this host (and pid namespace) from another: a container sharing the host name has
+    another pid namespace, a rebooted machine another boot id."""
+    def read(path: str, link: bool = False) -> Optional[str]:
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+    return {'host': socket.gethostname(), 'boot': read('/proc/sys/kernel/random/boot_id'),
+            'pidns': read('/proc/self/ns/pid', link=True)}
+
+
+def _slurm_run() -> Dict[str, Optional[str]]:
+    return {'job': os.environ.get('SLURM_JOB_ID'), 'restart': os.environ.get('SLURM_RESTART_COUNT', '0')}
+
+
 def _process_alive(pid: int, started: Optional[str]) -> bool:
     try:
         os.kill(pid, 0)
@@ -90,7 +111,7 @@ class RunLock:
         self._thread: Optional[threading.Thread] = None
 
     def _record(self) -> Dict[str, Any]:
-        return {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _process_start(os.getpid()),
+        return {'pid': os.getpid(), **_host_identity(), 'started': _process_start(os.getpid()), **_slurm_run(),
                 'token': self.token, 'generation': self.generation}
 
     def acquire(self) -> 'RunLock':
@@ -107,8 +128,9 @@ class RunLock:
                 try:
                     os.link(tmp, self.path)  # atomic: the lock appears with its content, or not at all
                 except FileExistsError:
-                    self._take_over_if_stale()
-                    continue
+                    if tmp.stat().st_nlink < 2:  # (NFS may report EEXIST for a retried link that worked)
+                        self._take_over_if_stale()
+                        continue
                 self.held = True
                 self._start_heartbeat()
                 return self
@@ -141,7 +163,12 @@ class RunLock:
         if owner is None:
             return  # unreadable: not a lock this code wrote
         where = f'pid {owner.get("pid")} on {owner.get("host")}'
-        if owner.get('host') == socket.gethostname():
+        slurm = _slurm_run()
+        if slurm['job'] and owner.get('job') == slurm['job'] and owner.get('restart') != slurm['restart']:
+            return  # an earlier run of this requeued job: SLURM requeues only once its processes are gone
+        here = _host_identity()
+        if all(owner.get(key) in (value, None) for key, value in here.items() if value is not None) \
+                and owner.get('host') == here['host']:
             if _process_alive(int(owner['pid']), owner.get('started')):
                 raise RunFolderInUse(
                     f'{self.path.parent} is in use by another run ({where}, alive; heartbeat {age:.0f} s ago); wait '
@@ -154,7 +181,8 @@ class RunLock:
                 f'{self.stale_after:.0f} s is taken over)')
 
     def owner(self) -> Tuple[Optional[Dict[str, Any]], float]:
-        """The lock's content and the age of its heartbeat in seconds (None for a missing or unreadable lock)."""
+        """The lock's content and the age of its heartbeat in seconds, by the filesystem's clock (None for a
+        missing or unreadable lock)."""
         return _read_lock(self.path)
 
     def check(self) -> None:
@@ -162,6 +190,9 @@ class RunLock:
         if not self.held:
             return
         owner, _ = self.owner()
+        if owner is None:  # a racing run may have moved it aside for a moment (and puts it back)
+            time.sleep(0.2)
+            owner, _ = self.owner()
         if (owner or {}).get('token') != self.token:
             taken = (f'by pid {owner.get("pid")} on {owner.get("host")} (generation {owner.get("generation")})'
                      if owner else '(the lock file is gone)')
@@ -177,11 +208,11 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
             owner, _ = self.owner()
-            if (owner or {}).get('token') != self.token:
+            if owner is not None and owner.get('token') != self.token:
                 return  # taken over: the next write stops the run (check)
             try:
                 os.utime(self.path)
-            except OSError:  # a full or unmounted disk: the run itself reports its write errors
+            except OSError:  # missing for a moment, a full or unmounted disk: the run reports its write errors
                 pass
 
     def release(self) -> None:
@@ -192,19 +223,42 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
         self.held = False
-        owner, _ = self.owner()
-        if (owner or {}).get('token') == self.token:
-            self.path.unlink(missing_ok=True)
+        aside = self.path.with_name(f'{LOCK_NAME}.release-{self.token}')
+        try:
+            os.rename(self.path, aside)  # out of the way first: never unlink a lock another run just wrote
+        except OSError:
+            return
+        moved, _ = _read_lock(aside, with_age=False)
+        if (moved or {}).get('token') != self.token:
+            try:
+                os.link(aside, self.path)  # another owner's: back in place
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
 
 
-def _read_lock(path: Path) -> Tuple[Optional[Dict[str, Any]], float]:
+def _read_lock(path: Path, with_age: bool = True) -> Tuple[Optional[Dict[str, Any]], float]:
     try:
-        age = time.time() - path.stat().st_mtime
         owner = json.loads(path.read_text())
         int(owner['pid'])
-        return owner, age
+        return owner, _age(path) if with_age else 0.0
     except (OSError, ValueError, KeyError, TypeError):
         return None, 0.0
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was modified, by its filesystem's clock: the modification time of a file
+    touched there now (on NFS the server's clock), else this machine's clock."""
+    now = time.time()
+    probe = path.with_name(f'{LOCK_NAME}.clock-{uuid.uuid4().hex[:8]}')
+    try:
+        probe.touch()
+        now = probe.stat().st_mtime
+    except OSError:
+        pass
+    finally:
+        probe.unlink(missing_ok=True)
+    return now - path.stat().st_mtime
 
 
 class RunFolder:

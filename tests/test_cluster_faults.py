@@ -21,7 +21,7 @@ from recipe_runs import TINY_TRAIN, run_main
 from ssa_timm.errors import LockLost, RunFolderInUse
 from ssa_timm.hub import export_model
 from ssa_timm.run_dir import RunFolder, RunLock
-from ssa_timm.train import StopRequest
+from ssa_timm.train import StopRequest, preemption
 
 
 def train(*argv: str) -> int:
@@ -88,9 +88,38 @@ def test_a_takeover_from_another_host_is_fenced(tmp_path):
         RunLock(tmp_path).acquire()
 
 
+def test_a_requeued_slurm_job_takes_its_earlier_runs_lock_at_once(tmp_path, monkeypatch):
+    """Its node died (no release, a fresh heartbeat on another host); SLURM requeued the job: same job id,
+    next restart count. Another job's fresh lock stays refused."""
+    monkeypatch.setenv('SLURM_JOB_ID', '77')
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '0')
+    dead = RunLock(tmp_path, heartbeat=3600).acquire()
+    record = dict(json.loads(dead.path.read_text()), host='node-dead')
+    dead.path.write_text(json.dumps(record))
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+    requeued = RunLock(tmp_path).acquire()
+    assert json.loads(requeued.path.read_text())['generation'] == record['generation'] + 1
+    requeued.path.write_text(json.dumps(dict(record, job='78', token='other')))
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '2')
+    with pytest.raises(RunFolderInUse, match='on node-dead, heartbeat 0 s ago'):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_container_sharing_the_host_name_is_another_host(tmp_path):
+    """Same host name, another pid namespace (host networking): its pid says nothing here, its heartbeat does."""
+    lock = RunLock(tmp_path, heartbeat=3600).acquire()
+    record = json.loads(lock.path.read_text())
+    lock.path.write_text(json.dumps(dict(record, pid=2 ** 22 + 7, pidns='pid:[4026531836999]')))
+    with pytest.raises(RunFolderInUse, match='heartbeat 0 s ago'):
+        RunLock(tmp_path).acquire()
+    os.utime(lock.path, (time.time() - 3600, time.time() - 3600))
+    assert RunLock(tmp_path).acquire().held
+
+
 def test_a_second_signal_during_the_checkpoint_write_leaves_no_temporary_checkpoint(tmp_path, monkeypatch, capsys):
     """Row 8: the first signal asks for a checkpoint; the second arrives while it is written."""
     out = tmp_path / 'run'
+    monkeypatch.setattr(preemption, 'DUPLICATE_SECONDS', 0.0)
     save_state, calls = accelerate.Accelerator.save_state, []
 
     def interrupted(self, path, *args, **kwargs):

@@ -24,6 +24,7 @@ from ssa_timm import SelfADLoss
 from ssa_timm.data import DatasetLayoutError, build_dataset
 from ssa_timm.output_paths import atomic_dir, restore_interrupted
 from ssa_timm.run_dir import RunLock
+from ssa_timm.train import preemption
 
 
 def files_of(folder: Path) -> dict:
@@ -307,8 +308,18 @@ def metrics_lines(out: Path) -> list:
             for m in lines]
 
 
+def test_the_same_signal_delivered_twice_at_once_stops_once_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A scheduler signalling every process of a job and a launcher forwarding it: one request, not an abort."""
+    out = tmp_path / 'run'
+    signal_at_call(monkeypatch, 3, signal.SIGUSR1, signal.SIGUSR1)
+    assert train(*TINY_TRAIN, '--output-dir', str(out)) == 128 + signal.SIGUSR1
+    assert 'stopped by SIGUSR1 at epoch 0, step 3' in capsys.readouterr().out
+    assert (out / 'checkpoints' / 'checkpoint_0').is_dir()
+
+
 def test_a_second_signal_aborts_at_once(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'run'
+    monkeypatch.setattr(preemption, 'DUPLICATE_SECONDS', 0.0)  # the second one is no copy of the first
     signal_at_call(monkeypatch, 3, signal.SIGTERM, signal.SIGTERM)
     assert train(*TINY_TRAIN, '--output-dir', str(out)) == 128 + signal.SIGTERM
     one_error_line(capsys, 'SIGTERM again: aborted at once')

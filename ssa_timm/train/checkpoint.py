@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, DamagedCheckpoint, IdentityMismatch, one_line
+from ..processes import from_main
 from .config import RESUMABLE_CHANGES, identity_changes
 from .optim import load_scheduler_state
 
@@ -93,7 +94,9 @@ class CheckpointStore:
     def save(self, state: Dict[str, Any], ema: Optional[torch.nn.Module] = None) -> Path:
         """Write the next ``checkpoint_N``: accelerate's state, ``ema``'s weights and ``state`` as JSON."""
         existing = self.folders()
-        final = self.folder / f'checkpoint_{checkpoint_index(existing[0]) + 1 if existing else 0}'
+        # the main process's listing decides for all (another machine's view of a shared folder may lag)
+        index = from_main(self.accelerator, checkpoint_index(existing[0]) + 1 if existing else 0)
+        final = self.folder / f'checkpoint_{index}'
         tmp = self.folder / f'.{final.name}.tmp-{self.owner}'
         self.on_main(self.fence)  # a run that lost its folder writes nothing more
         try:
@@ -132,7 +135,12 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_write_error(tmp, e)) from e
         self.fence()
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError as e:  # a checkpoint of that name appeared (another owner's), a full disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.fence()
+            raise CheckpointError(_write_error(tmp, e)) from e
         for old in self.folders()[self.keep:]:
             doomed = old.with_name(f'.{old.name}.del')  # out of the checkpoint names first, then deleted
             old.rename(doomed)

@@ -4,29 +4,30 @@ SIGTERM (what SLURM, Kubernetes and most schedulers send before they kill a job)
 and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) ask the run to stop at the next optimizer step:
 it writes a mid-epoch checkpoint that resumes exactly, releases its lock and exits with status
 128 + the signal number (143, 130, 138), as a shell reports a process the signal ended. A second
-signal aborts at once.
+signal aborts at once; the same signal arriving again within ``DUPLICATE_SECONDS`` counts once (a
+scheduler that signals every process of a job, and a launcher that forwards the signal too, deliver
+it several times).
 
 With several processes, the one that received the signal tells the others: every ``CHECK_EVERY``
 optimizer steps (the same steps on every process) and at each epoch's end the processes reduce one
 flag, so no other step waits for the host. Under ``ssa-timm-launch`` (``ssa_timm.launch``) the
-workers register with the wrapper, which forwards its signals to them, and exit 0 after telling it the
-signal; under a bare launcher (torchrun, ``accelerate launch``) a worker whose launcher dies receives
-SIGTERM and stops the same way, instead of training on without it.
+workers exit 0 after telling the wrapper the signal.
 """
-import os
 import signal
+import time
 from types import FrameType
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
-from ..launch import die_with_parent, register_worker, stop_exit_status
+from ..launch import stop_exit_status
 
-__all__ = ['CHECK_EVERY', 'STOP_SIGNALS', 'RunAborted', 'StopRequest']
+__all__ = ['CHECK_EVERY', 'DUPLICATE_SECONDS', 'STOP_SIGNALS', 'RunAborted', 'StopRequest']
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 CHECK_EVERY = 10
+DUPLICATE_SECONDS = 1.0
 
 
 class RunAborted(UserError):
@@ -54,6 +55,7 @@ class StopRequest:
     def __init__(self, check_every: int = CHECK_EVERY) -> None:
         self.signum: Optional[int] = None
         self.check_every = check_every
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self) -> 'StopRequest':
@@ -62,10 +64,6 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
-            return self
-        register_worker()
-        if 'TORCHELASTIC_RUN_ID' in os.environ:  # a worker of torchrun / accelerate launch
-            die_with_parent(signal.SIGTERM)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,9 +72,10 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif signum != self.signum or time.monotonic() - self._first_at > DUPLICATE_SECONDS:
             raise RunAborted(signum)
-        self.signum = signum
 
     @property
     def name(self) -> str:
@@ -97,6 +96,6 @@ class StopRequest:
             return False
         flag = torch.tensor(float(self.signum or 0), device=accelerator.device)
         signum = int(accelerator.reduce(flag, reduction='max').item())
-        if signum and self.signum is None:
-            self.signum = signum
+        if signum and self.signum is None:  # another process's signal: the same, should it arrive here too
+            self.signum, self._first_at = signum, time.monotonic()
         return bool(signum)

@@ -1,6 +1,6 @@
 """The slow tier, cluster paths: two CPU worker processes under ``ssa-timm-launch`` stopped by a signal
-to the wrapper, to its process group or to one worker (every worker checkpointed, exit 128 + the
-signal, no traceback, no worker left); the docs' SLURM script run as written with a stand-in
+to the wrapper, to its process group, to one worker or to every process of the job at once (every
+worker checkpointed, exit 128 + the signal, no traceback, no worker left); the docs' SLURM script run as written with a stand-in
 ``scontrol``; a run paused on one host and taken over from another (separate UTS namespace); and two
 machines without a shared disk (separate mount namespace)."""
 import json
@@ -70,7 +70,8 @@ def start_wrapped(out: Path, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize('target,signum', [('wrapper', signal.SIGUSR1), ('group', signal.SIGUSR1),
-                                           ('worker', signal.SIGTERM)])
+                                           ('worker', signal.SIGTERM), ('every', signal.SIGUSR1),
+                                           ('every', signal.SIGTERM)])
 def test_a_stop_signal_checkpoints_every_worker_and_the_job_exits_128_plus_it(tmp_path, target, signum):
     out = tmp_path / 'run'
     proc = start_wrapped(out)
@@ -80,8 +81,11 @@ def test_a_stop_signal_checkpoints_every_worker_and_the_job_exits_128_plus_it(tm
         proc.send_signal(signum)
     elif target == 'group':  # what a scheduler signalling the job step's process group does
         os.killpg(proc.pid, signum)
-    else:
+    elif target == 'worker':
         os.kill(workers_of(out)[-1], signum)
+    else:  # every process of the job, as slurmstepd does (--signal without B:, the time limit, scancel)
+        for pid in processes_naming(str(out)):
+            os.kill(pid, signum)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, stdout[-2000:] + stderr[-3000:]
     assert 'Traceback' not in stderr and 'ChildFailedError' not in stderr, stderr[-3000:]
@@ -138,10 +142,10 @@ def test_a_paused_run_taken_over_from_another_host_stops_at_its_next_write(tmp_p
     next write; B finishes unharmed: each epoch once in metrics.jsonl, its lock released."""
     needs_namespaces('--uts')
     out = tmp_path / 'run'
-    train = [sys.executable, str(ROOT / 'recipes' / 'train.py'), *LONG_TRAIN, '--checkpoint-steps', '3',
-             '--output-dir', str(out), '--resume', 'auto']
+    train = [sys.executable, str(ROOT / 'recipes' / 'train.py'), *LONG_TRAIN, '--builtin-train-per-class', '80',
+             '--checkpoint-steps', '5', '--output-dir', str(out), '--resume', 'auto']
     first = subprocess.Popen(train, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / 'checkpoints' / 'checkpoint_1').is_dir())
+    wait_for(lambda: any((out / 'checkpoints').glob('checkpoint_*')), timeout=120)
     first.send_signal(signal.SIGSTOP)
     owner = json.loads((out / '.lock').read_text())
     os.utime(out / '.lock', (time.time() - 3600, time.time() - 3600))  # its heartbeat stopped an hour ago
