@@ -1,8 +1,8 @@
 """The slow tier, cluster paths: two CPU worker processes under ``ssa-timm-launch`` stopped by a signal
 to the wrapper, to its process group, to one worker or to every process of the job at once (every
 worker checkpointed, exit 128 + the signal, no traceback, no worker left); the docs' SLURM script run
-as written with a stand-in ``scontrol``; a run paused on one host and taken over from another (separate UTS namespace); and two
-machines without a shared disk (separate mount namespace)."""
+as written with a stand-in ``scontrol``; a run paused on one host and taken over from another
+(separate UTS namespace); and two machines without a shared disk (separate mount namespace)."""
 import json
 import os
 import re
