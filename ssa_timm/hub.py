@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from timm.models import save_for_hf
 
 from .errors import UserError, WeightsMismatch, one_line
-from .models import SSANet, create_ssanet_by_name
+from .models import SSANet, create_ssanet_by_name, parse_ssanet_name
 
 __all__ = ['MAX_IMG_SIZE', 'attention_args', 'check_img_size', 'check_model_folder', 'export_model', 'fix_config',
            'fixed_config', 'img_size_limit', 'label_names', 'load_model', 'model_folder', 'validate_config']
@@ -257,10 +257,13 @@ def _create(spec: str, pretrained: bool, **kwargs: Any) -> SSANet:
     if spec.startswith('hf-hub:'):
         _check_hub_repo(spec)
         return _load_weights(spec, f'the weights of {spec}', **kwargs)
-    try:
-        return create_ssanet_by_name(spec, pretrained=pretrained, **kwargs)
-    except ValueError as e:
-        raise UserError(f'{spec!r} is neither an export folder nor a model name: {e}') from e
+    base = spec.partition('.')[0]
+    if base != 'ssanet':
+        try:
+            parse_ssanet_name(base)  # a name's own errors, not the model's (those keep their type and words)
+        except ValueError as e:
+            raise UserError(f'{spec!r} is neither an export folder nor a model name: {e}') from e
+    return create_ssanet_by_name(spec, pretrained=pretrained, **kwargs)
 
 
 def _load_weights(spec: str, weights: str, **kwargs: Any) -> SSANet:

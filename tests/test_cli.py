@@ -65,6 +65,7 @@ def test_a_model_built_at_another_size_carries_that_size(tmp_path):
     ('push_to_hub', ['--checkpoint', 'c', '--repo-id', 'a/b/c'], "argument --repo-id: 'a/b/c'"),
     ('evaluate', ['--model', 'm', '--boxes', 'b.txt', '--crop-bbox'], 'they cannot be used with --crop-bbox'),
     ('train', ['--resume', 'latest', '--overwrite'], '--resume continues the run'),
+    ('train', ['--sagan-qk', '--qk-norm'], 'at --img-size 64: sagan_qk sets the width of A and B'),  # the model's words
 ])
 def test_bad_argument_combinations_are_argparse_errors(name, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
