@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .run_dir import process_start_time
+
 __all__ = ['FORWARDED_SIGNALS', 'LAUNCH_DIR_ENV', 'attach_worker', 'die_with_parent', 'main', 'run_launcher',
            'stop_exit_status']
 
@@ -69,7 +71,7 @@ def attach_worker() -> None:
     folder = _launch_dir()
     if folder is not None:
         tmp = folder / f'.worker-{os.getpid()}'
-        tmp.write_text(f'{os.getpid()} {_start_time(os.getpid())}')
+        tmp.write_text(f'{os.getpid()} {process_start_time(os.getpid()) or ""}')
         os.replace(tmp, folder / f'worker-{os.getpid()}')  # whole, or not there
 
 
@@ -86,13 +88,6 @@ def stop_exit_status(signum: int) -> int:
     return 128 + signum
 
 
-def _start_time(pid: int) -> str:
-    try:
-        return Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()[19]
-    except (OSError, IndexError):
-        return ''
-
-
 def _workers(folder: Path) -> List[int]:
     """The registered workers that still run (a pid reused by another process is not one of them)."""
     alive = []
@@ -102,7 +97,7 @@ def _workers(folder: Path) -> List[int]:
             os.kill(int(pid), 0)
         except (OSError, ValueError):
             continue
-        if not started or started == _start_time(int(pid)):
+        if not started or started == process_start_time(int(pid)):
             alive.append(int(pid))
     return alive
 

@@ -38,7 +38,7 @@ from .errors import LockLost, RunFolderInUse, UserError
 from .output_paths import atomic_write_text, ensure_writable_dir, restore_interrupted
 
 __all__ = ['HEARTBEAT_SECONDS', 'METRICS', 'REPLACED', 'RUN_FILES', 'RunFolder', 'RunLock', 'STALE_AFTER_SECONDS',
-           'run_files']
+           'process_start_time', 'run_files']
 
 RUN_FILES = ('checkpoints', 'best', 'metrics.jsonl')
 METRICS = 'metrics.jsonl'
@@ -53,9 +53,9 @@ def run_files(path: Path) -> List[str]:
     return [name for name in RUN_FILES if (path / name).exists()]
 
 
-def _process_start(pid: int) -> Optional[str]:
-    """The start time of process ``pid`` (Linux: ``/proc/<pid>/stat`` field 22), to tell a reused pid
-    from the lock's owner; None where it cannot be read."""
+def process_start_time(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux: ``/proc/<pid>/stat`` field 22), to tell a reused pid from
+    the process recorded with it (a lock's owner, a launcher's worker); None where it cannot be read."""
     try:
         stat = Path(f'/proc/{pid}/stat').read_text()
     except OSError:
@@ -86,7 +86,7 @@ def _process_alive(pid: int, started: Optional[str]) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         pass
-    now = _process_start(pid)
+    now = process_start_time(pid)
     return started is None or now is None or now == started
 
 
@@ -111,7 +111,7 @@ class RunLock:
         self._thread: Optional[threading.Thread] = None
 
     def _record(self) -> Dict[str, Any]:
-        return {'pid': os.getpid(), **_host_identity(), 'started': _process_start(os.getpid()), **_slurm_run(),
+        return {'pid': os.getpid(), **_host_identity(), 'started': process_start_time(os.getpid()), **_slurm_run(),
                 'token': self.token, 'generation': self.generation}
 
     def acquire(self) -> 'RunLock':

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 LAUNCH = ['--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend',
           'no', '--main_process_port', '0']
-LONG_TRAIN = [*TINY_TRAIN, '--builtin-train-per-class', '40', '--epochs', '2', '--cpu']
+# 125 steps an epoch: a run is still training when the tests signal it, 2 s after its start
+LONG_TRAIN = [*TINY_TRAIN, '--builtin-train-per-class', '200', '--epochs', '2', '--cpu']
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
