@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from .errors import LockLost, RunFolderInUse, UserError
 from .output_paths import atomic_write_text, ensure_writable_dir, restore_interrupted
@@ -143,14 +143,14 @@ class RunLock:
     def _take_over_if_stale(self) -> None:
         """Move a stale lock out of the way (raise ``RunFolderInUse`` for a live one). The lock is renamed
         aside, then checked to be the one judged stale; a racing run's fresh lock is put back."""
-        owner, age = self.owner()
-        self._refuse_live_owner(owner, age)
+        owner = self.owner()
+        self._refuse_live_owner(owner, _age(self.path) if owner else 0.0)
         aside = self.path.with_name(f'{LOCK_NAME}.stale-{self.token}')
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return  # another run moved it first
-        moved, _ = _read_lock(aside)
+        moved = _read_lock(aside)
         if owner is not None and (moved or {}).get('token') != owner.get('token'):
             try:
                 os.link(aside, self.path)  # not the stale lock: a racing run's fresh one, back in place
@@ -180,19 +180,18 @@ class RunLock:
                 f'or use another --output-dir (a lock from another host whose heartbeat is older than '
                 f'{self.stale_after:.0f} s is taken over)')
 
-    def owner(self) -> Tuple[Optional[Dict[str, Any]], float]:
-        """The lock's content and the age of its heartbeat in seconds, by the filesystem's clock (None for a
-        missing or unreadable lock)."""
+    def owner(self) -> Optional[Dict[str, Any]]:
+        """The lock's content (None for a missing or unreadable lock)."""
         return _read_lock(self.path)
 
     def check(self) -> None:
         """Fence a write: raise ``LockLost`` unless this lock is still held by this owner."""
         if not self.held:
             return
-        owner, _ = self.owner()
+        owner = self.owner()
         if owner is None:  # a racing run may have moved it aside for a moment (and puts it back)
             time.sleep(0.2)
-            owner, _ = self.owner()
+            owner = self.owner()
         if (owner or {}).get('token') != self.token:
             taken = (f'by pid {owner.get("pid")} on {owner.get("host")} (generation {owner.get("generation")})'
                      if owner else '(the lock file is gone)')
@@ -207,7 +206,7 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            owner, _ = self.owner()
+            owner = self.owner()
             if owner is not None and owner.get('token') != self.token:
                 return  # taken over: the next write stops the run (check)
             try:
@@ -228,7 +227,7 @@ class RunLock:
             os.rename(self.path, aside)  # out of the way first: never unlink a lock another run just wrote
         except OSError:
             return
-        moved, _ = _read_lock(aside, with_age=False)
+        moved = _read_lock(aside)
         if (moved or {}).get('token') != self.token:
             try:
                 os.link(aside, self.path)  # another owner's: back in place
@@ -237,13 +236,13 @@ class RunLock:
         aside.unlink(missing_ok=True)
 
 
-def _read_lock(path: Path, with_age: bool = True) -> Tuple[Optional[Dict[str, Any]], float]:
+def _read_lock(path: Path) -> Optional[Dict[str, Any]]:
     try:
         owner = json.loads(path.read_text())
         int(owner['pid'])
-        return owner, _age(path) if with_age else 0.0
+        return owner
     except (OSError, ValueError, KeyError, TypeError):
-        return None, 0.0
+        return None
 
 
 def _age(path: Path) -> float:
@@ -258,7 +257,10 @@ def _age(path: Path) -> float:
         pass
     finally:
         probe.unlink(missing_ok=True)
-    return now - path.stat().st_mtime
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:  # gone since it was read: nothing left to wait for
+        return float('inf')
 
 
 class RunFolder:

@@ -115,11 +115,11 @@ class CheckpointStore:
         return final
 
     def _agree_or_raise(self, error: Optional[OSError], tmp: Path) -> None:
-        from accelerate.utils import broadcast_object_list, gather_object
+        from accelerate.utils import gather_object
         message = _write_error(tmp, error) if error else None
         if self.accelerator.num_processes > 1:
             messages = [m for m in gather_object([message]) if m]
-            message = broadcast_object_list([messages[0] if messages else None])[0]
+            message = from_main(self.accelerator, messages[0] if messages else None)
         if message:
             self.on_main(self.fence)  # a write that failed because another run took the folder over
             if self.accelerator.is_main_process:
@@ -254,16 +254,13 @@ def resume_run(store: CheckpointStore, resume: str, identity: Dict[str, Any], sc
     checkpoint's run planned re-plans an epoch-based schedule). Returns the progress (a fresh one for
     'auto' without a checkpoint) and the lines to show: the skipped checkpoints and what was resumed.
     """
-    from accelerate.utils import broadcast_object_list
     chosen: List[Any] = [None, []]
 
     def pick() -> None:
         folder, skipped = store.choose(resume, identity, end_of_epoch_only)
         chosen[:] = [str(folder) if folder else None, skipped]
     store.on_main(pick)
-    if store.accelerator.num_processes > 1:
-        chosen = broadcast_object_list(chosen)
-    path, lines = chosen
+    path, lines = from_main(store.accelerator, chosen)
     if path is None:
         return Progress(), [*lines, f'--resume {resume}: no checkpoint yet, a fresh run']
     folder = Path(path)

@@ -48,7 +48,7 @@ def _check_shared(folder: RunFolder, accelerator) -> None:
         return
     from accelerate.utils import gather_object
     token = from_main(accelerator, folder.lock.token)
-    owner, _ = folder.lock.owner()
+    owner = folder.lock.owner()
     seen = (owner or {}).get('token') == token
     blind = [(rank, host) for rank, (ok, host) in enumerate(gather_object([(seen, socket.gethostname())])) if not ok]
     if blind:
