@@ -172,7 +172,7 @@ def add_dataset_args(p: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument('--builtin-family', type=at_least(0), default=d['builtin_family'],
                    help='builtin: glyph family (families share no glyph; 1 pretrains a body for 0)')
     g.add_argument('--builtin-task', choices=BUILTIN_TASKS, default=d['builtin_task'],
-                   help='builtin: glyph, or scene: a 96 px textured canvas where the class is one small framed part '
+                   help='builtin: glyph, or scene: a 64 px textured canvas where the class is one small framed part '
                    'among distractors, with ground-truth boxes and localisation metrics')
     add_timm_dataset_args(p, training)
 

@@ -35,8 +35,9 @@ def test_each_box_holds_its_part_and_its_frame():
         assert len(np.unique(frame[ring.flatten()], axis=0)) == 1  # one frame colour all round
 
 
-def test_distractors_are_other_classes_and_no_parts_overlap():
-    scene = BuiltinScene('train', samples_per_class=4, seed=0)
+@pytest.mark.parametrize('image_size', [48, 64, 96])
+def test_distractors_are_other_classes_and_no_parts_overlap(image_size):
+    scene = BuiltinScene('train', samples_per_class=30, seed=0, image_size=image_size)
     for index in range(len(scene)):
         parts = scene.layout(index)
         assert parts[0][0] == scene.targets[index] and parts[0][4] == 1

@@ -129,6 +129,12 @@ _SCENE_DISTRACTORS = (2, 3)  # distractor parts per image: two or three
 _FRAME = 2  # frame thickness (px); one pixel of plate separates it from the glyph
 
 
+def _scene_cells(image_size: int) -> Tuple[int, int]:
+    """The ``[low, high)`` range of a scene part's glyph cell (px) on a canvas of ``image_size``:
+    2-3 px at 64 px, 3-4 px at 96 px."""
+    return max(2, image_size // 32), max(2, image_size // 21) + 1
+
+
 def _scene_part_side(cell: int) -> int:
     """Side (px) of a scene part: the glyph of ``cell`` px cells, one pixel of plate and the frame around it."""
     return _GLYPH * cell + 2 * (_FRAME + 1)
@@ -139,8 +145,8 @@ class BuiltinScene(Dataset):
 
     Each image is a larger canvas of textured, noisy background (a blocky low-frequency pattern,
     stripes, rectangles and pixel noise). The class is decided by one small part at a random position
-    and scale (cells of 3 or 4 px): the class's 4x4 glyph inside a dark two-pixel frame. Elsewhere sit two
-    or three unframed distractor parts, glyphs of *other* classes of the same vocabulary, in the same
+    and scale (cells of 2 or 3 px on the default 64 px canvas, 3 or 4 px at 96 px): the class's 4x4 glyph
+    inside a dark two-pixel frame. Elsewhere sit up to three (almost always two or three) unframed distractor parts, glyphs of *other* classes of the same vocabulary, in the same
     colour, on the same kind of plate: global average pooling mixes
     the true part's evidence with theirs, so a model that finds the framed part wins.
 
@@ -159,7 +165,7 @@ class BuiltinScene(Dataset):
     """
 
     def __init__(self, split: str = 'train', num_classes: int = 10, samples_per_class: int = 100,
-                 image_size: int = 96, seed: int = 0, family: int = 0) -> None:
+                 image_size: int = 64, seed: int = 0, family: int = 0) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
         if image_size < 48:
@@ -183,7 +189,7 @@ class BuiltinScene(Dataset):
 
     def layout(self, index: int) -> List[Tuple[int, int, int, int, int]]:
         """The parts of ``index`` as ``(glyph, top, left, cell, framed)``: the framed class part first,
-        then the distractors; no two parts overlap."""
+        then the distractors; no two parts overlap (a distractor that finds no free spot is left out)."""
         if not 0 <= index < len(self):
             raise IndexError(f'index {index} out of range for {len(self)} images')
         label, s = self.targets[index], self.image_size
@@ -194,15 +200,15 @@ class BuiltinScene(Dataset):
         parts: List[Tuple[int, int, int, int, int]] = []
         taken: List[Tuple[int, int, int]] = []
         for n, glyph in enumerate(glyphs):
-            cell = int(rng.integers(3, 5))
+            cell = int(rng.integers(*_scene_cells(s)))
             side = _scene_part_side(cell)
-            for _ in range(50):  # rejection sampling of a free spot
+            for _ in range(50):  # rejection sampling of a free spot; a distractor without one is left out
                 top, left = (int(v) for v in rng.integers(0, s - side + 1, size=2))
                 if all(top + side + 2 <= t or t + ts + 2 <= top or left + side + 2 <= lf or lf + ts + 2 <= left
                        for t, lf, ts in taken):
+                    taken.append((top, left, side))
+                    parts.append((glyph, top, left, cell, int(n == 0)))
                     break
-            taken.append((top, left, side))
-            parts.append((glyph, top, left, cell, int(n == 0)))
         return parts
 
     def part_boxes(self, index: int) -> List[Tuple[int, int, int, int]]:

@@ -20,8 +20,6 @@ __all__ = ['BUILTIN_DEFAULTS', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES', 'RunConfig
 BUILTIN_DEFAULTS = dict(model='ssanet_resnet18_plus', img_size=64, opt='adamw', weight_decay=0.05)
 PAPER_DEFAULTS = dict(model='ssanet_vgg16_plus', img_size=448, opt='momentum', weight_decay=5e-4)
 _BUILTIN_RESNET18_FEATURE_INDEX = 2
-# the built-in scene task (--builtin-task scene) is drawn on a larger canvas: a 12 x 12 map after layer2
-SCENE_IMG_SIZE = 96
 
 # identity fields a resume may change: the schedule is re-planned for a new length
 RESUMABLE_CHANGES = ('epochs',)
@@ -115,8 +113,6 @@ class RunConfig:
         config = cls(**given)
         builtin = config.dataset == 'builtin'
         defaults = BUILTIN_DEFAULTS if builtin else PAPER_DEFAULTS
-        if builtin and config.builtin_task == 'scene':
-            defaults = dict(defaults, img_size=SCENE_IMG_SIZE)  # the scene's canvas, at its native size
         filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
         if config.pretrained is None:
             filled['pretrained'] = not builtin or config.pretrained_path is not None
