@@ -16,8 +16,9 @@ most attended position (``ssa_timm.localization``).
     python recipes/ablation.py --seeds 0,1,2 --variants no_attention,plus --losses ad --remedies qk-norm,scale-attn
     python recipes/ablation.py --regime transfer --seeds 0,1,2 --variants no_attention,plus,multiply,no_alpha \
         --remedies qk-norm,scale-attn --epochs 10            # the paper's regime, frozen pretrained body
-    python recipes/ablation.py --builtin-task scene --seeds 0,1,2,3,4 --variants no_attention,plus,no_alpha \
-        --losses ad --remedies scale-attn,qk-norm,sagan-qk   # the scene task: a part to find, localisation columns
+    python recipes/ablation.py --builtin-task scene --builtin-train-per-class 200 --seeds 0,1,2,3,4 \
+        --variants no_attention,plus,no_alpha --losses ad --remedies scale-attn,qk-norm,sagan-qk \
+        --sched cosine --workers 0   # the scene task: a part to find, localisation columns (docs/results.md)
     python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
         --data-dir /data/CUB_200_2011                           # other flags go to train.py
 

@@ -143,12 +143,13 @@ def _scene_part_side(cell: int) -> int:
 class BuiltinScene(Dataset):
     """Procedural fine-grained task where the deciding part must be found: ``(PIL.Image, label)``.
 
-    Each image is a larger canvas of textured, noisy background (a blocky low-frequency pattern,
-    stripes, rectangles and pixel noise). The class is decided by one small part at a random position
-    and scale (cells of 2 or 3 px on the default 64 px canvas, 3 or 4 px at 96 px): the class's 4x4 glyph
-    inside a dark two-pixel frame. Elsewhere sit up to three (almost always two or three) unframed distractor parts, glyphs of *other* classes of the same vocabulary, in the same
-    colour, on the same kind of plate: global average pooling mixes
-    the true part's evidence with theirs, so a model that finds the framed part wins.
+    Each image is a canvas of textured, noisy background (a blocky low-frequency pattern, stripes,
+    rectangles and pixel noise). The class is decided by one small part at a random position and scale
+    (cells of 2 or 3 px on the default 64 px canvas, 3 or 4 px at 96 px): the class's 4x4 glyph inside
+    a dark two-pixel frame. Elsewhere sit two or three unframed distractor parts (fewer where the
+    canvas has no free spot), glyphs of *other* classes of the same vocabulary, in the same colour, on
+    the same kind of plate: global average pooling mixes the true part's evidence with theirs, so a
+    model that finds the framed part wins.
 
     ``part_boxes(index)`` gives the ground-truth box of the deciding part (frame included) as
     ``(x, y, w, h)`` pixels of the generated image, without rendering it. Images depend only on
