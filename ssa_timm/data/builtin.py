@@ -261,14 +261,16 @@ def write_image_folder(dataset: Union[BuiltinFineGrained, BuiltinScene], root: U
         The boxes file (scene task) or the split's folder (glyph task).
     """
     root = Path(root)
+    scene = isinstance(dataset, BuiltinScene)
     rows = []
     for index in range(len(dataset)):
         image, label = dataset[index]
         relative = Path(dataset.split) / dataset.classes[label] / f'{index:05d}.png'
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         image.save(root / relative)
-        rows += [(relative.as_posix(), *box) for box in getattr(dataset, 'part_boxes', lambda i: [])(index)]
-    if not isinstance(dataset, BuiltinScene):
+        if scene:
+            rows += [(relative.as_posix(), *box) for box in dataset.part_boxes(index)]
+    if not scene:
         return root / dataset.split
     boxes = root / f'boxes_{dataset.split}.csv'
     with boxes.open('w', newline='') as f:
