@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -32,7 +32,7 @@ from ssa_timm.data.streams import is_stream
 from ssa_timm.diagnostics import probe_attention
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model, model_folder
-from ssa_timm.localization import dataset_boxes, localization_report, read_boxes
+from ssa_timm.localization import ImageBoxes, dataset_boxes, localization_report, read_boxes
 from ssa_timm.metrics import evaluate_heads
 from ssa_timm.output_paths import check_output_path
 
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='builtin: the seed the dataset was generated with')
     p.add_argument('--boxes', metavar='FILE', help="ground-truth part boxes, for the localisation metrics: CUB's "
                    'bounding_boxes.txt (with images.txt beside it), or a CSV of path,x,y,w,h rows in pixels of the '
-                   "original image (paths relative to the CSV's folder)")
+                   "image as shown, EXIF orientation applied (paths relative to the CSV's folder); read and checked "
+                   'before anything is evaluated')
     add_img_size_arg(p)
     p.add_argument('--batch-size', type=at_least(1), default=32, help='per process')
     p.add_argument('--workers', type=at_least(0), default=2)
@@ -74,19 +75,14 @@ def validation_images(args: argparse.Namespace, model):
     return images
 
 
-def localization(args: argparse.Namespace, net, images, data, accelerator) -> Optional[Dict]:
-    """The localisation metrics on the images with boxes (``--boxes``, or the dataset's own); None when
-    there are no boxes."""
+def boxes_of(args: argparse.Namespace, images) -> Optional[Dict[int, ImageBoxes]]:
+    """The ground-truth boxes (``--boxes``, or the dataset's own), read and checked before any image is
+    evaluated; None when there are none."""
     if args.boxes:
         if is_stream(images):
             raise UserError('--boxes matches images by path: it needs a dataset of image files, not a stream')
-        boxes = read_boxes(args.boxes, images)
-    else:
-        boxes = dataset_boxes(images)
-        if not boxes:
-            return None
-    return localization_report(net, data, boxes, batch_size=args.batch_size, accelerator=accelerator,
-                               autocast=accelerator.autocast)
+        return read_boxes(args.boxes, images)
+    return dataset_boxes(images) or None
 
 
 def write_report(path: Path, report: Dict) -> None:
@@ -102,8 +98,16 @@ def write_report(path: Path, report: Dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def localization_line(where: Dict) -> str:
-    """One printed line of the localisation metrics."""
+def localization_lines(where: Dict) -> List[str]:
+    """The printed lines of the localisation metrics: a warning for images whose box covers the whole map."""
+    lines = []
+    if where['whole_map']:
+        h, w = where['map']
+        lines.append(f'warning: on the {h} x {w} body map the box covers every cell for {where["whole_map"]} '
+                     f'image(s): where the model looks cannot be told apart there, so they are left out of the '
+                     'localisation figures (a larger --img-size gives a finer map)')
+    if not where['images']:
+        return lines
     text = f'localisation ({where["images"]} images with boxes): '
     if where['in_box_mass'] is not None:
         text += (f'attention in the box {where["in_box_mass"]:.3f} (uniform attention: {where["box_share"]:.3f}); '
@@ -111,7 +115,7 @@ def localization_line(where: Dict) -> str:
                  f'{where["pointing_attention"]:.3f}')
     else:
         text += f'pointing game: Grad-CAM {where["pointing_cam"]:.3f} (box share {where["box_share"]:.3f})'
-    return text
+    return [*lines, text]
 
 
 def main(argv=None) -> Dict:
@@ -121,6 +125,7 @@ def main(argv=None) -> Dict:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     model = load_model(args.model)
     images = validation_images(args, model)
+    boxes = boxes_of(args, images)
     if images.missing_classes:
         accelerator.print(f'note: no validation images of {len(images.missing_classes)} class(es): '
                           f'{images.missing_classes[:10]}')
@@ -139,8 +144,10 @@ def main(argv=None) -> Dict:
     if net.head.attn is not None:
         probe = first_images(data, 32).to(accelerator.device)
         report['attention'] = probe_attention(net, probe, accelerator.autocast())
-    where = localization(args, net, images, data, accelerator)
-    if where is not None:
+    where = None
+    if boxes:
+        where = localization_report(net, data, boxes, batch_size=args.batch_size, accelerator=accelerator,
+                                    autocast=accelerator.autocast)
         report['localization'] = where
     report.update(model=args.model, dataset=args.dataset, img_size=img_size, classes=list(images.classes),
                   missing_classes=images.missing_classes)
@@ -149,7 +156,7 @@ def main(argv=None) -> Dict:
                       f'{report["output"]["top1"]:.2f}%, top-5 {report["output"]["top5"]:.2f}% ({summary})' +
                       (f'; with flips: top-1 {report["tta"]["output"]["top1"]:.2f}%' if 'tta' in report else ''))
     if where is not None:
-        accelerator.print(localization_line(where))
+        accelerator.print('\n'.join(localization_lines(where)))
     failed = None
     if output and accelerator.is_main_process:
         try:

@@ -14,28 +14,34 @@ For images with boxes of the part(s) that decide their class:
 
 Positions are the cells of the body map F. A box ``(x, y, w, h)`` in pixels of the original image is
 mapped to that grid by scaling each axis on its own, as the squash resize did (``crop_mode='squash'``);
-a cell is inside when the box covers any part of it, and the uniform baseline uses the same cells.
+a cell is inside when the box covers any part of it, and the uniform baseline uses the same cells. An
+image whose box covers every cell of the map (a map too coarse for it, e.g. 1 x 1) says nothing about
+where the model looks: it is counted (``whole_map``) and left out of the figures.
 
 Boxes come from the built-in scene task (``BuiltinScene.part_boxes``), CUB's ``bounding_boxes.txt``
 (read with its ``images.txt``) or a CSV file ``path,x,y,w,h`` (one box per row, several rows for
-several boxes of an image; a header row is allowed; a relative path is relative to the CSV's folder).
+several boxes of an image; a header row naming the columns is allowed; a relative path is relative to
+the CSV's folder). Box coordinates are pixels of the image **as shown**: with its EXIF orientation
+applied, as ``ssa_timm.data.load_image`` gives it to the model (x to the right, y down, from the
+top-left corner of the upright photo).
 """
 import csv
 import math
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import UserError
 
-__all__ = ['Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share', 'dataset_boxes',
-           'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
-           'scene_localization']
+__all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
+           'dataset_boxes', 'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
+           'scene_localization', 'shown_size']
 
 Box = Tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
@@ -165,15 +171,17 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         autocast: Makes the context of each body forward (e.g. ``accelerator.autocast``).
 
     Returns:
-        ``images`` (count) and the means of ``box_share``, ``pointing_cam``, ``in_box_mass`` and
-        ``pointing_attention`` (None without an SSA layer, or without images).
+        ``images`` (the count measured), ``whole_map`` (the count left out: their boxes cover every cell of
+        the map), ``map`` (its ``[h, w]``) and the means of ``box_share``, ``pointing_cam``, ``in_box_mass`` and
+        ``pointing_attention`` (None without an SSA layer, or without measured images).
     """
     model.eval()
     device = next(model.parameters()).device
     indices = sorted(boxes)
     if accelerator is not None:
         indices = indices[accelerator.process_index::accelerator.num_processes]
-    sums = torch.zeros(len(_KEYS) + 1, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(_KEYS) + 2, dtype=torch.float64, device=device)
+    grid: Tuple[int, ...] = ()
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         inputs, labels = zip(*(dataset[i] for i in chunk))
@@ -181,10 +189,15 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         if not body_maps:
             with torch.no_grad(), (autocast or nullcontext)():
                 x = model.forward_body(x)
-        x = x.float()
-        masks = torch.stack([box_mask(boxes[i].boxes, boxes[i].image_size, x.shape[-2:]) for i in chunk]).to(device)
-        result = batch_localization(model, x, torch.as_tensor(labels, device=device), masks)
-        sums[0] += len(chunk)
+        x, grid = x.float(), tuple(x.shape[-2:])
+        masks = torch.stack([box_mask(boxes[i].boxes, boxes[i].image_size, grid) for i in chunk]).to(device)
+        told_apart = ~masks.all(-1)  # a box over every cell cannot be told from the rest of the map
+        sums[-1] += int((~told_apart).sum())
+        if not told_apart.any():
+            continue
+        targets = torch.as_tensor(labels, device=device)[told_apart]
+        result = batch_localization(model, x[told_apart], targets, masks[told_apart])
+        sums[0] += int(told_apart.sum())
         for n, key in enumerate(_KEYS, 1):
             if key in result:
                 sums[n] += result[key].sum().double()
@@ -192,7 +205,7 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         sums = accelerator.reduce(sums, reduction='sum')
     count = int(sums[0])
     has_attention = model.head.attn is not None
-    report: Dict[str, Any] = {'images': count}
+    report: Dict[str, Any] = {'images': count, 'whole_map': int(sums[-1]), 'map': list(grid)}
     for n, key in enumerate(_KEYS, 1):
         usable = count and (has_attention or key in ('box_share', 'pointing_cam'))
         report[key] = float(sums[n]) / count if usable else None
@@ -221,43 +234,90 @@ def scene_localization(model: torch.nn.Module, config: Any, dataset: Dataset, ac
 
 
 def read_boxes(path: str, dataset: Any) -> Dict[int, ImageBoxes]:
-    """The boxes of a dataset of image files (``dataset.samples``: ``(path, label)`` pairs) from a boxes file.
+    """The boxes of a dataset of image files (``dataset.samples``: ``(path, label)`` pairs) from a boxes file,
+    read and checked whole (every box against its image) before anything is evaluated.
 
     Args:
         path: CUB's ``bounding_boxes.txt`` (``<image id> <x> <y> <w> <h>``, with ``images.txt`` beside it
             mapping ids to paths under ``images/``), or a CSV file of ``path,x,y,w,h`` rows (paths
-            relative to the CSV's folder, or absolute; a header row is allowed).
+            relative to the CSV's folder, or absolute; a header row whose first column is one of
+            ``CSV_PATH_HEADERS`` is allowed; UTF-8, with or without a byte order mark). Coordinates are
+            pixels of the image as shown (EXIF orientation applied).
         dataset: The dataset the boxes are for; images are matched by their resolved path.
 
     Returns:
-        Dataset index -> ``ImageBoxes`` (with the image's size read from its file) for every image with boxes.
+        Dataset index -> ``ImageBoxes`` (with the image's size as shown) for every image with boxes.
 
     Raises:
-        UserError: A missing or malformed file, a dataset that is not a list of files, or no image matched.
+        UserError: A missing or malformed file, a box outside its image, a dataset that is not a list of
+            files, or no image matched.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f'--boxes {path}: no such file')
+    file = _boxes_file(path)
     samples = getattr(dataset, 'samples', None)
     if samples is None:
         raise UserError(f'--boxes {path}: the dataset is not a list of image files; boxes are matched by path')
     by_path = _read_cub_boxes(file) if _is_cub_boxes(file) else _read_csv_boxes(file)
     found: Dict[int, ImageBoxes] = {}
     for index, (image, _) in enumerate(samples):
-        image_boxes = by_path.get(str(Path(image).resolve()))
-        if image_boxes:
-            with Image.open(image) as opened:
-                found[index] = ImageBoxes(image_boxes, opened.size)
+        rows = by_path.get(str(Path(image).resolve()))
+        if rows:
+            size = shown_size(image)
+            for box, line in rows:
+                _check_inside(box, size, f'{file}, line {line}', image)
+            found[index] = ImageBoxes([box for box, _ in rows], size)
     if not found:
         raise UserError(f'--boxes {path}: none of its {len(by_path)} images is in the evaluated dataset '
                         f'(first dataset image: {samples[0][0] if samples else "none"})')
     return found
 
 
+CSV_PATH_HEADERS = ('path', 'image', 'file', 'filename', 'image_path', 'img')
+_EXIF_ORIENTATION = 0x0112
+_EXPECTED = "expected CUB's bounding_boxes.txt (with images.txt beside it) or a CSV of path,x,y,w,h rows"
+
+
+def shown_size(image: str) -> Tuple[int, int]:
+    """``(width, height)`` of an image file as shown: its EXIF orientation applied (5-8 turn it a quarter),
+    as ``ssa_timm.data.load_image`` and every photo viewer show it."""
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+            turned = opened.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f'cannot read the image {image} to place its boxes: {e}') from e
+    return (height, width) if turned else (width, height)
+
+
+def _check_inside(box: Box, size: Tuple[int, int], where: str, image: str) -> None:
+    x, y, w, h = box
+    width, height = size
+    if min(x + w, width) <= max(x, 0.) or min(y + h, height) <= max(y, 0.):
+        raise UserError(f'{where}: the box x={x:g} y={y:g} w={w:g} h={h:g} lies outside {image}, which is '
+                        f'{width} x {height} pixels as shown (EXIF orientation applied); expected a box in '
+                        'those pixels')
+
+
+def _boxes_file(path: str) -> Path:
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f'--boxes {path} is a folder; {_EXPECTED}')
+    if not file.is_file():
+        raise UserError(f'--boxes {path}: no such file; {_EXPECTED}')
+    return file
+
+
+def _text(file: Path) -> str:
+    """The file's text (UTF-8, a byte order mark dropped)."""
+    try:
+        return file.read_text(encoding='utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise UserError(f'{file} is not a UTF-8 text file ({e.reason} at byte {e.start}); {_EXPECTED}') from e
+
+
 def _is_cub_boxes(file: Path) -> bool:
-    """A whitespace-separated ``id x y w h`` file (CUB's ``bounding_boxes.txt``) rather than a CSV."""
-    with file.open() as f:
-        first = f.readline()
+    """A whitespace-separated ``id x y w h`` file (CUB's ``bounding_boxes.txt``) rather than a CSV: told by
+    its first line that is not blank."""
+    first = next((line for line in _text(file).splitlines() if line.strip()), '')
     return ',' not in first and len(first.split()) == 5
 
 
@@ -266,45 +326,64 @@ def _numbers(values: Sequence[str], file: Path, line: int) -> Box:
         x, y, w, h = (float(v) for v in values)
     except ValueError:
         raise UserError(f'{file}, line {line}: expected the numbers x y w h, got {list(values)}') from None
-    if w <= 0 or h <= 0:
-        raise UserError(f'{file}, line {line}: a box needs a positive width and height, got {w} x {h}')
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise UserError(f'{file}, line {line}: a box needs finite numbers and a positive width and height, '
+                        f'got x={x} y={y} w={w} h={h}')
     return x, y, w, h
 
 
-def _read_cub_boxes(file: Path) -> Dict[str, List[Box]]:
+Rows = Dict[str, List[Tuple[Box, int]]]  # resolved image path -> its boxes, each with its line in the file
+
+
+def _read_cub_boxes(file: Path) -> Rows:
     """CUB's ``bounding_boxes.txt`` as resolved image path -> its box, through ``images.txt`` beside it."""
     images_txt = file.with_name('images.txt')
     if not images_txt.is_file():
         raise UserError(f'{file} is a CUB bounding_boxes.txt (image id x y w h); it needs images.txt beside it, '
                         f'{images_txt} is missing')
     paths = {}
-    for n, row in enumerate(images_txt.read_text().splitlines(), 1):
+    for n, row in enumerate(_text(images_txt).splitlines(), 1):
         if row.strip():
             parts = row.split(maxsplit=1)
             if len(parts) != 2:
                 raise UserError(f'{images_txt}, line {n}: expected "<image id> <path>", got {row!r}')
             paths[parts[0]] = str((file.parent / 'images' / parts[1].strip()).resolve())
-    boxes: Dict[str, List[Box]] = {}
-    for n, row in enumerate(file.read_text().splitlines(), 1):
+    boxes: Rows = defaultdict(list)
+    for n, row in enumerate(_text(file).splitlines(), 1):
         if not row.strip():
             continue
         parts = row.split()
         if len(parts) != 5 or parts[0] not in paths:
             raise UserError(f'{file}, line {n}: expected "<image id of images.txt> x y w h", got {row!r}')
-        boxes.setdefault(paths[parts[0]], []).append(_numbers(parts[1:], file, n))
+        boxes[paths[parts[0]]].append((_numbers(parts[1:], file, n), n))
     return boxes
 
 
-def _read_csv_boxes(file: Path) -> Dict[str, List[Box]]:
+def _read_csv_boxes(file: Path) -> Rows:
     """A ``path,x,y,w,h`` CSV as resolved image path -> its boxes."""
-    boxes: Dict[str, List[Box]] = {}
-    with file.open(newline='') as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or (n == 1 and row[0].strip().lower() == 'path'):
-                continue
-            if len(row) != 5:
-                raise UserError(f'{file}, line {n}: expected path,x,y,w,h (5 fields), got {len(row)}: {row}')
-            image = Path(row[0].strip())
-            image = image if image.is_absolute() else file.parent / image
-            boxes.setdefault(str(image.resolve()), []).append(_numbers(row[1:], file, n))
+    boxes: Rows = defaultdict(list)
+    first = True
+    for n, row in enumerate(csv.reader(_text(file).splitlines()), 1):
+        if not any(field.strip() for field in row):
+            continue
+        if first and row[0].strip().lower() in CSV_PATH_HEADERS:
+            first = False
+            continue  # the header row
+        if len(row) != 5:
+            raise UserError(f'{file}, line {n}: expected path,x,y,w,h (5 fields), got {len(row)}: {row}')
+        if first:
+            _first_row_numbers(row, file, n)
+        first = False
+        image = Path(row[0].strip())
+        image = image if image.is_absolute() else file.parent / image
+        boxes[str(image.resolve())].append((_numbers(row[1:], file, n), n))
     return boxes
+
+
+def _first_row_numbers(row: Sequence[str], file: Path, line: int) -> None:
+    """The first row must be a box or a header naming the path column: say both when it is neither."""
+    try:
+        [float(v) for v in row[1:]]
+    except ValueError:
+        raise UserError(f'{file}, line {line}: expected the numbers x y w h after the path, or a header row whose '
+                        f'first column is one of {", ".join(CSV_PATH_HEADERS)}; got {row}') from None

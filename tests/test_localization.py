@@ -143,3 +143,99 @@ def test_evaluate_boxes_on_cub_prints_the_localisation(tmp_path, capsys):
     assert run_main('evaluate', '--model', str(run / 'best'), '--dataset', 'cub', '--data-dir', str(root),
                     '--boxes', str(base / 'bounding_boxes.txt'), '--crop-bbox', '--workers', '0') == 2
     assert 'cannot be used with --crop-bbox' in capsys.readouterr().err
+    # a mistyped boxes file is refused before any image is evaluated
+    assert run_main('evaluate', '--model', str(run / 'best'), '--dataset', 'cub', '--data-dir', str(root),
+                    '--boxes', str(base / 'bounding_boxes.tx'), '--workers', '0') == 1
+    printed = capsys.readouterr()
+    assert 'bounding_boxes.tx: no such file' in printed.err and 'top-1' not in printed.out
+    # a 1 x 1 map cannot tell the box from the rest: a warning, the images left out of the figures
+    assert run_main('evaluate', '--model', str(run / 'best'), '--dataset', 'cub', '--data-dir', str(root),
+                    '--boxes', str(base / 'bounding_boxes.txt'), '--img-size', '8', '--workers', '0') == 0
+    printed = capsys.readouterr().out
+    assert 'warning: on the 1 x 1 body map the box covers every cell for 2 image(s)' in printed
+    assert 'localisation (' not in printed
+
+
+def test_box_mask_places_an_off_diagonal_box_on_a_non_square_map_and_image():
+    # a 300 x 100 image on a 2 x 6 map: a cell is 50 x 50 pixels; x picks the column, y the row
+    mask = box_mask([(200, 0, 50, 50)], (300, 100), (2, 6)).reshape(2, 6)
+    assert mask.nonzero().tolist() == [[0, 4]]
+    mask = box_mask([(0, 50, 100, 50)], (300, 100), (2, 6)).reshape(2, 6)
+    assert mask.nonzero().tolist() == [[1, 0], [1, 1]]
+
+
+def write_photo(path, exif_orientation=None):
+    """A 60 x 40 photo as shown (a bright block at x 40-59, y 0-19); with ``exif_orientation=6`` its pixels are
+    stored turned a quarter, as a phone writes a portrait shot, and the tag says how to show them."""
+    from PIL import Image
+    shown = Image.new('RGB', (60, 40), (20, 20, 20))
+    shown.paste((250, 200, 10), (40, 0, 60, 20))
+    if exif_orientation is None:
+        shown.save(path)
+        return
+    stored = shown.transpose(Image.Transpose.ROTATE_90)  # what exif_transpose turns back for orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = exif_orientation
+    stored.save(path, exif=exif)
+
+
+def test_boxes_of_an_exif_rotated_photo_are_read_as_it_is_shown(tmp_path):
+    from ssa_timm.data import load_image
+    upright, turned = tmp_path / 'upright.png', tmp_path / 'turned.png'
+    write_photo(upright)
+    write_photo(turned, exif_orientation=6)
+    assert load_image(str(turned)).size == (60, 40)
+    csv = tmp_path / 'boxes.csv'
+    csv.write_text('path,x,y,w,h\nupright.png,40,0,20,20\nturned.png,40,0,20,20\n')
+    boxes = read_boxes(str(csv), Files([upright, turned]))
+    assert boxes[0] == boxes[1] == ImageBoxes([(40, 0, 20, 20)], (60, 40))
+    # the same figures for both copies: the model sees the same pixels, the box the same cells
+    model = small_model()
+    to_tensor = __import__('torchvision').transforms.functional.to_tensor
+    images = [(to_tensor(load_image(str(p)).resize((32, 32))), 0) for p in (upright, turned)]
+    first = localization_report(model, images[:1], {0: boxes[0]}, batch_size=1)
+    second = localization_report(model, images[1:], {0: boxes[1]}, batch_size=1)
+    assert first == second and first['images'] == 1
+
+
+def test_a_box_outside_its_image_names_the_file_and_line(tmp_path):
+    write_photo(tmp_path / 'a.png')
+    csv = tmp_path / 'boxes.csv'
+    csv.write_text('path,x,y,w,h\na.png,1,1,5,5\na.png,100,10,5,5\n')
+    with pytest.raises(UserError, match=r'boxes.csv, line 3: the box x=100 y=10 w=5 h=5 lies outside .*a.png, '
+                                        r'which is 60 x 40 pixels as shown'):
+        read_boxes(str(csv), Files([tmp_path / 'a.png']))
+
+
+@pytest.mark.parametrize('header', ['image,x,y,w,h', 'file,x,y,w,h', 'filename,x,y,w,h', 'Path,X,Y,W,H', ''])
+def test_csv_headers_and_a_byte_order_mark_are_read(tmp_path, header):
+    write_photo(tmp_path / 'a.png')
+    csv = tmp_path / 'boxes.csv'
+    csv.write_bytes(('\ufeff' + (f'{header}\n' if header else '') + 'a.png,1,2,3,4\n').encode())
+    assert read_boxes(str(csv), Files([tmp_path / 'a.png']))[0].boxes == [(1, 2, 3, 4)]
+
+
+def test_a_cub_boxes_file_with_a_leading_blank_line_is_read_as_cub(tmp_path):
+    base = make_cub(tmp_path)
+    boxes_txt = base / 'bounding_boxes.txt'
+    boxes_txt.write_text('\n' + boxes_txt.read_text())
+    images = sorted((base / 'images').rglob('*.jpg'))
+    assert read_boxes(str(boxes_txt), Files(images))[0] == ImageBoxes([(2.0, 3.0, 20.0, 15.0)], (40, 30))
+
+
+def test_a_boxes_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(UserError, match=r'is a folder; expected CUB'):
+        read_boxes(str(tmp_path), Files([]))
+
+
+def test_boxes_over_every_cell_of_the_map_are_left_out_of_the_figures():
+    model = small_model()
+    data = [(torch.rand(model.body_channels, 1, 1), 0) for _ in range(3)]
+    boxes = {i: ImageBoxes([(0, 0, 8, 8)], (32, 32)) for i in range(3)}
+    report = localization_report(model, data, boxes, body_maps=True)
+    assert report['images'] == 0 and report['whole_map'] == 3 and report['map'] == [1, 1]
+    assert report['in_box_mass'] is None and report['pointing_cam'] is None
+    data = [(torch.rand(model.body_channels, 2, 2), 0) for _ in range(3)]
+    boxes[2] = ImageBoxes([(0, 0, 32, 32)], (32, 32))
+    report = localization_report(model, data, boxes, body_maps=True)
+    assert report['images'] == 2 and report['whole_map'] == 1 and report['box_share'] == pytest.approx(0.25)
