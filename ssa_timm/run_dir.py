@@ -171,12 +171,12 @@ class RunLock:
                 and owner.get('host') == here['host']:
             if _process_alive(int(owner['pid']), owner.get('started')):
                 raise RunFolderInUse(
-                    f'{self.path.parent} is in use by another run ({where}, alive; heartbeat {age:.0f} s ago); wait '
+                    f'{self.path.parent} is in use by another run ({where}, alive; {_heartbeat(age)}); wait '
                     'for it or stop it, or use another --output-dir (a run alive on this host is never taken over)')
             return
         if age <= self.stale_after:
             raise RunFolderInUse(
-                f'{self.path.parent} is in use by another run ({where}, heartbeat {age:.0f} s ago); wait for it, '
+                f'{self.path.parent} is in use by another run ({where}, {_heartbeat(age)}); wait for it, '
                 f'or use another --output-dir (a lock from another host whose heartbeat is older than '
                 f'{self.stale_after:.0f} s is taken over)')
 
@@ -236,13 +236,23 @@ class RunLock:
         aside.unlink(missing_ok=True)
 
 
+_PID_RANGE = range(1, 2 ** 31)  # a process id (pid_t): 0, negative or huge ones name no process
+
+
 def _read_lock(path: Path) -> Optional[Dict[str, Any]]:
+    """A lock's content; None when it is missing, unreadable or names no usable process (not an owner)."""
     try:
         owner = json.loads(path.read_text())
-        int(owner['pid'])
+        if isinstance(owner['pid'], bool) or int(owner['pid']) not in _PID_RANGE:
+            return None
         return owner
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
+
+
+def _heartbeat(age: float) -> str:
+    """The heartbeat's age in words; a lock touched by a clock ahead of this filesystem's is 'in the future'."""
+    return f'heartbeat {age:.0f} s ago' if age >= -0.5 else f'heartbeat {-age:.0f} s in the future (a clock ahead)'
 
 
 def _age(path: Path) -> float:

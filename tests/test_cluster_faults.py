@@ -215,3 +215,26 @@ def test_an_initial_checkpoint_of_another_class_count_says_the_classifiers_start
     printed = capsys.readouterr().out
     assert (f'note: initial checkpoint {five / "model.safetensors"} has 5 classes and this run 10: its classifiers '
             '(head.fe.fc, head.ssa.fc) start fresh') in printed
+
+
+@pytest.mark.parametrize('pid', [10 ** 20, -1, 0, True, '12x'])
+def test_a_lock_naming_no_usable_process_is_not_an_owner(tmp_path, pid):
+    """Ring 4 row 7: a huge, zero or negative pid names no process: the lock is taken over like an unreadable
+    one (no OverflowError, no folder refused forever)."""
+    lock = RunLock(tmp_path, heartbeat=3600).acquire()
+    record = json.loads(lock.path.read_text())
+    lock.held = False  # the recorded owner is gone; its record stays
+    lock.path.write_text(json.dumps(dict(record, pid=pid)))
+    taken = RunLock(tmp_path, heartbeat=3600).acquire()
+    assert json.loads(taken.path.read_text())['token'] == taken.token
+    taken.release()
+
+
+def test_a_heartbeat_from_a_clock_ahead_is_not_a_negative_age(tmp_path):
+    """Ring 4 row 12: a lock of another host touched by a clock ahead of this one."""
+    lock = RunLock(tmp_path, heartbeat=3600).acquire()
+    record = json.loads(lock.path.read_text())
+    lock.path.write_text(json.dumps(dict(record, host='node-ahead')))
+    os.utime(lock.path, (time.time() + 600, time.time() + 600))
+    with pytest.raises(RunFolderInUse, match=r'on node-ahead, heartbeat 600 s in the future \(a clock ahead\)'):
+        RunLock(tmp_path).acquire()

@@ -85,12 +85,3 @@ def test_the_store_skips_a_damaged_checkpoint_by_its_type_and_says_so_without_pr
     with pytest.raises(IdentityMismatch):
         store.choose('latest', dict(identity, lr=0.3))
     assert issubclass(DamagedCheckpoint, CheckpointError) and issubclass(IdentityMismatch, CheckpointError)
-
-
-def test_the_package_version_is_the_project_version():
-    import tomllib
-    from pathlib import Path
-
-    import ssa_timm
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / 'pyproject.toml').read_text())['project']
-    assert ssa_timm.__version__ == project['version'] == '0.5.0'

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, DamagedCheckpoint, IdentityMismatch, one_line
 from ..processes import from_main
-from .config import RESUMABLE_CHANGES, identity_changes
+from .config import RESUMABLE_CHANGES, identity_changes, upgraded_identity
 from .optim import load_scheduler_state
 
 __all__ = ['CheckpointStore', 'Progress', 'STATE_FILE', 'resume_run']
@@ -155,7 +155,7 @@ class CheckpointStore:
             raise DamagedCheckpoint(f'{folder} is not a checkpoint of this recipe (no {STATE_FILE})')
         try:
             state = json.loads(state_path.read_text())
-            saved = dict(state['identity'])
+            saved = upgraded_identity(state['identity'])
             Progress.from_dict(state['progress'])
             if not isinstance(state['scheduler'], dict) or 'timm' not in state['scheduler']:
                 raise TypeError('no timm scheduler state')

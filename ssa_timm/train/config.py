@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data import DATASET_DEFAULTS, dataset_options
 
-__all__ = ['BUILTIN_DEFAULTS', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES', 'RunConfig', 'identity_changes']
+__all__ = ['BUILTIN_DEFAULTS', 'IDENTITY_ADDITIONS', 'IDENTITY_RENAMES', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES',
+           'RunConfig', 'identity_changes', 'upgraded_identity']
 
 # Settings left unset (None) take these. The paper fine-tunes ImageNet bodies with SGD at 448 px; the
 # built-in dataset trains a small body from scratch at its native 64 px, where AdamW is needed, and
@@ -23,6 +24,10 @@ _BUILTIN_RESNET18_FEATURE_INDEX = 2
 
 # identity fields a resume may change: the schedule is re-planned for a new length
 RESUMABLE_CHANGES = ('epochs',)
+# identity fields renamed since the previous minor release (new name: old name), so its runs resume
+IDENTITY_RENAMES = {'freeze_body': 'freeze_backbone'}  # 0.6
+# identity fields added since the previous minor release: the value its runs had (none so far)
+IDENTITY_ADDITIONS: Dict[str, Any] = {}
 # settings a checkpoint's optimizer, scheduler and loss depend on (part of the identity)
 _TRAINING_SETTINGS = ('opt', 'lr', 'momentum', 'weight_decay', 'body_lr_scale', 'layer_decay', 'sched', 'epochs',
                       'plateau_patience', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'min_lr', 'model_ema',
@@ -184,6 +189,19 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     return str(Path(path).resolve()) if path else None
 
 
+def upgraded_identity(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """An identity recorded by an earlier release, in today's terms: renamed fields under their new name
+    (``IDENTITY_RENAMES``), fields added since read as what those runs did (``IDENTITY_ADDITIONS``)."""
+    record = dict(saved)
+    for new, old in IDENTITY_RENAMES.items():
+        if new not in record and old in record:
+            record[new] = record.pop(old)
+    for key, value in IDENTITY_ADDITIONS.items():
+        record.setdefault(key, value)
+    return record
+
+
 def identity_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
-    """Identity fields whose values differ between ``saved`` and ``current``."""
+    """Identity fields whose values differ between ``saved`` (read as ``upgraded_identity``) and ``current``."""
+    saved = upgraded_identity(saved)
     return [key for key in current if saved.get(key) != current[key]]
