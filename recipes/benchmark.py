@@ -7,7 +7,7 @@ Cases run interleaved, several repeats each; medians and ratios are reported, as
 stdout and as JSON. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the
 growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
 
-    python recipes/benchmark.py --out benchmark.json
+    python recipes/benchmark.py --output benchmark.json
     python recipes/benchmark.py --sections ssa --device cuda
     python recipes/benchmark.py --sections ssa,train --device cuda --amp bf16
     python recipes/benchmark.py --sections cache

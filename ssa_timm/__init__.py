@@ -8,7 +8,7 @@ from .layers import AGGREGATIONS, VARIANTS, BottleneckHead, SpatialSelfAttention
 from .loss import SelfADLoss
 from .models import SSANet, create_ssanet, create_ssanet_by_name, parse_ssanet_name
 
-__version__ = '0.5.0'
+__version__ = '0.6.0'
 
 __all__ = [
     'AGGREGATIONS', 'VARIANTS', 'BottleneckHead', 'SSAHeads', 'SSANet', 'SelfADLoss', 'SpatialSelfAttention',

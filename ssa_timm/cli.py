@@ -46,13 +46,30 @@ def add_img_size_arg(p, default_help: str = "default: the model's own input size
 
 def deprecated_alias(p, old: str, new: str, **kwargs: Any) -> None:
     """Accept ``old`` as a deprecated name of the flag ``new`` (already added): it sets ``new``'s value
-    and prints one warning line naming the replacement and the release that removes ``old``."""
+    and prints one warning line naming the replacement and the release that removes ``old``. Both names
+    on one command line are refused (argparse's exit status 2): which one counts would be a guess."""
+    given = f'_given_{new}'
+
+    def refuse_both(parser: argparse.ArgumentParser, namespace: argparse.Namespace, flag: str) -> None:
+        if getattr(namespace, given, None) not in (None, flag):
+            parser.error(f'{old} is the deprecated name of {new}: give {new} alone')
+        setattr(namespace, given, flag)
+
     class Alias(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
+            refuse_both(parser, namespace, old)
             print(f'warning: {old} is deprecated and goes away in {REMOVED_IN}; use {new}', file=sys.stderr)
             setattr(namespace, self.dest, True if self.nargs == 0 else values)
-    dest = new.lstrip('-').replace('-', '_')
-    p.add_argument(old, dest=dest, action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+    replacement = p._option_string_actions[new]  # argparse has no public hook on an added action
+
+    class Replacement(type(replacement)):
+        def __call__(self, parser, namespace, values, option_string=None):
+            refuse_both(parser, namespace, new)
+            super().__call__(parser, namespace, values, option_string)
+    replacement.__class__ = Replacement
+    p.add_argument(old, dest=replacement.dest, action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                   **kwargs)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

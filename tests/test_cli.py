@@ -24,10 +24,15 @@ def test_old_flag_names_work_for_one_release_with_one_warning_line(name, old, ne
     assert getattr(args, dest) == value
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'warning: {old} is deprecated and goes away in 0.7; use {new}']
-    changelog = (ROOT / 'CHANGELOG.md').read_text().split('\n## ')[1]  # the newest release's section
+    changelog = (ROOT / 'CHANGELOG.md').read_text().split('\n## [0.6.0]')[1].split('\n## ')[0]  # deprecated in 0.6
     assert f'{old}`' in changelog and f'`{new}`' in changelog and '0.7' in changelog
     recipe(name).parse_args(argv[:-2] + [new, argv[-1]] if argv else [new])
     assert capsys.readouterr().err == ''
+    both = [*argv, new, argv[-1]] if argv else [old, new]
+    with pytest.raises(SystemExit) as stop:
+        recipe(name).parse_args(both)
+    assert stop.value.code == 2
+    assert f'error: {old} is the deprecated name of {new}: give {new} alone' in capsys.readouterr().err
 
 
 def test_train_help_derives_every_default_from_its_definition(capsys):
@@ -72,3 +77,11 @@ def test_bad_argument_combinations_are_argparse_errors(name, argv, message, caps
         recipe(name).parse_args(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize('name', ['train', 'visualize', 'benchmark', 'evaluate', 'predict', 'export'])
+def test_help_shows_no_deprecated_flag_name(name, capsys):
+    with pytest.raises(SystemExit):
+        recipe(name).parse_args(['--help'])
+    out = capsys.readouterr().out
+    assert not re.search(r'--out\b(?!put)|--out-dir|--freeze-backbone', out), re.findall(r'.*--out\b.*', out)
