@@ -11,7 +11,7 @@ The run owns ``--output-dir``: each epoch writes a checkpoint (``checkpoints/che
 run's identity and progress in ``run_state.json``), a JSONL line of metrics with the attention
 diagnostics, and exports the best model to ``best/`` in timm's ``save_for_hf`` layout. ``--resume
 latest`` goes on from the newest complete checkpoint, ``--resume auto`` too or starts fresh. SIGTERM,
-SIGINT or SIGUSR1 stop the run at the next step with a checkpoint (exit status 128 + the signal).
+SIGINT, SIGUSR1 or SIGHUP stop the run at the next step with a checkpoint (exit status 128 + the signal).
 """
 import argparse
 import dataclasses
@@ -189,10 +189,11 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
 
 
 def training_function(config: RunConfig) -> Dict:
-    attach_worker()  # under a launcher: its stop signals reach this process, its death stops it
+    attach_worker()  # under a launcher: its death stops this process
     accelerator = make_accelerator(config)
-    with claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder, \
-            StopRequest() as stop:
+    # stop signals checkpoint from here on (ssa-timm-launch forwards them once the handler is in place)
+    with StopRequest() as stop, \
+            claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder:
         seed_everything(config, accelerator)
         # data: validation labels index the training classes
         train_images, val_images = build_datasets(config, accelerator)

@@ -78,5 +78,12 @@ def exit_on_user_error(main: Callable[[], Any]) -> Any:
 
 
 def _exit(error: BaseException) -> NoReturn:
-    print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
-    raise SystemExit(getattr(error, 'exit_code', 1))
+    """Print the error's line and exit with its status; under ``ssa-timm-launch`` the wrapper is told both
+    and prints the line once for the job (each worker exits 0, so the launcher reports no failure)."""
+    from .launch import job_exit_status  # the launcher module needs this one
+    status = getattr(error, 'exit_code', 1)
+    line = f'error: {one_line(error)}'
+    exit_status = job_exit_status(status, line)
+    if exit_status == status:
+        print(line, file=sys.stderr, flush=True)
+    raise SystemExit(exit_status)

@@ -12,18 +12,25 @@ the workers running without it; a worker that stops on a signal is reported as a
 * it starts ``accelerate launch --quiet`` in a session of its own (a signal to the wrapper's process
   group reaches only the wrapper), ignoring SIGUSR1 (a scheduler that signals every process of the job
   would otherwise kill it at once), and arranges for it to be stopped should the wrapper die;
-* the workers register with it (``attach_worker``, through the folder named by ``SSA_TIMM_LAUNCH_DIR``),
-  and receive SIGTERM should their launcher die;
+* the workers receive SIGTERM should their launcher die (``attach_worker``), and register with the
+  wrapper (``register_worker``, through the folder named by ``SSA_TIMM_LAUNCH_DIR``) once their stop
+  handler is in place (``ssa_timm.train.StopRequest`` registers them), so a forwarded signal never
+  finds a worker without one;
 * SIGTERM, SIGINT, SIGUSR1 and SIGHUP to the wrapper go to every registered worker: the workers stop at
   a step boundary with a checkpoint (``ssa_timm.train.preemption``; the same signal arriving again
   within a second, as when a scheduler signals every process and the wrapper forwards it too, counts
-  once), tell the wrapper which signal stopped them (``stop_exit_status``) and exit 0, so the launcher
-  ends quietly; before any worker has registered, the launcher is stopped with SIGTERM;
+  once); before any worker has registered, the launcher is stopped with SIGTERM;
 * a signal sent to one worker directly stops every worker the same way (they agree at a step);
-* the wrapper waits for every registered worker to end, then exits with ``128 + the signal`` that
-  stopped the workers, or with the launcher's status (a failure other than a stop is not hidden).
+* a worker that ends on a stop or an error tells the wrapper its exit status and its ``error:`` line
+  (``job_exit_status``) and exits 0, so the launcher ends quietly (no failure report); the wrapper prints
+  each distinct line once for the job. Should other workers still run ``ERROR_GRACE_SECONDS`` after a
+  worker ended on an error (stuck in a collective with it), they and the launcher are killed;
+* the wrapper waits for every registered worker to end, then exits with the status its workers reported
+  (``128 + the signal`` after a stop), or with the launcher's status (a crash is not hidden);
+* a helper process removes the wrapper's temporary folder should the wrapper itself be killed.
 """
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -31,17 +38,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .run_dir import process_start_time
 
-__all__ = ['FORWARDED_SIGNALS', 'LAUNCH_DIR_ENV', 'attach_worker', 'die_with_parent', 'main', 'run_launcher',
-           'stop_exit_status']
+__all__ = ['ERROR_GRACE_SECONDS', 'FORWARDED_SIGNALS', 'LAUNCH_DIR_ENV', 'attach_worker', 'die_with_parent',
+           'job_exit_status', 'main', 'register_worker', 'run_launcher']
 
 LAUNCH_DIR_ENV = 'SSA_TIMM_LAUNCH_DIR'
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-_STOPPED = 'stopped'
+ERROR_GRACE_SECONDS = 20.0
+_EXIT = 'exit-'
 _PR_SET_PDEATHSIG = 1
+# the temporary folder's keeper: removes it once the wrapper is gone, however it ended (its stdin closes);
+# deaf to the job's stop signals, which a scheduler may send to every process
+_KEEPER = ('import shutil, signal, sys\n'
+           'for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\n'
+           'sys.stdin.buffer.read()\n'
+           'shutil.rmtree(sys.argv[1], ignore_errors=True)\n')
 
 
 def _launch_dir() -> Optional[Path]:
@@ -61,13 +75,17 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
 
 def attach_worker() -> None:
     """Call first thing in a training process: under a launcher (torchrun, ``accelerate launch``), ask for
-    SIGTERM when the launcher dies (and send it now if it already has); under the wrapper, register this
-    process to receive the wrapper's stop signals. A no-op in a process of its own."""
+    SIGTERM when the launcher dies (and send it now if it already has). A no-op in a process of its own."""
     if 'TORCHELASTIC_RUN_ID' in os.environ:  # a worker of torchrun / accelerate launch
         parent = os.getppid()
         die_with_parent(signal.SIGTERM)
         if os.getppid() != parent or parent == 1:  # the launcher ended before the request was in place
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def register_worker() -> None:
+    """Under the wrapper, register this process to receive its stop signals; call once the process handles
+    them (``StopRequest`` does). A no-op elsewhere."""
     folder = _launch_dir()
     if folder is not None:
         tmp = folder / f'.worker-{os.getpid()}'
@@ -75,17 +93,31 @@ def attach_worker() -> None:
         os.replace(tmp, folder / f'worker-{os.getpid()}')  # whole, or not there
 
 
-def stop_exit_status(signum: int) -> int:
-    """The exit status of a worker a stop signal ended: 0 under the wrapper, which is told ``signum``
-    and exits ``128 + signum`` itself; else ``128 + signum``, as a shell reports a signalled process."""
+def job_exit_status(status: int, line: str = '', stop: bool = False) -> int:
+    """The status a worker ending with ``status`` exits with. Under the wrapper: 0, after telling it
+    ``status`` and the ``error:`` ``line`` to print once for the job (``stop``: a clean stop, with its
+    checkpoint); elsewhere ``status`` itself (the caller prints its own line)."""
     folder = _launch_dir()
+    if folder is None:
+        return status
     try:
-        if folder is not None:
-            (folder / _STOPPED).write_text(str(signum))
-            return 0
-    except OSError:  # the wrapper is gone: report the signal the usual way
-        pass
-    return 128 + signum
+        tmp = folder / f'.{_EXIT}{os.getpid()}'
+        tmp.write_text(json.dumps({'status': status, 'line': line, 'stop': stop}))
+        os.replace(tmp, folder / f'{_EXIT}{os.getpid()}')
+    except OSError:  # the wrapper is gone: report the status the usual way
+        return status
+    return 0
+
+
+def _exit_records(folder: Path) -> List[Dict]:
+    """What the workers that ended on a stop or an error reported, oldest first."""
+    records = []
+    for path in sorted(folder.glob(f'{_EXIT}*'), key=lambda p: p.stat().st_mtime):
+        try:
+            records.append(dict(json.loads(path.read_text()), pid=int(path.name[len(_EXIT):])))
+        except (OSError, ValueError):
+            continue
+    return records
 
 
 def _workers(folder: Path) -> List[int]:
@@ -131,6 +163,7 @@ def run_launcher(accelerate_args: Sequence[str], worker_grace: float = 600.0) ->
     """
     with tempfile.TemporaryDirectory(prefix='ssa-timm-launch-') as tmp:
         folder = Path(tmp)
+        keeper = subprocess.Popen([sys.executable, '-c', _KEEPER, tmp], stdin=subprocess.PIPE, start_new_session=True)
         env = {**os.environ, LAUNCH_DIR_ENV: str(folder)}
         launcher = subprocess.Popen([sys.executable, '-m', 'accelerate.commands.launch', '--quiet', *accelerate_args],
                                     env=env, start_new_session=True, preexec_fn=_start_launcher)
@@ -141,19 +174,42 @@ def run_launcher(accelerate_args: Sequence[str], worker_grace: float = 600.0) ->
                 stopped_launcher.append(signum)
         previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
         try:
-            status = launcher.wait()
+            status = _wait(folder, launcher)
             end = time.monotonic() + worker_grace
             while _workers(folder) and time.monotonic() < end:  # workers a dead launcher left writing
                 time.sleep(0.2)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        stopped = (folder / _STOPPED).read_text().strip() if (folder / _STOPPED).is_file() else ''
-    if stopped.isdigit():
-        return 128 + int(stopped)
+        records = _exit_records(folder)
+    keeper.stdin.close()
+    keeper.wait()
+    for line in dict.fromkeys(r['line'] for r in records if r['line']):  # each distinct line once
+        print(line, file=sys.stderr, flush=True)
+    if records:  # an error (a full disk, a lost lock, a second signal) before a clean stop: no requeue of a failure
+        return ([r for r in records if not r['stop']] or records)[0]['status']
     if stopped_launcher:
         return 128 + stopped_launcher[0]
     return status
+
+
+def _wait(folder: Path, launcher: subprocess.Popen) -> int:
+    """The launcher's exit status; should workers still run ``ERROR_GRACE_SECONDS`` after another worker
+    ended on an error (not a clean stop), the launcher and they are killed (they wait for it forever)."""
+    error_at = None
+    while launcher.poll() is None:
+        if error_at is None and any(not r['stop'] and r['pid'] not in _workers(folder)
+                                    for r in _exit_records(folder)):
+            error_at = time.monotonic()
+        if error_at is not None and time.monotonic() - error_at > ERROR_GRACE_SECONDS:
+            for kill, pid in ((os.killpg, launcher.pid), *((os.kill, w) for w in _workers(folder))):
+                try:
+                    kill(pid, signal.SIGKILL)  # the launcher first: killed, it reports nothing
+                except ProcessLookupError:
+                    pass
+            error_at = float('inf')
+        time.sleep(0.2)
+    return launcher.returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,17 +1,19 @@
 """Stopping a run cleanly when a scheduler preempts it.
 
-SIGTERM (what SLURM, Kubernetes and most schedulers send before they kill a job), SIGINT (Ctrl-C)
-and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) ask the run to stop at the next optimizer step:
-it writes a mid-epoch checkpoint that resumes exactly, releases its lock and exits with status
-128 + the signal number (143, 130, 138), as a shell reports a process the signal ended. A second
-signal aborts at once; the same signal arriving again within ``DUPLICATE_SECONDS`` counts once (a
-scheduler that signals every process of a job, and a launcher that forwards the signal too, deliver
-it several times).
+SIGTERM (what SLURM, Kubernetes and most schedulers send before they kill a job), SIGINT (Ctrl-C),
+SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) and SIGHUP (a closed terminal, a dropped ``ssh``) ask
+the run to stop at the next optimizer step: it writes a mid-epoch checkpoint that resumes exactly,
+releases its lock and exits with status 128 + the signal number (143, 130, 138, 129), as a shell
+reports a process the signal ended. A second signal aborts at once (the same status, one ``error:``
+line); the same signal arriving again within ``DUPLICATE_SECONDS`` counts once (a scheduler that
+signals every process of a job, and a launcher that forwards the signal too, deliver it several
+times).
 
 With several processes, the one that received the signal tells the others: every ``CHECK_EVERY``
 optimizer steps (the same steps on every process) and at each epoch's end the processes reduce one
-flag, so no other step waits for the host. Under ``ssa-timm-launch`` (``ssa_timm.launch``) the
-workers exit 0 after telling the wrapper the signal.
+flag, so no other step waits for the host. Under ``ssa-timm-launch`` (``ssa_timm.launch``) a process
+registers for the wrapper's signals once its handler is in place, and exits 0 after telling the
+wrapper its status.
 """
 import signal
 import time
@@ -21,11 +23,11 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..launch import stop_exit_status
+from ..launch import job_exit_status, register_worker
 
 __all__ = ['CHECK_EVERY', 'DUPLICATE_SECONDS', 'STOP_SIGNALS', 'RunAborted', 'StopRequest']
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 CHECK_EVERY = 10
 DUPLICATE_SECONDS = 1.0
 
@@ -64,6 +66,8 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
+            return self
+        register_worker()  # only now may ssa-timm-launch forward its stop signals here
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,8 +87,8 @@ class StopRequest:
 
     def exit_status(self) -> int:
         """The status to exit with after a stop: 128 + the signal number, as a shell reports a process the
-        signal ended (0 under ``ssa-timm-launch``, which is told the signal and exits with that itself)."""
-        return stop_exit_status(self.signum or 0)
+        signal ended (0 under ``ssa-timm-launch``, which is told the status and exits with it itself)."""
+        return job_exit_status(128 + (self.signum or 0), stop=True)
 
     def requested(self, accelerator, step: Optional[int] = None) -> bool:
         """Whether a stop signal reached this process or, with several, any process. With several, the

@@ -72,7 +72,7 @@ def start_wrapped(out: Path, *extra: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize('target,signum', [('wrapper', signal.SIGUSR1), ('group', signal.SIGUSR1),
                                            ('worker', signal.SIGTERM), ('every', signal.SIGUSR1),
-                                           ('every', signal.SIGTERM)])
+                                           ('every', signal.SIGTERM), ('wrapper', signal.SIGHUP)])
 def test_a_stop_signal_checkpoints_every_worker_and_the_job_exits_128_plus_it(tmp_path, target, signum):
     out = tmp_path / 'run'
     proc = start_wrapped(out)
@@ -196,3 +196,77 @@ def test_two_machines_without_a_shared_disk_refuse_at_start(tmp_path):
         assert 'need an --output-dir on a filesystem they all share' in errors[0]
         assert 'training batches' not in stdout
     assert not (out / 'checkpoints').exists() and not (out / '.lock').exists()
+
+
+def launch_dir_of(pid: int) -> Path:
+    """The wrapper's temporary folder, as its worker ``pid`` was told it."""
+    environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+    return Path(next(v for v in environ if v.startswith(b'SSA_TIMM_LAUNCH_DIR=')).decode().partition('=')[2])
+
+
+def one_job_line(stderr: str, text: str) -> None:
+    """Exactly one ``error:`` line, holding ``text``, and no traceback or launcher failure report."""
+    errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and text in errors[0], stderr[-3000:]
+    assert 'Traceback' not in stderr and 'ChildFailedError' not in stderr and 'Root Cause' not in stderr, stderr[-3000:]
+
+
+# slow steps (a ResNet-18 to layer2 at 64 px, 32 images a step, one thread): 10 steps take seconds
+SLOW_STEPS = ['--model', 'ssanet_resnet18_plus', '--img-size', '64', '--batch-size', '32',
+              '--builtin-val-per-class', '2']
+
+
+def test_a_second_stop_signal_before_the_agreement_is_one_line_and_128_plus_it(tmp_path):
+    """Ring 4 row 4: SIGTERM, then SIGTERM again 1.6 s later, while the workers are between two agreements."""
+    out = tmp_path / 'run'
+    proc = start_wrapped(out, *SLOW_STEPS)
+    wait_for(lambda: len(workers_of(out)) == 2 and (out / '.lock').is_file())
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.6)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
+    one_job_line(stderr, 'SIGTERM again: aborted at once')
+    assert workers_of(out) == []
+
+
+def test_a_stop_signal_as_soon_as_a_worker_registered_checkpoints(tmp_path):
+    """Ring 4 row 5: the wrapper's SIGTERM reaches a worker the moment it registers (its handler is in place by
+    then): 128 + the signal, one stop line, no failure report."""
+    out = tmp_path / 'run'
+    proc = start_wrapped(out)
+    wait_for(lambda: len(workers_of(out)) == 2)
+    folder = launch_dir_of(workers_of(out)[0])
+    wait_for(lambda: any(folder.glob('worker-*')), timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
+    assert 'Traceback' not in stderr and 'ChildFailedError' not in stderr, stderr[-3000:]
+    assert len(re.findall(r'stopped by SIGTERM at epoch 0, step \d+', stdout)) == 1, stdout
+    assert workers_of(out) == [] and not (out / '.lock').exists()
+
+
+def test_a_user_error_of_a_two_process_job_is_one_line(tmp_path):
+    """Ring 4 row 9: the folder already holds a run: one ``error:`` line for the job, its status, no report."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'metrics.jsonl').write_text('{"epoch": 0}\n')
+    proc = start_wrapped(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout[-2000:] + stderr[-3000:]
+    one_job_line(stderr, f'--output-dir {out} already holds a run')
+    assert workers_of(out) == []
+
+
+def test_a_killed_wrapper_leaves_no_worker_and_no_temporary_folder(tmp_path):
+    """Ring 4 row 12: SIGKILL to the wrapper: the workers stop (their launcher dies with the wrapper) and the
+    wrapper's temporary folder is removed by its keeper."""
+    out = tmp_path / 'run'
+    proc = start_wrapped(out)
+    wait_for(lambda: len(workers_of(out)) == 2 and (out / '.lock').is_file())
+    folder = launch_dir_of(workers_of(out)[0])
+    assert folder.is_dir() and folder.name.startswith('ssa-timm-launch-')
+    proc.kill()
+    proc.communicate(timeout=60)
+    wait_for(lambda: workers_of(out) == [] and not folder.exists(), timeout=300)
