@@ -102,7 +102,7 @@ def localization_lines(where: Dict) -> List[str]:
     """The printed lines of the localisation metrics: a warning for images whose box covers the whole map."""
     lines = []
     if where['whole_map']:
-        h, w = where['map']
+        h, w = where['map_height'], where['map_width']
         lines.append(f'warning: on the {h} x {w} body map the box covers every cell for {where["whole_map"]} '
                      f'image(s): where the model looks cannot be told apart there, so they are left out of the '
                      'localisation figures (a larger --img-size gives a finer map)')

@@ -172,7 +172,7 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
 
     Returns:
         ``images`` (the count measured), ``whole_map`` (the count left out: their boxes cover every cell of
-        the map), ``map`` (its ``[h, w]``) and the means of ``box_share``, ``pointing_cam``, ``in_box_mass`` and
+        the map), ``map_height`` and ``map_width`` (of the body map) and the means of ``box_share``, ``pointing_cam``, ``in_box_mass`` and
         ``pointing_attention`` (None without an SSA layer, or without measured images).
     """
     model.eval()
@@ -205,7 +205,8 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         sums = accelerator.reduce(sums, reduction='sum')
     count = int(sums[0])
     has_attention = model.head.attn is not None
-    report: Dict[str, Any] = {'images': count, 'whole_map': int(sums[-1]), 'map': list(grid)}
+    report: Dict[str, Any] = {'images': count, 'whole_map': int(sums[-1]),
+                              'map_height': grid[0] if grid else None, 'map_width': grid[1] if grid else None}
     for n, key in enumerate(_KEYS, 1):
         usable = count and (has_attention or key in ('box_share', 'pointing_cam'))
         report[key] = float(sums[n]) / count if usable else None

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 
 from dataset_layouts import write_image
@@ -425,6 +426,7 @@ def test_damaged_export_names_the_file(trained_run, tmp_path, image, damage, mes
     ('--pretrained-path', 'junk.safetensors', 'body weights {v} are damaged or not a weights file'),
     ('--pretrained-path', 'junk.pth', 'body weights {v} are damaged or not a weights file'),
     ('--pretrained-path', 'code.pth', 'body weights {v} are damaged or not a weights file'),
+    ('--pretrained-path', 'photo.png', 'body weights {v} are damaged or not a weights file; expected a .safetensors'),
     ('--initial-checkpoint', 'missing', 'initial checkpoint {v}: expected an export folder with model.safetensors'),
     ('--initial-checkpoint', 'folder', 'initial checkpoint {v}: expected an export folder with model.safetensors'),
     ('--initial-checkpoint', 'junk.safetensors', 'is damaged or not a safetensors file'),
@@ -439,9 +441,11 @@ def test_bad_starting_weights_are_one_line(tmp_path, capsys, flag, value, messag
         def __reduce__(self):
             return open, (str(marker), 'w')
     torch.save({'conv1.weight': Payload()}, tmp_path / 'code.pth')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'photo.png')
     path = tmp_path / value
     assert train(*TINY_TRAIN, flag, str(path), '--output-dir', str(tmp_path / 'run')) == 1
-    one_error_line(capsys, message.format(v=path))
+    line = one_error_line(capsys, message.format(v=path))
+    assert 'weights_only' not in line  # torch's advice to unpickle: a command line cannot, and it would run code
     assert not marker.exists() and not (tmp_path / 'run' / '.lock').exists()
 
 

@@ -111,3 +111,6 @@ def test_train_on_the_scene_reports_localisation_and_evaluate_reads_its_boxes_fi
         assert 'localisation (20 images with boxes)' in capsys.readouterr().out
         reports.append(json.loads(output.read_text())['localization'])
     assert reports[0] == pytest.approx(reports[1])
+    # without --builtin-task scene the glyph task's classes do not match: the error names the flag
+    assert run_main('evaluate', '--model', str(out / 'best'), '--builtin-val-per-class', '2', '--workers', '0') == 1
+    assert 'pass --builtin-task scene' in capsys.readouterr().err

@@ -81,9 +81,20 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
     if classes is not None and list(classes) != list(dataset.classes):
         if not isinstance(dataset, LabeledImages):
             raise DatasetLayoutError(f'the {name} {split} split has classes {dataset.classes[:5]}..., '
-                                     f'{classes_of} has {list(classes)[:5]}...')
+                                     f'{classes_of} has {list(classes)[:5]}...{_builtin_task_hint(name, classes)}')
         dataset = align_classes(dataset, classes, split, classes_of)
     return dataset
+
+
+_BUILTIN_CLASS_PREFIXES = {'glyph': 'glyph_', 'scene': 'part_'}  # BuiltinFineGrained's, BuiltinScene's
+
+
+def _builtin_task_hint(name: str, classes: Sequence[str]) -> str:
+    """For built-in classes of another task (a scene model evaluated on the glyph task): the flag to pass."""
+    for task, prefix in _BUILTIN_CLASS_PREFIXES.items():
+        if name == 'builtin' and classes and all(str(c).startswith(prefix) for c in classes):
+            return f' (those are classes of the built-in {task} task: pass --builtin-task {task})'
+    return ''
 
 
 def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed: int,

@@ -69,8 +69,16 @@ def build_model(config: RunConfig, num_classes: int, device: Optional[str] = Non
     except (RuntimeError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError) as e:
         if not config.pretrained_path:
             raise
-        raise UserError(f'body weights {config.pretrained_path} are damaged or not a weights file '
-                        f'({type(e).__name__}: {one_line(e)[:300]})') from e
+        raise UserError(f'body weights {config.pretrained_path} are damaged or not a weights file; expected a '
+                        f'.safetensors file or a torch state dict of tensors ({_load_error(e)})') from e
+
+
+def _load_error(error: Exception) -> str:
+    """What a failed load says, less torch's advice to load with ``weights_only=False``: a command line cannot
+    do that, and unpickling an untrusted file would run its code."""
+    if 'weights_only' in str(error):
+        return 'it is not a safetensors file, and torch.load read it as a pickle of objects other than tensors'
+    return f'{type(error).__name__}: {one_line(error)[:300]}'
 
 
 def _body_file(path: Path) -> Path:
