@@ -128,8 +128,9 @@ def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_arg
     """Train one configuration in a train.py process, or reuse its finished run (resuming an unfinished one)."""
     variant, loss, remedy = config
     run_dir = Path(args.output_dir) / f'{variant}{"_" + remedy if remedy else ""}_{loss}_seed{seed}'
+    # the grid compares the paper's attention (Tables 2 and 3) with each remedy, whatever the name's default
     flags = [*train_args, '--dataset', args.dataset, '--model', f'ssanet_{body}_{variant}', '--loss', loss,
-             '--seed', str(seed), *([f'--{remedy}'] if remedy else [])]
+             '--seed', str(seed), f'--{remedy or "no-qk-norm"}']
     line = train_once(args, run_dir, flags, args.epochs)
     if line is None:
         raise UserError(f'{run_dir} has no finished run of {args.epochs} epochs')

@@ -29,14 +29,16 @@ from ssa_timm.cli import (
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
+from ssa_timm.hub import attention_args
 from ssa_timm.launch import attach_worker
 from ssa_timm.metrics import report_top1
 from ssa_timm.processes import from_main, run_on_main
 from ssa_timm.train import (
     BUILTIN_DEFAULTS, PAPER_DEFAULTS, CheckpointStore, Progress, RunConfig, StopRequest, Trainee, best_of,
     build_datasets, build_loaders, build_model, build_optimizer, build_scheduler, build_training_data,
-    claim_output_dir, epoch_record, epoch_summary, load_initial_checkpoint, make_accelerator, prepare, resume_run,
-    scheduler_state, seed_everything, set_up_model, tracker_values, train_one_epoch, write_epoch)
+    claim_output_dir, epoch_record, epoch_summary, load_initial_checkpoint, make_accelerator, prepare,
+    recorded_model_args, resume_run, scheduler_state, seed_everything, set_up_model, tracker_values, train_one_epoch,
+    write_epoch)
 
 DEFAULT = RunConfig()
 
@@ -62,8 +64,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_img_size_arg(g, f'default {BUILTIN_DEFAULTS["img_size"]} on builtin, else {PAPER_DEFAULTS["img_size"]}')
     g.add_argument('--scale-attn', action='store_true',
                    help='scale the attention logits by 1/sqrt(d) (paper: unscaled)')
-    g.add_argument('--qk-norm', action='store_true', help='cosine attention: L2-normalised A and B with a learnable '
-                   'temperature (paper: unscaled dot products)')
+    g.add_argument('--qk-norm', action=argparse.BooleanOptionalAction, help='cosine attention: L2-normalised A '
+                   'and B with a learnable temperature; --no-qk-norm: the paper\'s unscaled dot products (default: the '
+                   "name's own: on for the modern names and any timm body, off for the paper's 25 names; a resumed "
+                   'run keeps the attention it was trained with)')
     g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
                    'of K/8 channels (paper: none)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
@@ -194,6 +198,8 @@ def training_function(config: RunConfig) -> Dict:
     # stop signals checkpoint from here on (ssa-timm-launch forwards them once the handler is in place)
     with StopRequest() as stop, \
             claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder:
+        # a resumed run keeps the attention it was trained with, should the name's default have changed
+        config = config.with_recorded_attention(recorded_model_args(config.output_path, config.resume))
         seed_everything(config, accelerator)
         # data: validation labels index the training classes
         train_images, val_images = build_datasets(config, accelerator)
@@ -215,7 +221,7 @@ def training_function(config: RunConfig) -> Dict:
             accelerator.init_trackers('ssanet', config=config.trackers_config())
         # resume: the checkpoint must come from a run with this identity
         identity = config.identity(classes, epoch_samples(train_images), epoch_samples(val_images),
-                                   accelerator.num_processes)
+                                   accelerator.num_processes, attention_args(model))
         store = CheckpointStore(config.output_path, accelerator, config.keep_checkpoints,
                                 partial(run_on_main, accelerator), owner=from_main(accelerator, folder.lock.token),
                                 fence=folder.fence)

@@ -11,7 +11,7 @@ import torch
 
 from .layers import SpatialSelfAttention
 
-__all__ = ['attention_diagnostics', 'probe_attention']
+__all__ = ['attention_diagnostics', 'attention_kind', 'probe_attention']
 
 
 @torch.no_grad()
@@ -21,8 +21,9 @@ def attention_diagnostics(attn: SpatialSelfAttention, body_map: torch.Tensor) ->
     Returns:
         ``alpha`` (None without one), ``entropy`` (mean row entropy of S, nats), ``entropy_ratio``
         (that over the uniform entropy log N), ``row_max`` (mean largest weight of a row),
-        ``logit_std`` (mean over images of the standard deviation of the logits ``A_i . B_j``)
-        and ``positions`` N.
+        ``logit_std`` (mean over images of the standard deviation of the logits ``A_i . B_j``),
+        ``positions`` N, ``kind`` (which attention: ``paper``, ``qk_norm``, ``scale_attn``, with
+        ``+sagan_qk``) and, for ``qk_norm``, its learned ``temperature``.
     """
     logits = attn.attention_logits(body_map.to(attn.conv_a.weight.dtype)).float()
     log_s = logits.log_softmax(dim=-1)
@@ -37,7 +38,16 @@ def attention_diagnostics(attn: SpatialSelfAttention, body_map: torch.Tensor) ->
         'row_max': s.amax(-1).mean().item(),
         'logit_std': logits.flatten(1).std(dim=1, correction=0).mean().item(),
         'positions': positions,
+        'kind': attention_kind(attn),
+        'temperature': math.exp(min(attn.logit_scale.item(), math.log(100.))) if attn.qk_norm else None,
     }
+
+
+def attention_kind(attn: SpatialSelfAttention) -> str:
+    """Which attention ``attn`` computes: ``paper`` (unscaled dot products), ``qk_norm`` (cosine) or
+    ``scale_attn`` (1/sqrt(d)), with ``+sagan_qk`` when SAGAN's safeguard is on."""
+    kind = 'qk_norm' if attn.qk_norm else 'scale_attn' if attn.scale_attn else 'paper'
+    return kind + ('+sagan_qk' if attn.sagan_qk else '')
 
 
 @torch.no_grad()

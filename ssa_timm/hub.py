@@ -344,7 +344,9 @@ def fix_config(folder: str | Path) -> bool:
 def attention_args(model: SSANet) -> dict[str, bool]:
     """The attention options of ``model`` as model arguments (``qk_norm``, ``scale_attn``; none for a
     model without attention): an export records them whatever the name's default, so it loads with the
-    attention it was trained with even if a later release changes a default."""
+    attention it was trained with even if a later release changes a default. Exports written before these
+    were recorded (no ``qk_norm`` in ``model_args``) load with the paper's attention, which every name
+    computed then, though the modern names now default to ``qk_norm`` (``ssa_timm.models.default_qk_norm``)."""
     attn = model.head.attn
     if attn is None:
         return {}

@@ -172,8 +172,9 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
 
     Returns:
         ``images`` (the count measured), ``whole_map`` (the count left out: their boxes cover every cell of
-        the map), ``map_height`` and ``map_width`` (of the body map) and the means of ``box_share``, ``pointing_cam``, ``in_box_mass`` and
-        ``pointing_attention`` (None without an SSA layer, or without measured images).
+        the map), ``map_height`` and ``map_width`` (of the body map) and the means of ``box_share``,
+        ``pointing_cam``, ``in_box_mass`` and ``pointing_attention`` (None without an SSA layer, or without
+        measured images).
     """
     model.eval()
     device = next(model.parameters()).device

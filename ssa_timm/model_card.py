@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
 
 from .hub import label_names
-from .models import SSANet
+from .models import SSANet, default_qk_norm
 
 __all__ = ['body_weights_repo', 'model_complexity', 'render_model_card', 'reported_top_ks']
 
@@ -60,21 +60,28 @@ def _measured(metrics: dict[str, Any], num_classes: int, dataset: str | None) ->
     return {'heads': heads, 'count': metrics.get('count'), 'top_ks': top_ks}, eval_results
 
 
-def _attention_note(model: SSANet) -> str:
-    """Which attention the card's model computes (``qk_norm`` / ``scale_attn``, recorded in its config)."""
+def _attention_note(model: SSANet, trained: bool) -> str:
+    """Which attention the card's model computes (``qk_norm`` / ``scale_attn``, recorded in its config),
+    whether that is its body's default (``default_qk_norm``: the paper's bodies keep the paper's
+    attention, every other body takes ``qk_norm``) and, for weights whose SSA module is untrained, how to
+    build the other one."""
     attn = model.head.attn
     if attn is None:
         return 'none (`no_attention`: the FE head alone)'
+    cosine = default_qk_norm(f'ssanet_{model.body_name.partition(".")[0]}_{model.aggregation}')
     if attn.qk_norm:
         return ('cosine attention, `qk_norm=True`: L2-normalised queries and keys with a learnable temperature '
-                '(not in the paper)')
+                '(not in the paper' + ('; the default of the modern names' if cosine else '') + ')'
+                + ('' if trained else "; pass `qk_norm=False` for the paper's unscaled dot products"))
     if attn.scale_attn:
         return 'dot products scaled by 1/sqrt(d), `scale_attn=True` (not in the paper)'
     if getattr(attn, 'sagan_qk', False):
         return ("SAGAN's safeguard, `sagan_qk=True`: queries and keys of K/8 channels from spectrally normalised "
                 '1x1 convs (Zhang et al. 2019, the paper\'s ref. 28; not in the paper)')
-    return ("the paper's unscaled dot products `softmax_i(A_i . B_j)` (`qk_norm=False`, `scale_attn=False`); "
-            'pass `qk_norm=True` for cosine attention')
+    default = ("the default of the paper's names" if not cosine
+               else 'not the default on this body, which is cosine attention')
+    return (f"the paper's unscaled dot products `softmax_i(A_i . B_j)` (`qk_norm=False`, `scale_attn=False`; "
+            f'{default})' + ('' if trained else '; pass `qk_norm=True` for cosine attention'))
 
 
 def _weights_note(dataset: str | None, base_model: str | None, trained: bool) -> str:
@@ -139,7 +146,7 @@ def render_model_card(
         top_k=min(5, model.num_classes),
         hub_repo=create_name[len('hf-hub:'):] if create_name.startswith('hf-hub:') else None,
         weights_note=_weights_note(dataset, base_model, trained=bool(metrics)),
-        attention_note=_attention_note(model),
+        attention_note=_attention_note(model, trained=bool(metrics)),
         results=results,
         **model_complexity(model, img_size),
     )

@@ -76,7 +76,7 @@ def test_dry_run_folder_contents(export, tmp_path):
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'ssanet' and config['num_classes'] == 10
     assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32],
-                                    'qk_norm': False,
+                                    'qk_norm': True,  # cosine attention, create_ssanet's default
                                     'scale_attn': False}  # the attention it computes, recorded
     assert config['label_names'] == [f'class_{i}' for i in range(10)]
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
@@ -94,6 +94,8 @@ def test_dry_run_folder_contents(export, tmp_path):
     results = {r.metric_name: r.metric_value for r in data.eval_results}
     assert results == {'top-1 accuracy': round(measured['top1'], 2), 'top-5 accuracy': round(measured['top5'], 2)}
     assert 'import ssa_timm' in card.text and "hf-hub:someone/ssanet-tiny" in card.text
+    # the attention it was trained with, and no advice to build the other one: these weights need theirs
+    assert '- **Attention:** cosine attention, `qk_norm=True`' in card.text and 'pass `qk_norm' not in card.text
     assert f"| mean of heads (model output) | {measured['top1']:.2f} | {measured['top5']:.2f} |" in card.text
     assert "pipeline('image-classification', model='someone/ssanet-tiny')" in card.text  # the transformers way
     assert "AutoModelForImageClassification.from_pretrained('someone/ssanet-tiny')" in card.text

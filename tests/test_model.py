@@ -164,9 +164,11 @@ def test_reset_classifier_keeps_frozen_model_frozen_and_pool():
 
 
 def test_alpha_is_excluded_from_weight_decay_and_groups_split():
-    model = small()
-    assert model.no_weight_decay() == {'head.attn.alpha'}
-    assert small(aggregation='no_alpha').no_weight_decay() == set()
+    model = small()  # cosine attention, ResNet-18's default: its temperature is not decayed either
+    assert model.no_weight_decay() == {'head.attn.alpha', 'head.attn.logit_scale'}
+    assert small(aggregation='no_alpha').no_weight_decay() == {'head.attn.logit_scale'}
+    assert small(qk_norm=False).no_weight_decay() == {'head.attn.alpha'}  # the paper's attention
+    assert small(aggregation='no_alpha', qk_norm=False).no_weight_decay() == set()
     groups = timm.models.group_parameters(model, model.group_matcher())
     head_group = max(groups)
     assert {n for n in groups[head_group]} >= {'head.attn.alpha', 'head.ssa.fc.weight', 'head.fe.fc.weight'}
@@ -281,16 +283,20 @@ def test_qk_norm_model_round_trips_and_skips_weight_decay(tmp_path):
 
 @pytest.mark.parametrize('name', timm.list_models('ssanet*'))
 def test_each_registered_name_pins_its_attention(name, tmp_path):
-    """Every registered name, the generic ``ssanet`` included, computes the paper's attention (unscaled dot
-    products, no SAGAN safeguard) by default: the rule of docs/design.md, applied to the scene task's 5-seed
-    runs (docs: Results), picked no remedy for the modern names; exports record the options."""
+    """The paper's 25 names compute the paper's attention (unscaled dot products) by default: they are the
+    reproduction. Every other registered name, the generic ``ssanet`` included, computes cosine attention
+    (``qk_norm``); none has SAGAN's safeguard or the 1/sqrt(d) scale. ``default_qk_norm`` says the same
+    and exports record the options."""
     model = timm.create_model(name, num_classes=2, device='meta')
     if name.endswith('_no_attention'):
         assert model.head.attn is None and ssa_timm.hub.attention_args(model) == {}
+        assert ssa_timm.models.default_qk_norm(name) is False
         return
+    cosine = name not in NAMES
     attn = model.head.attn
-    assert (attn.qk_norm, attn.scale_attn, attn.sagan_qk) == (False, False, False)
-    assert ssa_timm.hub.attention_args(model) == {'qk_norm': False, 'scale_attn': False}
+    assert (attn.qk_norm, attn.scale_attn, attn.sagan_qk) == (cosine, False, False)
+    assert ssa_timm.models.default_qk_norm(name) is cosine
+    assert ssa_timm.hub.attention_args(model) == {'qk_norm': cosine, 'scale_attn': False}
 
 
 def test_exports_record_the_attention_they_were_trained_with(tmp_path):

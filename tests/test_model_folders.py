@@ -58,7 +58,7 @@ def test_exports_keep_num_classes_out_of_model_args(export):
     config = json.loads((export / 'config.json').read_text())
     assert config['num_classes'] == 3 and config['label_names'] == LABELS
     assert config['model_args'] == {'body': 'test_resnet', 'aggregation': 'plus', 'img_size': [32, 32],
-                                    'qk_norm': False,
+                                    'qk_norm': True,  # create_ssanet's default over a modern body
                                     'scale_attn': False}
     model = timm.create_model(f'local-dir:{export}', pretrained=True)
     assert model.num_classes == 3 and model.in_chans == 3 and model.pretrained_cfg['label_names'] == LABELS
@@ -233,3 +233,32 @@ def test_model_folder_of_a_spec(export):
     assert model_folder(str(export)) == export and model_folder(f'local-dir:{export}') == export
     assert model_folder('hf-hub:someone/tiny') is None and model_folder('ssanet_vgg16_plus') is None
     assert validate_config(json.loads((export / 'config.json').read_text()), 'x')['num_classes'] == 3
+
+
+PAPER_EXPORT = Path(__file__).parent / 'fixtures' / 'export_v0_6_paper_attention'
+
+
+def without_attention_args(config: dict) -> None:
+    """The oldest format: exports written before they recorded the attention options."""
+    del config['model_args']['qk_norm'], config['model_args']['scale_attn']
+
+
+def test_an_export_from_before_qk_norm_became_the_default_keeps_the_paper_attention(tmp_path, offline_cache):
+    """An ``ssanet_resnet18_plus`` exported while every name computed the paper's attention (its README says
+    how it was made) loads with that attention and gives the outputs it gave then, whether its config.json
+    records ``qk_norm: false`` or nothing at all, from a folder or from the Hub."""
+    from safetensors.torch import load_file
+    reference = load_file(str(PAPER_EXPORT / 'reference.safetensors'))
+    oldest = edited(PAPER_EXPORT, tmp_path / 'oldest', without_attention_args)
+    assert 'qk_norm' not in json.loads((oldest / 'config.json').read_text())['model_args']
+    hub_cache(offline_cache, 'someone/paper', {name: oldest / name for name in ('config.json', 'model.safetensors')})
+    for spec in (str(PAPER_EXPORT), f'local-dir:{PAPER_EXPORT}', str(oldest), 'hf-hub:someone/paper'):
+        model = load_model(spec).eval()
+        assert model.pretrained_cfg['architecture'] == 'ssanet_resnet18_plus'
+        attn = model.head.attn
+        assert (attn.qk_norm, attn.scale_attn, attn.logit_scale) == (False, False, None), spec
+        with torch.no_grad():
+            torch.testing.assert_close(model(reference['input']), reference['logits'], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model.forward_per_head(reference['input'])['ssa'], reference['ssa'],
+                                       rtol=1e-5, atol=1e-6)
+    assert timm.create_model('ssanet_resnet18_plus', num_classes=3, device='meta').head.attn.qk_norm  # today's

@@ -36,7 +36,7 @@ def test_run_writes_metrics_checkpoints_and_export(trained_run):
     state = json.loads((trained_run / 'checkpoints' / 'checkpoint_1' / 'run_state.json').read_text())
     assert state['progress']['epoch'] == 2 and state['identity']['classes'][0] == 'glyph_00'
     assert state['identity']['train_samples'] == 80
-    assert state['identity']['model_args'] == {'qk_norm': True, 'body_feature_index': 2}
+    assert state['identity']['model_args'] == {'qk_norm': True, 'scale_attn': False, 'body_feature_index': 2}
     assert not list((trained_run / 'checkpoints' / 'checkpoint_1').glob('custom_checkpoint_*'))  # no pickled state
     model = timm.create_model(f'local-dir:{trained_run / "best"}', pretrained=True)
     assert tuple(model.pretrained_cfg['input_size']) == (3, 32, 32) and model.num_classes == 10
@@ -268,3 +268,18 @@ def test_ablation_configs_cover_tables_and_remedies():
 
 
 assert ssa_timm  # registers the models for local-dir: loading
+
+
+def test_ablation_rows_without_a_remedy_train_the_papers_attention(monkeypatch, tmp_path):
+    """The modern names default to qk_norm: the grid's paper rows ask for the paper's attention themselves."""
+    from recipe_runs import recipe
+    ablation = recipe('ablation')
+    args, _ = ablation.parse_args(['--remedies', 'qk-norm', '--output-dir', str(tmp_path)])
+    given = {}
+    line = {'epoch': 0, 'val': {'heads': {'ssa': {'top1': 1.0}}, 'output': {'top1': 1.0}}}
+    monkeypatch.setattr(ablation, 'train_once', lambda a, run_dir, flags, epochs: given.setdefault(run_dir.name,
+                                                                                                    flags) and line)
+    for config in (('plus', 'ad', ''), ('plus', 'ad', 'qk-norm'), ('no_alpha', 'ad', '')):
+        ablation.run(args, 'resnet18', config, 0, [])
+    assert given['plus_ad_seed0'][-1] == '--no-qk-norm' and given['no_alpha_ad_seed0'][-1] == '--no-qk-norm'
+    assert given['plus_qk-norm_ad_seed0'][-1] == '--qk-norm'

@@ -42,4 +42,7 @@ def test_a_run_written_by_0_5_0_resumes(tmp_path, capsys):
     lines = metrics(run)
     assert [line['epoch'] for line in lines] == [0, 1]
     assert lines[1]['train_loss'] == pytest.approx(3.2224, abs=2e-3)  # 0.5.0 resuming this folder itself
-    assert (run / 'checkpoints' / 'checkpoint_1' / 'run_state.json').is_file()
+    # trained with the paper's attention (0.5's only one): resumed with it, though the name now defaults to qk_norm
+    state = json.loads((run / 'checkpoints' / 'checkpoint_1' / 'run_state.json').read_text())
+    assert state['identity']['model_args'] == {'body_feature_index': 0, 'qk_norm': False, 'scale_attn': False}
+    assert lines[1]['val']['attention']['kind'] == 'paper'

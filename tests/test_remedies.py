@@ -52,8 +52,10 @@ def test_sagan_qk_is_a_model_argument_recorded_in_exports():
     assert attention_args(model) == {'qk_norm': False, 'scale_attn': False, 'sagan_qk': True}
     config = RunConfig.from_mapping({'sagan_qk': True, 'model': 'ssanet_resnet18_plus'})
     assert config.model_kwargs()['sagan_qk'] is True
-    paper = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2)
-    assert not paper.head.attn.sagan_qk and 'sagan_qk' not in attention_args(paper)
+    for default in (ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2),
+                    ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2,
+                                           qk_norm=False)):  # cosine attention (the default) and the paper's
+        assert not default.head.attn.sagan_qk and 'sagan_qk' not in attention_args(default)
 
 
 def test_ablation_tables_carry_every_seed_and_the_localisation_columns():

@@ -12,6 +12,11 @@ then the ``@register_model`` entrypoints. The builders users call (``create_ssan
 ``create_ssanet_by_name``, ``parse_ssanet_name``) are in ``_factory.py``, as timm keeps
 ``create_model`` in its ``_factory.py``.
 
+Attention. The paper's 25 names keep the paper's unscaled dot products (they are the reproduction); the
+curated modern names, the generic ``ssanet`` and ``create_ssanet`` over any other body compute cosine
+attention (``qk_norm=True``) unless told otherwise. The default lives in the body's ``BodySpec``;
+``default_qk_norm(name)`` tells a recipe a name's default.
+
 Paper: `Spatial self-attention network with self-attention distillation for fine-grained image
 recognition` - Baffour et al., JVCIR 81 (2021), https://doi.org/10.1016/j.jvcir.2021.103368
 """
@@ -30,13 +35,17 @@ from timm.models import (
 # private: timm 1.0.31 exports feature_take_indices from neither timm.models nor timm.layers
 # (timm's own model files import it from here too)
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args  # private too: timm's model files import it from here
 
 from ..errors import WeightsMismatch
 from ..heads import SSAHeads
 from ..layers import VARIANTS, check_aggregation
 from .body import create_body, prefixed_group_matcher, probe_body, tokens_to_map
 
-__all__ = ['VARIANTS', 'BodySpec', 'SSANet', 'check_weights_fit', 'checkpoint_filter_fn', 'generic_cfg', 'renamed_keys']
+__all__ = [
+    'VARIANTS', 'BodySpec', 'SSANet', 'check_weights_fit', 'checkpoint_filter_fn', 'default_qk_norm', 'generic_cfg',
+    'renamed_keys',
+]
 
 _PAPER = 'Spatial self-attention network with self-attention distillation for fine-grained image recognition'
 _PAPER_ID = 'doi:10.1016/j.jvcir.2021.103368'
@@ -52,17 +61,21 @@ class BodySpec(NamedTuple):
     min_input_size: Optional[int] = None  # below this the body's last map collapses
     body_kwargs: Optional[Dict[str, Any]] = None  # extra kwargs of the body's timm constructor
     aggregations: Tuple[str, ...] = VARIANTS  # one registered name per aggregation
+    # the attention its names (and any SSANet over this body) compute when no attention option is given:
+    # cosine attention, except on the paper's bodies, which keep the paper's unscaled dot products
+    qk_norm: bool = True
 
 
 _CURATED = ('plus', 'no_attention')
-# The paper's five bodies at the paper's 448 px with every aggregation, then a curated set of modern
-# bodies, each at the input size it was trained for or 448 where that fits.
+# The paper's five bodies at the paper's 448 px with every aggregation and the paper's attention (the
+# reproduction), then a curated set of modern bodies with cosine attention (qk_norm), each at the input
+# size it was trained for or 448 where that fits.
 _BODIES: Dict[str, BodySpec] = {
-    'vgg16': BodySpec('tv_in1k', 448, 14),
-    'resnet50': BodySpec('tv_in1k', 448, 14),
-    'inception_v3': BodySpec('tv_in1k', 448, 12, min_input_size=224),
-    'densenet121': BodySpec('tv_in1k', 448, 14),
-    'densenet161': BodySpec('tv_in1k', 448, 14),
+    'vgg16': BodySpec('tv_in1k', 448, 14, qk_norm=False),
+    'resnet50': BodySpec('tv_in1k', 448, 14, qk_norm=False),
+    'inception_v3': BodySpec('tv_in1k', 448, 12, min_input_size=224, qk_norm=False),
+    'densenet121': BodySpec('tv_in1k', 448, 14, qk_norm=False),
+    'densenet161': BodySpec('tv_in1k', 448, 14, qk_norm=False),
     'resnet18': BodySpec('a1_in1k', 448, 14, aggregations=_CURATED),
     'convnext_tiny': BodySpec('in12k_ft_in1k', 448, 14, aggregations=_CURATED),
     'efficientnet_b0': BodySpec('ra_in1k', 448, 14, aggregations=_CURATED),
@@ -80,6 +93,7 @@ _MODEL_DEFS: Dict[str, Tuple[str, str]] = {
     for body, spec in _BODIES.items() for aggregation in spec.aggregations
 }
 _GENERIC_BODY = 'resnet18'  # the generic entrypoint's default body (body= picks another)
+_QK_NORM_KEY = 'head.attn.logit_scale'  # the one parameter cosine attention (qk_norm) adds
 # key prefixes of checkpoints written before the SSA head module existed (0.1) -> today's keys
 _LEGACY_KEYS = {'attn.': 'head.attn.', 'head_ssa.': 'head.ssa.', 'head_fe.': 'head.fe.'}
 
@@ -110,7 +124,8 @@ class SSANet(nn.Module):
         head_act_layer: Optional activation after each head's BatchNorm (paper: none).
         qk_ratio: Channels of A and B relative to K (``SpatialSelfAttention``; paper: 1.0).
         scale_attn: Scale the attention logits by 1/sqrt(d) (paper: unscaled).
-        qk_norm: Cosine attention with a learnable temperature (paper: plain dot products).
+        qk_norm: Cosine attention with a learnable temperature (paper: plain dot products). The
+            registered names and builders pass their own default (``default_qk_norm``).
         fused_attn: Use ``scaled_dot_product_attention`` (None: fused in eval mode only).
         sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
         body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
@@ -353,9 +368,20 @@ def check_weights_fit(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tenso
     problems = [f'{len(keys)} {kind}, e.g. {keys[:3]}' for kind, keys in
                 (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes)) if keys]
     if problems:
-        error = WeightsMismatch(f'{what} do not fit the {where}: keys ' + '; '.join(problems))
-        error.details = 'keys ' + '; '.join(problems)
+        details = 'keys ' + '; '.join(problems) + _attention_hint(missing, unexpected)
+        error = WeightsMismatch(f'{what} do not fit the {where}: {details}')
+        error.details = details
         raise error
+
+
+def _attention_hint(missing: List[str], unexpected: List[str]) -> str:
+    """What a missing or unexpected ``qk_norm`` temperature means: weights of the other attention."""
+    if _QK_NORM_KEY in missing:
+        return ("; the weights have no qk_norm temperature: they were trained with the paper's attention, "
+                'so build the model with qk_norm=False')
+    if _QK_NORM_KEY in unexpected:
+        return '; the weights were trained with cosine attention: build the model with qk_norm=True'
+    return ''
 
 
 def _names_a_checkpoint(cfg: PretrainedCfg) -> bool:
@@ -375,12 +401,62 @@ def _body_weights_note(hf_hub_id: str) -> Tuple[str]:
     return (f'Body weights from {hf_hub_id}; the SSA module and heads are freshly initialised.',)
 
 
+def default_qk_norm(model_name: str) -> bool:
+    """Whether the model ``model_name`` builds computes cosine attention (``qk_norm=True``) by default.
+
+    The default belongs to the body (``BodySpec.qk_norm``): the paper's 25 names (VGG-16, ResNet-50,
+    Inception-v3, DenseNet-121 and -161 with each aggregation) keep the paper's unscaled dot products
+    (False) under any tag; every other name computes cosine attention (True): the curated modern names, the
+    generic ``ssanet`` (over its default body; for ``body=B, aggregation=A`` ask for ``'ssanet_B_A'``) and
+    any ``ssanet_<timm body>_<aggregation>`` (``create_ssanet``). A ``no_attention`` name computes no
+    attention (False). What a build does beyond the default: an explicit ``qk_norm`` wins; an explicit
+    ``scale_attn=True`` or ``sagan_qk=True`` (they exclude ``qk_norm``) turns the default off; an export
+    (``hf-hub:`` / ``local-dir:``) loads with the attention its ``config.json`` records, the paper's when it
+    records none (it predates this default).
+
+    Args:
+        model_name: 'ssanet', or 'ssanet_<timm body>_<aggregation>', either with or without a '.<tag>'.
+
+    Raises:
+        ValueError: Not such a name.
+    """
+    from ._factory import parse_ssanet_name  # _factory imports this module
+    base = model_name.partition('.')[0]
+    body, aggregation = (_GENERIC_BODY, 'plus') if base == 'ssanet' else parse_ssanet_name(base)
+    return aggregation != 'no_attention' and _body_qk_norm(body)
+
+
+def _body_qk_norm(body: str) -> bool:
+    """The default ``qk_norm`` of an SSANet over ``body`` ('<timm model>[.<tag>]'): its registered
+    spec's, cosine attention for a body without one."""
+    spec = _BODIES.get(body.partition('.')[0])
+    return spec is None or spec.qk_norm
+
+
+def _fill_in_attention(kwargs: Dict[str, Any], cfg: PretrainedCfg) -> None:
+    """Set ``kwargs['qk_norm']`` where the caller gave none (or None) and the model has attention."""
+    if kwargs.get('qk_norm') is not None:
+        return
+    kwargs.pop('qk_norm', None)
+    if kwargs.get('aggregation', 'plus') == 'no_attention':
+        return
+    if cfg.source in ('hf-hub', 'local-dir'):
+        # exports record their attention (hub.attention_args); one without a record was written before
+        # the modern names took qk_norm, when every name computed the paper's attention
+        kwargs['qk_norm'] = False
+    elif kwargs.get('scale_attn') or kwargs.get('sagan_qk'):
+        kwargs['qk_norm'] = False  # they exclude qk_norm: an explicit choice wins over the default
+    else:
+        kwargs['qk_norm'] = _body_qk_norm(kwargs['body'])
+
+
 def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
     """``build_model_with_cfg`` for the timm model name ``variant``: body weights from timm's Hub repos
     through the body (``body_pretrained``), a whole checkpoint through ``checkpoint_filter_fn``."""
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
+    _fill_in_attention(kwargs, cfg)
     body_weights = _body_weights_tag(cfg) if pretrained else None
     if pretrained and not body_weights and not _names_a_checkpoint(cfg):
         raise RuntimeError(f'{variant} has no pretrained weights: its config names no body weights in timm\'s Hub '
@@ -405,6 +481,8 @@ def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
         feature_cfg=feature_cfg,
         **kwargs,
     )
+    if 'qk_norm' in kwargs:  # a plain save_for_hf records the attention too, whatever the default
+        update_model_args(model, qk_norm=kwargs['qk_norm'])
     # the config says what was loaded, not what could have been
     if body_weights:
         model.pretrained_cfg['notes'] = _body_weights_note(cfg.hf_hub_id)
@@ -520,7 +598,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
     """SSANet over the timm model named by ``body=`` (default 'resnet18', a tag picks its weights) with
-    ``aggregation=`` (default 'plus') at ``img_size=`` (default 448)."""
+    ``aggregation=`` (default 'plus') at ``img_size=`` (default 448); cosine attention (``qk_norm``) unless
+    the body is one of the paper's (``default_qk_norm``)."""
     body = kwargs.setdefault('body', _GENERIC_BODY)
     aggregation = kwargs.setdefault('aggregation', 'plus')
     img_size = to_2tuple(kwargs.get('img_size', 448))[0]
@@ -533,7 +612,7 @@ def ssanet(pretrained: bool = False, **kwargs: Any) -> SSANet:
 
 @register_model
 def ssanet_resnet18_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus (H = alpha*O + F) on ResNet-18 (the built-in demo's model)."""
+    """SSANet-plus (H = alpha*O + F) on ResNet-18 (the built-in demo's model), cosine attention (qk_norm)."""
     return _create_registered('ssanet_resnet18_plus', pretrained, **kwargs)
 
 
@@ -545,7 +624,7 @@ def ssanet_resnet18_no_attention(pretrained: bool = False, **kwargs: Any) -> SSA
 
 @register_model
 def ssanet_convnext_tiny_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus on ConvNeXt-Tiny (ImageNet-12k -> 1k body), 448 px."""
+    """SSANet-plus on ConvNeXt-Tiny (ImageNet-12k -> 1k body), 448 px; cosine attention (qk_norm)."""
     return _create_registered('ssanet_convnext_tiny_plus', pretrained, **kwargs)
 
 
@@ -557,7 +636,7 @@ def ssanet_convnext_tiny_no_attention(pretrained: bool = False, **kwargs: Any) -
 
 @register_model
 def ssanet_efficientnet_b0_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus on EfficientNet-B0, 448 px."""
+    """SSANet-plus on EfficientNet-B0, 448 px; cosine attention (qk_norm)."""
     return _create_registered('ssanet_efficientnet_b0_plus', pretrained, **kwargs)
 
 
@@ -569,7 +648,7 @@ def ssanet_efficientnet_b0_no_attention(pretrained: bool = False, **kwargs: Any)
 
 @register_model
 def ssanet_vit_small_patch16_384_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus on ViT-S/16 (AugReg ImageNet-21k -> 1k), 384 px: a 24 x 24 patch grid."""
+    """SSANet-plus on ViT-S/16 (AugReg ImageNet-21k -> 1k), 384 px: a 24 x 24 patch grid; cosine attention (qk_norm)."""
     return _create_registered('ssanet_vit_small_patch16_384_plus', pretrained, **kwargs)
 
 
@@ -581,7 +660,8 @@ def ssanet_vit_small_patch16_384_no_attention(pretrained: bool = False, **kwargs
 
 @register_model
 def ssanet_eva02_tiny_patch14_336_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus on EVA-02-Ti/14 (MIM ImageNet-22k -> 1k), 336 px: a 24 x 24 patch grid."""
+    """SSANet-plus on EVA-02-Ti/14 (MIM ImageNet-22k -> 1k), 336 px: a 24 x 24 patch grid; cosine attention
+    (qk_norm)."""
     return _create_registered('ssanet_eva02_tiny_patch14_336_plus', pretrained, **kwargs)
 
 
@@ -593,7 +673,7 @@ def ssanet_eva02_tiny_patch14_336_no_attention(pretrained: bool = False, **kwarg
 
 @register_model
 def ssanet_swin_tiny_patch4_window7_224_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus on Swin-T, 224 px (fixed input size): a 7 x 7 map."""
+    """SSANet-plus on Swin-T, 224 px (fixed input size): a 7 x 7 map; cosine attention (qk_norm)."""
     return _create_registered('ssanet_swin_tiny_patch4_window7_224_plus', pretrained, **kwargs)
 
 
@@ -605,7 +685,7 @@ def ssanet_swin_tiny_patch4_window7_224_no_attention(pretrained: bool = False, *
 
 @register_model
 def ssanet_vgg16_plus(pretrained: bool = False, **kwargs: Any) -> SSANet:
-    """SSANet-plus (H = alpha*O + F) on VGG-16: the paper's best model."""
+    """SSANet-plus (H = alpha*O + F) on VGG-16 with the paper's attention: the paper's best model."""
     return _create_registered('ssanet_vgg16_plus', pretrained, **kwargs)
 
 

@@ -26,7 +26,7 @@ from ..processes import from_main
 from .config import RESUMABLE_CHANGES, identity_changes, upgraded_identity
 from .optim import load_scheduler_state
 
-__all__ = ['CheckpointStore', 'Progress', 'STATE_FILE', 'resume_run']
+__all__ = ['CheckpointStore', 'Progress', 'STATE_FILE', 'recorded_model_args', 'resume_run']
 
 STATE_FILE = 'run_state.json'
 EMA_FILE = 'ema.safetensors'
@@ -243,6 +243,24 @@ def _check_files(folder: Path) -> None:
         except (zipfile.BadZipFile, OSError) as e:
             raise DamagedCheckpoint(f'{path} is damaged or truncated ({one_line(e)})') from e
 
+
+
+def recorded_model_args(run_dir: Path, resume: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The model arguments recorded by the checkpoint ``resume`` continues: the named folder, else the
+    newest readable one under ``run_dir/checkpoints``; None when there is none (the store then reports
+    what it finds). Read before the model is built, so a resumed run builds the model it saved."""
+    if not resume:
+        return None
+    folder = Path(run_dir) / 'checkpoints'
+    candidates = ([Path(resume)] if resume not in ('latest', 'auto') else
+                  sorted((p for p in folder.glob('checkpoint_*') if checkpoint_index(p) >= 0), key=checkpoint_index,
+                         reverse=True))
+    for candidate in candidates:
+        try:
+            return dict(json.loads((candidate / STATE_FILE).read_text())['identity']['model_args'])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def resume_run(store: CheckpointStore, resume: str, identity: Dict[str, Any], scheduler, ema=None, model=None,

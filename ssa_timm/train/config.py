@@ -28,6 +28,8 @@ RESUMABLE_CHANGES = ('epochs',)
 IDENTITY_RENAMES = {'freeze_body': 'freeze_backbone'}  # 0.6
 # identity fields added since the previous minor release: the value its runs had (none so far)
 IDENTITY_ADDITIONS: Dict[str, Any] = {}
+# the attention options of a model, all off: the paper's attention (what a record that names none computed)
+_ATTENTION_OFF = {'qk_norm': False, 'scale_attn': False, 'sagan_qk': False}
 # settings a checkpoint's optimizer, scheduler and loss depend on (part of the identity)
 _TRAINING_SETTINGS = ('opt', 'lr', 'momentum', 'weight_decay', 'body_lr_scale', 'layer_decay', 'sched', 'epochs',
                       'plateau_patience', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'min_lr', 'model_ema',
@@ -42,7 +44,7 @@ class RunConfig:
     body_feature_index: Optional[int] = None
     img_size: Optional[int] = None
     scale_attn: bool = False
-    qk_norm: bool = False
+    qk_norm: Optional[bool] = None  # None: the model name's own default (ssa_timm.models.default_qk_norm)
     sagan_qk: bool = False
     pretrained: Optional[bool] = None
     pretrained_path: Optional[str] = None
@@ -136,8 +138,11 @@ class RunConfig:
         return str(Path(self.data_dir).resolve()) if self.data_dir else None
 
     def model_kwargs(self) -> Dict[str, Any]:
-        """SSANet arguments these settings set (and an export's config records)."""
-        kwargs: Dict[str, Any] = {k: True for k in ('scale_attn', 'qk_norm', 'sagan_qk') if getattr(self, k)}
+        """SSANet arguments these settings set (and an export's config records): ``qk_norm`` when given
+        either way, the other attention options when on."""
+        kwargs: Dict[str, Any] = {k: True for k in ('scale_attn', 'sagan_qk') if getattr(self, k)}
+        if self.qk_norm is not None:
+            kwargs['qk_norm'] = self.qk_norm
         if self.body_feature_index is not None:
             kwargs['body_feature_index'] = self.body_feature_index
         return kwargs
@@ -151,10 +156,13 @@ class RunConfig:
         """``ssa_timm.data.build_dataset``'s arguments for the training or the validation split."""
         return dataset_options(self, training)
 
-    def identity(self, classes: Sequence[str], train_samples: int, val_samples: int,
-                 num_processes: int) -> Dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it (``RESUMABLE_CHANGES`` aside)."""
-        return dict(model=self.model, model_args=self.model_kwargs(), dataset=self.dataset, data_dir=self.data_path,
+    def identity(self, classes: Sequence[str], train_samples: int, val_samples: int, num_processes: int,
+                 attention: Optional[Mapping[str, bool]] = None) -> Dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (``RESUMABLE_CHANGES`` aside);
+        ``attention``: the attention the built model computes (``ssa_timm.hub.attention_args``), whatever
+        the name's default."""
+        model_args = {**self.model_kwargs(), **(attention or {})}
+        return dict(model=self.model, model_args=model_args, dataset=self.dataset, data_dir=self.data_path,
                     crop_bbox=self.crop_bbox, **self._family(), classes=list(classes), train_samples=train_samples,
                     val_samples=val_samples, img_size=self.img_size, seed=self.seed, **self.weights_sources(),
                     freeze_body=self.freeze_body, cache_features=self.cache_features,
@@ -174,6 +182,14 @@ class RunConfig:
         task = {'builtin_task': self.builtin_task} if self.builtin_task != 'glyph' else {}
         return {'builtin_family': self.builtin_family, **task} if self.builtin_family else task
 
+    def with_recorded_attention(self, model_args: Optional[Mapping[str, Any]]) -> 'RunConfig':
+        """These settings with the ``qk_norm`` a run being resumed recorded (``model_args`` of its identity,
+        read as ``upgraded_identity`` does), unless ``qk_norm`` was given: a resumed run keeps its attention
+        when a name's default changed."""
+        if self.qk_norm is not None or model_args is None:
+            return self
+        return dataclasses.replace(self, qk_norm=_model_args_upgraded(model_args)['qk_norm'])
+
     def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:
         """The ``training`` entry of an export's ``config.json``."""
         return dict(model=self.model, dataset=self.dataset, **self.weights_sources(), img_size=self.img_size,
@@ -189,19 +205,29 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     return str(Path(path).resolve()) if path else None
 
 
+def _model_args_upgraded(model_args: Mapping[str, Any]) -> Dict[str, Any]:
+    """Model arguments with every attention option spelled out: one a record leaves out is off (before 0.7
+    a run recorded only the options it turned on, and every name computed the paper's attention)."""
+    return {**_ATTENTION_OFF, **model_args}
+
+
 def upgraded_identity(saved: Mapping[str, Any]) -> Dict[str, Any]:
     """An identity recorded by an earlier release, in today's terms: renamed fields under their new name
-    (``IDENTITY_RENAMES``), fields added since read as what those runs did (``IDENTITY_ADDITIONS``)."""
+    (``IDENTITY_RENAMES``), fields added since read as what those runs did (``IDENTITY_ADDITIONS``), the
+    attention options spelled out."""
     record = dict(saved)
     for new, old in IDENTITY_RENAMES.items():
         if new not in record and old in record:
             record[new] = record.pop(old)
     for key, value in IDENTITY_ADDITIONS.items():
         record.setdefault(key, value)
+    if isinstance(record.get('model_args'), Mapping):
+        record['model_args'] = _model_args_upgraded(record['model_args'])
     return record
 
 
 def identity_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
-    """Identity fields whose values differ between ``saved`` (read as ``upgraded_identity``) and ``current``."""
-    saved = upgraded_identity(saved)
+    """Identity fields whose values differ between ``saved`` and ``current`` (both read as
+    ``upgraded_identity``)."""
+    saved, current = upgraded_identity(saved), upgraded_identity(current)
     return [key for key in current if saved.get(key) != current[key]]

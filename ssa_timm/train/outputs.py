@@ -100,8 +100,9 @@ def epoch_summary(record: Dict[str, Any]) -> str:
             f'val top-1 {report["output"]["top1"]:.1f}% ({heads})')
     attention = report.get('attention')
     if attention and attention['alpha'] is not None:
-        text += (f'; attention: alpha {attention["alpha"]:+.3f}, row entropy {attention["entropy_ratio"]:.2f} of '
-                 f'uniform, row max {attention["row_max"]:.2f}')
+        temperature = f', temperature {attention["temperature"]:.1f}' if attention.get('temperature') else ''
+        text += (f'; attention ({attention.get("kind", "paper")}{temperature}): alpha {attention["alpha"]:+.3f}, row '
+                 f'entropy {attention["entropy_ratio"]:.2f} of uniform, row max {attention["row_max"]:.2f}')
     where = report.get('localization')
     if where and where['images']:
         mass = where['in_box_mass']
@@ -115,4 +116,4 @@ def tracker_values(record: Dict[str, Any], top1: float) -> Dict[str, float]:
     """What an epoch logs to accelerate's trackers."""
     attention = record['val'].get('attention') or {}
     return {'train_loss': record['train_loss'], 'val_top1': top1, 'lr': record['lr'],
-            **{f'attention/{k}': v for k, v in attention.items() if v is not None}}
+            **{f'attention/{k}': v for k, v in attention.items() if isinstance(v, (int, float))}}
