@@ -65,6 +65,8 @@ def parse_args(argv=None):
                    '(builtin only)')
     p.add_argument('--pretrain-epochs', type=at_least(1), default=6, help='transfer: epochs of the body pretraining')
     p.add_argument('--output-dir', default='runs/ablation')
+    p.add_argument('--cache-dir', help='transfer: the body-map caches every run shares (one per body, data and '
+                   'seed); default: feature_cache in --output-dir')
     p.add_argument('--launcher', default=sys.executable,
                    help='command that runs train.py, e.g. "accelerate launch --multi_gpu --num_processes 8"')
     p.add_argument('--debug', action='store_true', help='show the traceback of user errors')
@@ -121,7 +123,8 @@ def pretrained_body(args: argparse.Namespace, body: str, train_args: List[str]) 
     train_once(args, run_dir, [*train_args, '--dataset', 'builtin', '--builtin-family', '1', '--model',
                                f'ssanet_{body}_no_attention', '--seed', '0'], args.pretrain_epochs)
     weights = save_body_weights(run_dir / 'best', run_dir / 'body.safetensors')
-    return ['--pretrained-path', str(weights), '--freeze-body', '--cache-features']
+    cache = args.cache_dir or str(Path(args.output_dir) / 'feature_cache')
+    return ['--pretrained-path', str(weights), '--freeze-body', '--cache-features', '--cache-dir', cache]
 
 
 def run(args: argparse.Namespace, body: str, config: tuple, seed: int, train_args: List[str]) -> Dict:
@@ -268,7 +271,17 @@ def main(argv=None) -> Dict:
     (out / 'ablation.json').write_text(json.dumps(result, indent=1))
     (out / 'ablation.md').write_text(markdown)
     print(markdown)
+    if args.regime == 'transfer':
+        print(cache_report(Path(args.cache_dir or out / 'feature_cache')))
     return result
+
+
+def cache_report(folder: Path) -> str:
+    """The body-map caches the grid's runs shared, with their sizes."""
+    files = sorted(folder.glob('*.npy'))
+    sizes = [f.stat().st_size for f in files]
+    lines = [f'feature caches in {folder}: {len(files)} file(s), {sum(sizes) / 2 ** 20:.1f} MiB']
+    return '\n'.join([*lines, *(f'  {f.name}: {n / 2 ** 20:.1f} MiB' for f, n in zip(files, sizes))])
 
 
 if __name__ == '__main__':

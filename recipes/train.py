@@ -79,6 +79,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--freeze-body', action='store_true', help='train the SSA module and heads only (the paper)')
     deprecated_alias(g, '--freeze-backbone', '--freeze-body', nargs=0)
     g.add_argument('--cache-features', action='store_true', help='with --freeze-body: train from cached body maps')
+    g.add_argument('--cache-dir', metavar='DIR', help='the feature cache folder, shareable by runs (one file per body, '
+                   'weights, data and split; a lock makes a missing one built once); default: feature_cache in '
+                   '--output-dir')
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +168,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
     """Refuse combinations and values that would fail later, with argparse's exit status 2."""
+    if config.cache_dir and not config.cache_features:
+        p.error('--cache-dir is the folder of --cache-features; give both')
     if config.cache_features and not config.freeze_body:
         p.error('--cache-features needs --freeze-body (a training body changes its features)')
     if config.qk_norm and config.scale_attn:

@@ -5,7 +5,10 @@ computed once per image and view (original and horizontally flipped) into a ``.n
 training reads through a memory map. Processes share the work: each computes every
 ``world_size``-th image and writes its rows of the same file (on one machine, or a shared
 filesystem across machines). The cache is keyed by what the maps depend on, the body's weights
-included (``weights_fingerprint``), and only a completed build is ever read.
+included (``weights_fingerprint``), and only a completed build is ever read. Runs that need the same
+key share one file (a grid's runs of one seed, whatever their attention settings): the main process of
+each run holds the key's lock file while it checks and builds, so two runs that need the same missing
+key build it once and the second reads it (an ``fcntl`` lock: a killed builder releases it).
 """
 import hashlib
 import json
@@ -16,12 +19,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.transforms import FlipSchedule
 from .errors import UserError
 from .output_paths import atomic_write_text
-from .processes import run_on_main
+from .processes import from_main, run_on_main
 
 __all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
 
@@ -65,19 +69,34 @@ def build_feature_cache(
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = path.with_name(f'{path.stem}-{key}{path.suffix}')
     marker = path.with_suffix('.json')
-    if marker.is_file() and _read_marker(marker) == meta:
+    lock = FileLock(path.with_suffix('.lock')) if accelerator.is_main_process else None
+    run_on_main(accelerator, partial(_lock, lock, path))  # another run building this key: wait for it
+    try:
+        if from_main(accelerator, marker.is_file() and _read_marker(marker) == meta):
+            return path
+        views = 2 if with_flips else 1
+        model.body.eval()
+        sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            shape = model.forward_body(sample).shape[1:]
+        run_on_main(accelerator, partial(_allocate, path, marker, (len(dataset), views, *shape)))
+        _fill(model, dataset, path, views, accelerator, batch_size, num_workers)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(marker, json.dumps(meta))
         return path
-    views = 2 if with_flips else 1
-    model.body.eval()
-    sample = dataset[0][0].unsqueeze(0).to(accelerator.device)
-    with torch.no_grad(), accelerator.autocast():
-        shape = model.forward_body(sample).shape[1:]
-    run_on_main(accelerator, partial(_allocate, path, marker, (len(dataset), views, *shape)))
-    _fill(model, dataset, path, views, accelerator, batch_size, num_workers)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(marker, json.dumps(meta))
-    return path
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(lock: FileLock, path: Path) -> None:
+    """Take the key's lock (the cache folder made first)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise UserError(f'cannot lock the feature cache {path}: {e.strerror or e}') from e
 
 
 def _fill(model: torch.nn.Module, dataset: Dataset, path: Path, views: int, accelerator, batch_size: int,

@@ -74,3 +74,45 @@ def test_cache_is_reused_only_for_the_same_settings(tmp_path):
     first = len(calls)
     build(model, path, meta)
     assert len(calls) == first
+
+
+BUILD_ONCE = """
+import sys, time
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from torch.utils.data import TensorDataset
+import ssa_timm.feature_cache as cache
+from ssa_timm import create_ssanet
+
+fill = cache._fill
+def slow_fill(*args, **kwargs):  # a build that takes a while: the other process asks for the key meanwhile
+    print('built', flush=True)
+    time.sleep(2)
+    fill(*args, **kwargs)
+cache._fill = slow_fill
+torch.manual_seed(0)
+model = create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2).eval()
+images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.05)
+path = cache.build_feature_cache(model, TensorDataset(images, torch.arange(6)), Path(sys.argv[1]) / 'train.npy',
+                                 True, Accelerator(cpu=True), meta={'key': 'shared'}, batch_size=2)
+print('path', path, flush=True)
+"""
+
+
+def test_two_processes_that_need_one_missing_key_build_it_once(tmp_path):
+    """Two runs of a grid start together on one cache folder: one builds, the other waits and reads it."""
+    import subprocess
+    import sys
+    go = tmp_path / 'go'
+    procs = [subprocess.Popen([sys.executable, '-c', BUILD_ONCE, str(tmp_path / 'cache'), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    assert sum(out.count('built') for out, _ in outputs) == 1, outputs
+    paths = {line for out, _ in outputs for line in out.splitlines() if line.startswith('path ')}
+    assert len(paths) == 1 and len(list((tmp_path / 'cache').glob('*.npy'))) == 1

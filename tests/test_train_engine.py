@@ -26,13 +26,22 @@ def test_defaults_depend_on_the_dataset():
 
 
 @pytest.mark.parametrize('field,value', [('img_size', 96), ('pretrained_path', 'other.safetensors'), ('seed', 3),
-                                         ('qk_norm', True), ('body_feature_index', 1), ('data_dir', '/elsewhere')])
+                                         ('model', 'ssanet_resnet34_plus'), ('body_feature_index', 1),
+                                         ('data_dir', '/elsewhere')])
 def test_the_feature_cache_key_changes_with_what_the_maps_depend_on(field, value):
     config = RunConfig.from_mapping({'pretrained_path': 'body.safetensors', 'data_dir': '/data'})
     other = dataclasses.replace(config, **{field: value})
     assert config.feature_cache_key('train') != other.feature_cache_key('train')
     assert config.feature_cache_key('train') != config.feature_cache_key('val')
     assert config.feature_cache_key('train') == dataclasses.replace(config, lr=0.5).feature_cache_key('train')
+
+
+@pytest.mark.parametrize('field,value', [('qk_norm', True), ('qk_norm', False), ('sagan_qk', True), ('loss', 'ce'),
+                                         ('model', 'ssanet_resnet18_no_alpha'), ('output_dir', 'elsewhere')])
+def test_runs_that_differ_only_after_the_body_share_one_feature_cache(field, value):
+    """A grid's runs of one seed: other aggregation, attention, loss or run folder, the same body maps."""
+    config = RunConfig.from_mapping({'pretrained_path': 'body.safetensors', 'data_dir': '/data'})
+    assert config.feature_cache_key('train') == dataclasses.replace(config, **{field: value}).feature_cache_key('train')
 
 
 def test_identity_and_export_notes_derive_from_the_config(tmp_path):

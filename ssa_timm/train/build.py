@@ -195,7 +195,7 @@ def build_training_data(config: RunConfig, model: torch.nn.Module, train_images:
     if not config.cache_features:
         return train_data, val_data, model
     model.to(accelerator.device)
-    cache_dir = config.output_path / 'feature_cache'
+    cache_dir = config.cache_path
     common = dict(accelerator=accelerator, batch_size=config.batch_size, num_workers=config.workers)
     train_path = build_feature_cache(model, train_data.dataset, cache_dir / 'train.npy', True,
                                      meta=config.feature_cache_key('train'), **common)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data import DATASET_DEFAULTS, dataset_options
+from ..models import parse_ssanet_name
 
 __all__ = ['BUILTIN_DEFAULTS', 'IDENTITY_ADDITIONS', 'IDENTITY_RENAMES', 'PAPER_DEFAULTS', 'RESUMABLE_CHANGES',
            'RunConfig', 'identity_changes', 'upgraded_identity']
@@ -51,6 +52,7 @@ class RunConfig:
     initial_checkpoint: Optional[str] = None
     freeze_body: bool = False
     cache_features: bool = False
+    cache_dir: Optional[str] = None  # None: <output_dir>/feature_cache
     # data
     dataset: str = DATASET_DEFAULTS['dataset']
     data_dir: Optional[str] = DATASET_DEFAULTS['data_dir']
@@ -169,9 +171,16 @@ class RunConfig:
                     batch_size=self.batch_size, grad_accum=self.grad_accum, num_processes=num_processes,
                     **{k: getattr(self, k) for k in _TRAINING_SETTINGS})
 
+    @property
+    def cache_path(self) -> Path:
+        """The feature cache's folder (``cache_dir``, else ``feature_cache`` in the run folder)."""
+        return Path(self.cache_dir) if self.cache_dir else self.output_path / 'feature_cache'
+
     def feature_cache_key(self, split: str) -> Dict[str, Any]:
-        """What the frozen body's maps of ``split`` depend on (the body's weights are added by the cache)."""
-        return dict(model=self.model, model_args=self.model_kwargs(), **self.weights_sources(),
+        """What the frozen body's maps of ``split`` depend on (the body's weights are added by the cache): the
+        body and where it is read, not the aggregation or the attention, so runs that differ only there share
+        one cache."""
+        return dict(body=_body_of(self.model), body_feature_index=self.body_feature_index, **self.weights_sources(),
                     img_size=self.img_size, dataset=self.dataset, data_dir=self.data_path, crop_bbox=self.crop_bbox,
                     seed=self.seed, builtin=[self.builtin_train_per_class, self.builtin_val_per_class],
                     **self._family(), split=split)
@@ -199,6 +208,14 @@ class RunConfig:
         """The settings as accelerate trackers take them (scalars and strings, no None)."""
         items = dataclasses.asdict(self).items()
         return {k: ','.join(v) if isinstance(v, (list, tuple)) else v for k, v in items if v is not None}
+
+
+def _body_of(model: Optional[str]) -> Optional[str]:
+    """The timm body of an ``ssanet_<body>_<aggregation>`` name (the name itself for anything else)."""
+    try:
+        return parse_ssanet_name(model)[0]
+    except (ValueError, TypeError):
+        return model
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
