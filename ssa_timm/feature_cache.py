@@ -7,8 +7,9 @@ training reads through a memory map. Processes share the work: each computes eve
 filesystem across machines). The cache is keyed by what the maps depend on, the body's weights
 included (``weights_fingerprint``), and only a completed build is ever read. Runs that need the same
 key share one file (a grid's runs of one seed, whatever their attention settings): the main process of
-each run holds the key's lock file while it checks and builds, so two runs that need the same missing
-key build it once and the second reads it (an ``fcntl`` lock: a killed builder releases it).
+each run holds the key's lock file (``.locks/`` in the cache folder) while it checks and builds, so two
+runs that need the same missing key build it once and the second reads it (an ``fcntl`` lock: a killed
+builder releases it).
 """
 import hashlib
 import json
@@ -69,7 +70,9 @@ def build_feature_cache(
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = path.with_name(f'{path.stem}-{key}{path.suffix}')
     marker = path.with_suffix('.json')
-    lock = FileLock(path.with_suffix('.lock')) if accelerator.is_main_process else None
+    # the key's lock file, kept (as the Hugging Face cache keeps its .locks): deleting one another process
+    # may hold open would let two builders in
+    lock = FileLock(path.parent / '.locks' / f'{path.stem}.lock') if accelerator.is_main_process else None
     run_on_main(accelerator, partial(_lock, lock, path))  # another run building this key: wait for it
     try:
         if from_main(accelerator, marker.is_file() and _read_marker(marker) == meta):
@@ -91,9 +94,9 @@ def build_feature_cache(
 
 
 def _lock(lock: FileLock, path: Path) -> None:
-    """Take the key's lock (the cache folder made first)."""
+    """Take the key's lock (the cache folder and its ``.locks`` made first)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / '.locks').mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except OSError as e:
         raise UserError(f'cannot lock the feature cache {path}: {e.strerror or e}') from e

@@ -255,31 +255,5 @@ def test_evaluate_refuses_other_architectures_and_class_counts(trained_run, tmp_
     assert "the val split has class(es) ['cat', 'dog'] that the model" in capsys.readouterr().err
 
 
-def test_ablation_configs_cover_tables_and_remedies():
-    from recipe_runs import recipe
-    ablation = recipe('ablation')
-    args, _ = ablation.parse_args(['--losses', 'ad,ce', '--remedies', 'qk-norm'])
-    configs = ablation.configs(args)
-    assert [c for c in configs if c[1] == 'ad' and not c[2]] == [(v, 'ad', '') for v in ablation.PAPER_TABLE2_CUB]
-    assert [c[0] for c in configs if c[1] == 'ce' and not c[2]] == list(ablation.PAPER_TABLE3_CUB)
-    assert [c for c in configs if c[2]] == [('plus', 'ad', 'qk-norm'), ('plus', 'ce', 'qk-norm')]
-    with pytest.raises(SystemExit):
-        ablation.parse_args(['--remedies', 'no-such-flag'])
-
-
 assert ssa_timm  # registers the models for local-dir: loading
 
-
-def test_ablation_rows_without_a_remedy_train_the_papers_attention(monkeypatch, tmp_path):
-    """The modern names default to qk_norm: the grid's paper rows ask for the paper's attention themselves."""
-    from recipe_runs import recipe
-    ablation = recipe('ablation')
-    args, _ = ablation.parse_args(['--remedies', 'qk-norm', '--output-dir', str(tmp_path)])
-    given = {}
-    line = {'epoch': 0, 'val': {'heads': {'ssa': {'top1': 1.0}}, 'output': {'top1': 1.0}}}
-    monkeypatch.setattr(ablation, 'train_once', lambda a, run_dir, flags, epochs: given.setdefault(run_dir.name,
-                                                                                                    flags) and line)
-    for config in (('plus', 'ad', ''), ('plus', 'ad', 'qk-norm'), ('no_alpha', 'ad', '')):
-        ablation.run(args, 'resnet18', config, 0, [])
-    assert given['plus_ad_seed0'][-1] == '--no-qk-norm' and given['no_alpha_ad_seed0'][-1] == '--no-qk-norm'
-    assert given['plus_qk-norm_ad_seed0'][-1] == '--qk-norm'

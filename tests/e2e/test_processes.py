@@ -171,8 +171,10 @@ def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
     table = (tmp_path / 'ablation.md').read_text()
     assert '| plus |' in table and '| no_attention |' in table and '87.1 -> 88.4' in table
     assert 'row entropy / uniform' in table and '| alpha |' not in table
-    again = run_recipe('ablation.py', *args)
-    assert 'process 0/1' not in again.stdout  # every run was finished: nothing retrained
+    logs = {p: p.read_text() for p in tmp_path.glob('*/train.log')}
+    assert len(logs) == 3 and all('process 0/1' in text for text in logs.values())  # each run's train.py output
+    run_recipe('ablation.py', *args)
+    assert {p: p.read_text() for p in tmp_path.glob('*/train.log')} == logs  # every run was finished: none retrained
     assert (tmp_path / 'ablation.md').read_text() == table
 
 
@@ -189,7 +191,9 @@ def test_ablation_in_the_transfer_regime(tmp_path):
         export = load_file(tmp_path / name / 'best' / 'model.safetensors')
         frozen = {k[len('body.'):]: v for k, v in export.items() if k.startswith('body.')}
         assert frozen.keys() == body.keys() and all((frozen[k] == body[k]).all() for k in body)
-        assert (tmp_path / name / 'feature_cache').is_dir()
+        assert not (tmp_path / name / 'feature_cache').exists()
+    # the three runs share one body-map cache per split (their body, data and seed are the same)
+    assert len(list((tmp_path / 'feature_cache').glob('*.npy'))) == 2
     result = json.loads((tmp_path / 'ablation.json').read_text())
     assert result['regime'] == 'transfer' and len(result['runs']) == 3
     table = (tmp_path / 'ablation.md').read_text()

@@ -1,0 +1,95 @@
+"""Grids of runs (``ssa_timm.grid``, ``recipes/ablation.py``) without training: which runs a grid holds and
+with which flags, how shards split it, what the folders say (finished, missing, started with other flags),
+and the figures of a grid's rows."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ssa_timm.grid import Grid, GridRun, collect, grid_configs, parse_shard, shard
+from ssa_timm.grid_report import PAPER_TABLE2_CUB, PAPER_TABLE3_CUB, figures
+
+
+def grid(tmp_path: Path, **kwargs) -> Grid:
+    settings = grid_configs(['no_attention', 'plus'], ['ad'], ['qk-norm'])
+    return Grid(tmp_path, Path('train.py'), 'resnet18', seeds=(0, 1), configs=tuple(settings), epochs=1, **kwargs)
+
+
+def test_configs_cover_tables_2_and_3_and_the_remedies():
+    settings = grid_configs(list(PAPER_TABLE2_CUB), ['ad', 'ce'], ['qk-norm'], PAPER_TABLE3_CUB)
+    assert [c for c in settings if c[1] == 'ad' and not c[2]] == [(v, 'ad', '') for v in PAPER_TABLE2_CUB]
+    assert [c[0] for c in settings if c[1] == 'ce' and not c[2]] == list(PAPER_TABLE3_CUB)
+    assert [c for c in settings if c[2]] == [('plus', 'ad', 'qk-norm'), ('plus', 'ce', 'qk-norm')]
+
+
+def test_rows_without_a_remedy_train_the_papers_attention(tmp_path):
+    """The modern names default to qk_norm: the grid's paper rows ask for the paper's attention themselves."""
+    g = grid(tmp_path, regime='transfer')
+    flags = {run.name: g.flags(run) for run in g.runs()}
+    assert '--no-qk-norm' in flags['plus_ad_seed0'] and '--no-qk-norm' in flags['no_attention_ad_seed1']
+    assert '--qk-norm' in flags['plus_qk-norm_ad_seed0'] and '--no-qk-norm' not in flags['plus_qk-norm_ad_seed0']
+    # the transfer runs share one cache folder and the body pretrained once
+    assert all(f[f.index('--cache-dir') + 1] == str(tmp_path / 'feature_cache') for f in flags.values())
+    assert all(f[f.index('--pretrained-path') + 1] == str(g.body_weights) for f in flags.values())
+
+
+def test_shards_split_the_grid_into_disjoint_parts_that_cover_it(tmp_path):
+    runs = grid(tmp_path).runs()
+    parts = [shard(runs, k, 4) for k in (1, 2, 3, 4)]
+    assert sorted(r.name for p in parts for r in p) == sorted(r.name for r in runs) and len(runs) == 6
+    assert parse_shard('2/4') == (2, 4)
+    for bad in ('0/4', '5/4', '2', 'a/b', '-1/3'):
+        with pytest.raises(ValueError, match='expected K/N'):
+            parse_shard(bad)
+
+
+def finish(g: Grid, run: GridRun, top1: float, flags=None, epochs: int = 1) -> None:
+    """A run folder as a finished run leaves it."""
+    folder = g.folder(run)
+    folder.mkdir(parents=True)
+    (folder / 'grid_run.json').write_text(json.dumps({'train_args': flags or g.flags(run)}))
+    val = {'heads': {'ssa': {'top1': top1}, 'fe': {'top1': top1}}, 'output': {'top1': top1},
+           'localization': {'in_box_mass': top1 / 100, 'box_share': 0.1, 'pointing_cam': 1, 'pointing_attention': 1}}
+    (folder / 'metrics.jsonl').write_text(''.join(json.dumps({'epoch': e, 'val': val}) + '\n' for e in range(epochs)))
+
+
+def test_collect_names_missing_runs_and_leaves_out_runs_of_other_flags(tmp_path):
+    g = grid(tmp_path)
+    runs = g.runs()
+    finish(g, runs[0], 50.0)
+    finish(g, runs[1], 60.0, flags=['--lr', '9'])  # started by another grid
+    g.folder(runs[2]).mkdir()  # started, no epoch finished yet
+    (g.folder(runs[2]) / 'grid_run.json').write_text(json.dumps({'train_args': g.flags(runs[2])}))
+    rows, missing, mismatched = collect(g)
+    assert [(r['variant'], r['seed'], r['top1']) for r in rows] == [(runs[0].variant, 0, 50.0)]
+    assert mismatched == [runs[1].name]
+    assert missing == [r.name for r in runs[2:]]
+
+
+def test_figures_have_one_point_per_run(tmp_path):
+    pytest.importorskip('matplotlib')
+    g = grid(tmp_path)
+    for n, run in enumerate(g.runs()):
+        finish(g, run, 40.0 + n)
+    rows, _, _ = collect(g)
+    written = figures(rows, 'test grid', tmp_path / 'figures')
+    assert sorted(p.name for p in written) == ['remedies_inbox.png', 'remedies_top1.png', 'table2_inbox.png',
+                                               'table2_top1.png']
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_the_figures_plot_every_run(tmp_path):
+    pytest.importorskip('matplotlib')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
+
+    from ssa_timm.grid_report import inbox_plot, strip_plot
+    runs = [[{'top1': 50.0 + i, 'localization': {'in_box_mass': 0.1 * i}} for i in range(k)] for k in (3, 5)]
+    settings = [('plus', 'ad', ''), ('plus', 'ad', 'qk-norm')]
+    for plot in (strip_plot, inbox_plot):
+        fig = plot(plt, settings, runs, 'title')
+        points = sum(len(c.get_offsets()) for c in fig.axes[0].collections if isinstance(c, PathCollection))
+        plt.close(fig)
+        assert points == 8, plot.__name__
