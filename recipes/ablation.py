@@ -191,7 +191,7 @@ def submit(args: argparse.Namespace, grid: Grid, runs) -> None:
         parameters = dict(timeout_min=args.slurm_time)
     jobs = submit_array(grid, todo, grid.output_dir / 'submitit', parameters,
                         cluster=None if args.submitit_cluster == 'slurm' else 'local')
-    print(f'submitted {len(jobs)} run(s) of {len(runs)} as one job array ({jobs[0].job_id if jobs else "none"}); '
+    print(f'submitted {len(todo)} run(s) of {len(runs)} as one job array ({jobs[-1].job_id if jobs else "none"}); '
           f'logs in {grid.output_dir / "submitit"}; then: python recipes/ablation.py <the same flags> --report')
 
 

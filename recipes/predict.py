@@ -46,6 +46,7 @@ from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, torch_device
 from ssa_timm.data import IMAGE_SUFFIXES, find_images, load_image, model_transform
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model, model_folder
+from ssa_timm.localization import shown_size
 from ssa_timm.prediction import (ImageFiles, collate_images, launched_world_size, merge_json_lines, merge_parts,
                                  part_path, part_paths, process_device, shard)
 from ssa_timm.output_paths import check_output_path
@@ -177,13 +178,20 @@ def load_batches(paths: Sequence[Path], transform, batch_size: int, skipped: Lis
 
 
 def predictions(model, names: Sequence[str], batches, k: int, device: str) -> Iterator[Dict]:
-    """One record per image: its path and top-``k`` classes (label, index, probability)."""
+    """One record per image: its path and top-``k`` classes (label, index, probability); for a ``zoom``
+    model also its zoom box ``[x0, y0, x1, y1]`` in pixels of the image as shown."""
     with torch.no_grad():
         for batch_paths, images in batches:
-            probs = model(images.to(device)).float().softmax(-1)
-            top = probs.topk(k, dim=-1)
-            for path, p, i in zip(batch_paths, top.values.tolist(), top.indices.tolist()):
-                yield dict(image=str(path), top=[dict(label=names[c], index=c, prob=v) for v, c in zip(p, i)])
+            logits, boxes = model.forward_with_zoom_box(images.to(device)) if getattr(model, 'zoom', False) else (
+                model(images.to(device)), None)
+            top = logits.float().softmax(-1).topk(k, dim=-1)
+            for n, (path, p, i) in enumerate(zip(batch_paths, top.values.tolist(), top.indices.tolist())):
+                record = dict(image=str(path), top=[dict(label=names[c], index=c, prob=v) for v, c in zip(p, i)])
+                if boxes is not None:
+                    width, height = shown_size(str(path))
+                    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+                    record['zoom_box'] = [round(v, 1) for v in (boxes[n].cpu() * scale).tolist()]
+                yield record
 
 
 def predict(args: argparse.Namespace, paths: Sequence[Path], writer: ResultWriter, notes: bool = True) -> List[str]:

@@ -70,6 +70,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    'run keeps the attention it was trained with)')
     g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
                    'of K/8 channels (paper: none)')
+    g.add_argument('--zoom', action='store_true', help='look twice: crop the image where the SSA attention points '
+                   'and average both passes (ssa_timm.zoom; not in the paper)')
+    g.add_argument('--zoom-threshold', type=fraction, default=DEFAULT.zoom_threshold,
+                   help='zoom box: the cells with at least this fraction of the largest attended mass')
+    g.add_argument('--zoom-margin', type=non_negative_float, default=DEFAULT.zoom_margin,
+                   help="zoom box: each side moved out by this fraction of the box's size")
+    g.add_argument('--zoom-min-size', type=fraction, default=DEFAULT.zoom_min_size,
+                   help="zoom box: at least this fraction of the image's width and height")
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
                    help='ImageNet body weights (default: on, except for the built-in dataset)')
     g.add_argument('--pretrained-path', metavar='FILE', help="body weights from a local file, in the body's own "
@@ -168,6 +176,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
     """Refuse combinations and values that would fail later, with argparse's exit status 2."""
+    if config.zoom and config.cache_features:
+        p.error('--zoom crops the images for its second pass: it cannot train from cached body maps (--cache-features)')
     if config.cache_dir and not config.cache_features:
         p.error('--cache-dir is the folder of --cache-features; give both')
     if config.cache_features and not config.freeze_body:

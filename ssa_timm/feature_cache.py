@@ -70,6 +70,8 @@ def build_feature_cache(
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = path.with_name(f'{path.stem}-{key}{path.suffix}')
     marker = path.with_suffix('.json')
+    if from_main(accelerator, marker.is_file() and _read_marker(marker) == meta):
+        return path  # built: read without the lock (a read-only shared cache works)
     # the key's lock file, kept (as the Hugging Face cache keeps its .locks): deleting one another process
     # may hold open would let two builders in
     lock = FileLock(path.parent / '.locks' / f'{path.stem}.lock') if accelerator.is_main_process else None

@@ -11,11 +11,12 @@ refuses the second. The transfer regime's body is pretrained once, under a lock 
 the runs of one seed share one body-map cache (``--cache-dir``: ``ssa_timm.feature_cache``).
 
 A run's numbers depend on its flags, the machine (CPU kernels, GPU model) and its CPU thread count
-(``threads``, passed as ``OMP_NUM_THREADS``), not on which other runs share the machine.
+(``threads``, passed as ``OMP_NUM_THREADS`` when set), not on which other runs share the machine.
 """
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,9 +29,10 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .output_paths import atomic_write_text
 
 __all__ = ['Grid', 'GridRun', 'RUN_RECORD', 'best_epoch_line', 'collect', 'grid_configs', 'parse_shard', 'pretrain',
-           'run_local', 'shard', 'submit_array', 'train_run', 'wait_for']
+           'run_local', 'shard', 'submit_array', 'train_run', 'visible_gpus', 'wait_for']
 
 RUN_RECORD = 'grid_run.json'  # the train.py flags a run folder was started with
 PRETRAIN = 'pretrain_family1'
@@ -139,10 +141,21 @@ def best_epoch_line(folder: Path, epochs: int) -> Optional[Dict]:
 
 
 def _recorded_flags(folder: Path) -> Optional[List[str]]:
+    """The train.py flags a run folder was started with (None: not started, or a record cut short)."""
     for name in (RUN_RECORD, 'ablation_run.json'):  # 0.6 named the record ablation_run.json
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())['train_args']
+        try:
+            return list(json.loads((folder / name).read_text())['train_args'])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
     return None
+
+
+# train.py under a grid ignores SIGUSR2, which SLURM sends every process of a job before its time limit and
+# submitit handles in the task (it stops train.py with SIGTERM, which checkpoints, and requeues)
+_IGNORE_USR2 = ('import os, signal, sys; signal.signal(signal.SIGUSR2, signal.SIG_IGN); '
+                'os.execvp(sys.argv[1], sys.argv[1:])')
 
 
 def train_once(grid: Grid, folder: Path, flags: List[str], epochs: int, env: Optional[Dict[str, str]] = None,
@@ -160,14 +173,16 @@ def train_once(grid: Grid, folder: Path, flags: List[str], epochs: int, env: Opt
                         '--output-dir')
     if best_epoch_line(folder, epochs) is None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_RECORD).write_text(json.dumps({'train_args': flags}))
-        resume = ['--resume', 'latest'] if (folder / 'checkpoints').is_dir() else []
-        command = [*shlex.split(grid.launcher), str(grid.train_script), *flags, *resume]
+        atomic_write_text(folder / RUN_RECORD, json.dumps({'train_args': flags}))
+        command = [sys.executable, '-c', _IGNORE_USR2, *shlex.split(grid.launcher), str(grid.train_script), *flags,
+                   '--resume', 'auto']
         with open(folder / 'train.log', 'a') as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
             if started is not None:
                 started.append(process)
-            if process.wait() != 0:
+            while process.poll() is None:  # not wait(): submitit's checkpoint (a signal handler) waits for it too
+                time.sleep(0.5)
+            if process.returncode != 0:
                 raise UserError(f'training {folder.name} failed (exit {process.returncode}); its output is in '
                                 f'{folder / "train.log"}')
     line = best_epoch_line(folder, epochs)
@@ -227,26 +242,38 @@ def collect(grid: Grid) -> Tuple[List[Dict], List[str], List[str]]:
     return rows, missing, mismatched
 
 
-def _slot_env(slot: int, threads: int, gpus: int) -> Dict[str, str]:
-    """A run's environment in parallel slot ``slot``: its CPU thread count, and its own GPU when there are several."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if gpus > 1:
-        env['CUDA_VISIBLE_DEVICES'] = str(slot % gpus)
+def _slot_env(slot: int, threads: Optional[int], gpus: Sequence[str]) -> Dict[str, str]:
+    """A run's environment in parallel slot ``slot``: its CPU thread count (when set) and, with several slots
+    and several GPUs, one of the GPUs this process sees."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if gpus:
+        env['CUDA_VISIBLE_DEVICES'] = gpus[slot % len(gpus)]
     return env
+
+
+def visible_gpus(count: int) -> List[str]:
+    """The ids of the ``count`` GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    visible = [g for g in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if g.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
 
 
 def run_local(grid: Grid, runs: Sequence[GridRun], jobs: int = 1, threads: Optional[int] = None,
               gpus: int = 0) -> List[Dict]:
-    """Train ``runs`` on this machine, ``jobs`` at once, each with ``threads`` CPU threads (default: the
-    machine's cores shared out) and, with several GPUs, a GPU of its own; one progress line for the grid
-    (runs done, running, left, and the time left). Rows in the order of ``runs``.
+    """Train ``runs`` on this machine, ``jobs`` at once, each with ``threads`` CPU threads (default with
+    several jobs: the machine's cores shared out; with one, train.py's own) and, with several jobs and
+    several GPUs, a GPU of its own; one progress line for the grid (runs done, running, left, and the time
+    left). Rows in the order of ``runs``.
 
     Raises:
-        UserError: A run failed (the others already running finish first).
+        UserError: A run failed (no further run starts; those running finish first).
     """
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if jobs > 1 and not threads:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    pinned = visible_gpus(gpus) if jobs > 1 and gpus > 1 else []
     if grid.regime == 'transfer':
-        pretrain(grid, _slot_env(0, threads * jobs, gpus))  # before the runs: all of them need it
+        pretrain(grid, _slot_env(0, threads * jobs if threads else None, []))  # before the runs: all need it
     rows: Dict[GridRun, Dict] = {}
     free, running = list(range(jobs)), {}
     bar = tqdm(total=len(runs), desc='grid', unit='run', dynamic_ncols=True)
@@ -255,7 +282,7 @@ def run_local(grid: Grid, runs: Sequence[GridRun], jobs: int = 1, threads: Optio
         while pending or running:
             while pending and free:
                 slot, run = free.pop(0), pending.pop(0)
-                running[pool.submit(train_run, grid, run, _slot_env(slot, threads, gpus))] = (slot, run)
+                running[pool.submit(train_run, grid, run, _slot_env(slot, threads, pinned))] = (slot, run)
             bar.set_postfix_str(f'running {len(running)}, left {len(pending)}')
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:
@@ -291,9 +318,13 @@ class _ArrayTask:
     def checkpoint(self) -> Any:
         from submitit.helpers import DelayedSubmission
         for process in self._started:
-            if process.poll() is None:
-                process.terminate()
-                process.wait()
+            if process.returncode is None:
+                try:
+                    os.kill(process.pid, signal.SIGTERM)  # train.py writes a mid-epoch checkpoint and exits
+                    # the main thread may be inside Popen.poll (its lock held): wait without reaping
+                    os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
         return DelayedSubmission(_ArrayTask(self.grid, self.run))
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -302,7 +333,9 @@ class _ArrayTask:
 
 def submit_array(grid: Grid, runs: Sequence[GridRun], folder: Path, parameters: Dict[str, Any],
                  cluster: Optional[str] = None) -> List[Any]:
-    """Submit ``runs`` as one job array (one task a run) through submitit and return its jobs at once.
+    """Submit ``runs`` as one job array (one task a run) through submitit and return its jobs at once; in the
+    transfer regime a job that pretrains the body first, which the array waits for (on SLURM a dependency;
+    elsewhere the pretraining's lock).
 
     Args:
         grid: The grid.
@@ -315,9 +348,14 @@ def submit_array(grid: Grid, runs: Sequence[GridRun], folder: Path, parameters: 
     import submitit
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster or 'slurm')
     executor.update_parameters(name=f'grid-{grid.output_dir.name}', **parameters)
+    first = []
+    if grid.regime == 'transfer' and not grid.body_weights.is_file():  # one job pretrains, the array waits for it
+        first = [executor.submit(pretrain, grid)]
+        if (cluster or 'slurm') == 'slurm':
+            executor.update_parameters(slurm_additional_parameters={'dependency': f'afterok:{first[0].job_id}'})
     with executor.batch():
         jobs = [executor.submit(_ArrayTask(grid, run)) for run in runs]
-    return jobs
+    return [*first, *jobs]
 
 
 def wait_for(jobs: Sequence[Any], poll: float = 1.0) -> None:

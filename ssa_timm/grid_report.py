@@ -25,7 +25,7 @@ def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '')
     heads = {h: statistics.mean(r['heads'][h] for r in picked) for h in picked[0]['heads']}
     spread = statistics.stdev(r['top1'] for r in picked) if len(picked) > 1 else 0.0
     return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads,
-                seeds=[r['top1'] for r in picked],
+                seeds=[r['top1'] for r in picked], by_seed={r['seed']: r['top1'] for r in picked},
                 attention=_means(picked, 'attention', ('alpha', 'entropy_ratio', 'row_max'), absolute=True),
                 localization=_means(picked, 'localization', ('in_box_mass', 'box_share', 'pointing_cam',
                                                              'pointing_attention')))
@@ -53,15 +53,16 @@ def attention_cells(m: Dict) -> str:
         cells = f'{alpha} | {a["entropy_ratio"]:.2f} | {a["row_max"]:.2f}'
     if not where:
         return cells
-    mass, point = where['in_box_mass'], where['pointing_attention']
-    return (cells + (f' | {mass:.2f} ({where["box_share"]:.2f})' if mass is not None else
-                     f' | - ({where["box_share"]:.2f})') +
-            f' | {where["pointing_cam"]:.2f} | ' + (f'{point:.2f}' if point is not None else '-'))
+    def cell(key: str) -> str:  # None where no run measured it (e.g. boxes over a whole coarse map)
+        return '-' if where.get(key) is None else f'{where[key]:.2f}'
+    mass = where.get('in_box_mass')
+    return (cells + f' | {cell("in_box_mass") if mass is not None else "-"} ({cell("box_share")})' +
+            f' | {cell("pointing_cam")} | {cell("pointing_attention")}')
 
 
-def seed_cells(m: Dict) -> str:
-    """Each seed's top-1, in the order of ``--seeds``."""
-    return ' / '.join(f'{v:.1f}' for v in m['seeds'])
+def seed_cells(m: Dict, seeds: Sequence[int]) -> str:
+    """Each seed's top-1, in the order of ``seeds`` ('-' for a seed whose run is missing)."""
+    return ' / '.join(f'{m["by_seed"][s]:.1f}' if s in m['by_seed'] else '-' for s in seeds)
 
 
 def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
@@ -72,14 +73,14 @@ def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
     if boxes:
         diagnostics += ' | in-box attention (uniform) | pointing: Grad-CAM | pointing: attention'
     rule = '|---' * (9 + 3 * boxes) + '|'
-    lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean ± sd of {len(seeds)} seed(s); Self-AD loss)', '',
+    lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean ± sd over {len(seeds)} seed(s); Self-AD loss)', '',
              f'| variant | model output (mean of heads) | seeds | SSA head | FE head | paper, CUB | {diagnostics} |',
              rule]
     for variant in PAPER_TABLE2_CUB:
         m = mean_over_seeds(rows, variant, 'ad')
         if m:
             ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
-            lines.append(f'| {variant} | {fmt(m)} | {seed_cells(m)} | {ssa} | {m["heads"]["fe"]:.1f} | '
+            lines.append(f'| {variant} | {fmt(m)} | {seed_cells(m, seeds)} | {ssa} | {m["heads"]["fe"]:.1f} | '
                          f'{PAPER_TABLE2_CUB[variant]} | {attention_cells(m)} |')
     pairs = [(v, mean_over_seeds(rows, v, 'ce'), mean_over_seeds(rows, v, 'ad')) for v in PAPER_TABLE3_CUB]
     if any(ce and ad for _, ce, ad in pairs):
@@ -102,7 +103,8 @@ def remedies_table(rows: List[Dict], seeds: List[int], dataset: str, fmt, diagno
         for loss in ('ad', 'ce'):
             m = mean_over_seeds(rows, 'plus', loss, remedy)
             if m:
-                lines.append(f'| plus{" --" + remedy if remedy else " (paper)"} | {loss} | {fmt(m)} | {seed_cells(m)} '
+                setting = f'plus{" --" + remedy if remedy else " (paper)"}'
+                lines.append(f'| {setting} | {loss} | {fmt(m)} | {seed_cells(m, seeds)} '
                              f'| {m["heads"]["ssa"]:.1f} | {m["heads"]["fe"]:.1f} | {attention_cells(m)} |')
     return lines
 

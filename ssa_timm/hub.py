@@ -300,7 +300,8 @@ def fixed_config(config: dict[str, Any]) -> dict[str, Any]:
     keyword argument 'num_classes'"). Both loaders take the class count from the top-level
     ``num_classes`` and timm the channels from ``pretrained_cfg.input_size``, so ``num_classes`` is
     dropped, and ``in_chans`` when it is 3 (``TimmWrapper`` builds the model from ``model_args``
-    alone, so a model of other channels keeps it).
+    alone, so a model of other channels keeps it). A model with attention whose ``model_args`` record no
+    ``qk_norm`` (exported before 0.7) gets ``qk_norm: false``, the attention it was trained with.
     """
     config = json.loads(json.dumps(config))
     model_args = config.get('model_args')
@@ -308,6 +309,12 @@ def fixed_config(config: dict[str, Any]) -> dict[str, Any]:
         model_args.pop('num_classes', None)
         if model_args.get('in_chans') == 3:
             model_args.pop('in_chans')
+        no_attention = (model_args.get('aggregation') == 'no_attention'
+                        or str(config.get('architecture', '')).endswith('_no_attention'))
+        if not no_attention and 'qk_norm' not in model_args:
+            # written before exports recorded their attention: the paper's, which every name computed then
+            # (TimmWrapper builds from model_args alone, where a modern name would now default to qk_norm)
+            model_args['qk_norm'] = False
     return config
 
 
@@ -372,7 +379,8 @@ def export_model(
         model.to(memory_format=torch.contiguous_format)
     try:
         data_config = {'input_size': tuple(model.pretrained_cfg['input_size']), 'crop_pct': 1.0, 'crop_mode': 'squash'}
-        save_for_hf(model, out_dir, model_config=config, model_args=attention_args(model), safe_serialization=True,
+        model_args = {**attention_args(model), **model.zoom_args()}  # what it computes, whatever later defaults
+        save_for_hf(model, out_dir, model_config=config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
     finally:
         if channels_last:

@@ -89,8 +89,11 @@ def register_worker() -> None:
     folder = _launch_dir()
     if folder is not None:
         tmp = folder / f'.worker-{os.getpid()}'
-        tmp.write_text(f'{os.getpid()} {process_start_time(os.getpid()) or ""}')
-        os.replace(tmp, folder / f'worker-{os.getpid()}')  # whole, or not there
+        try:
+            tmp.write_text(f'{os.getpid()} {process_start_time(os.getpid()) or ""}')
+            os.replace(tmp, folder / f'worker-{os.getpid()}')  # whole, or not there
+        except OSError:  # the wrapper is gone with its folder: nothing to register with
+            pass
 
 
 def job_exit_status(status: int, line: str = '', stop: bool = False) -> int:
@@ -172,7 +175,8 @@ def run_launcher(accelerate_args: Sequence[str], worker_grace: float = 600.0) ->
         def forward(signum: int, frame) -> None:
             if _forward(folder, launcher, signum):
                 stopped_launcher.append(signum)
-        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS
+                    if signal.getsignal(s) != signal.SIG_IGN}  # nohup's SIGHUP stays ignored
         try:
             status = _wait(folder, launcher)
             end = time.monotonic() + worker_grace
@@ -194,12 +198,11 @@ def run_launcher(accelerate_args: Sequence[str], worker_grace: float = 600.0) ->
 
 
 def _wait(folder: Path, launcher: subprocess.Popen) -> int:
-    """The launcher's exit status; should workers still run ``ERROR_GRACE_SECONDS`` after another worker
-    ended on an error (not a clean stop), the launcher and they are killed (they wait for it forever)."""
+    """The launcher's exit status; should workers still run ``ERROR_GRACE_SECONDS`` after a worker reported
+    an error (not a clean stop), the launcher and they are killed (they would wait for it forever)."""
     error_at = None
     while launcher.poll() is None:
-        if error_at is None and any(not r['stop'] and r['pid'] not in _workers(folder)
-                                    for r in _exit_records(folder)):
+        if error_at is None and any(not r['stop'] for r in _exit_records(folder)):
             error_at = time.monotonic()
         if error_at is not None and time.monotonic() - error_at > ERROR_GRACE_SECONDS:
             for kill, pid in ((os.killpg, launcher.pid), *((os.kill, w) for w in _workers(folder))):

@@ -7,6 +7,8 @@ For images with boxes of the part(s) that decide their class:
   box(es), ``mean_j sum_{i in box} S[j, i]``, averaged over images. Uniform attention scores the
   box's share of positions (``box_share``), reported beside it; attention that looks only at the
   box scores 1.
+* **zoom box** (``zoom`` models, ``ssa_timm.zoom``): its IoU with the bounding box of the image's true
+  boxes and its hit rate (the box holds the true box's centre).
 * **pointing game** (Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"): a hit
   when the maximum of a map falls inside the box, for two maps: the SSA layer's Grad-CAM (on H, on F
   for ``no_attention``; the ground-truth class) and the most attended position (the column mean of
@@ -38,10 +40,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import UserError
+from .zoom import box_hits, box_iou
 
 __all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
            'dataset_boxes', 'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
-           'scene_localization', 'shown_size']
+           'scene_localization', 'shown_size', 'unit_box', 'zoom_localization']
 
 Box = Tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
@@ -153,7 +156,26 @@ def batch_localization(model: torch.nn.Module, body_maps: torch.Tensor, targets:
     return result
 
 
-_KEYS = ('box_share', 'pointing_cam', 'in_box_mass', 'pointing_attention')
+_KEYS = ('box_share', 'pointing_cam', 'in_box_mass', 'pointing_attention', 'zoom_iou', 'zoom_hit')
+
+
+def unit_box(image_boxes: ImageBoxes) -> torch.Tensor:
+    """The bounding box of an image's boxes as ``(x0, y0, x1, y1)`` in fractions of the image (clipped)."""
+    width, height = image_boxes.image_size
+    x0 = min(x for x, _, _, _ in image_boxes.boxes)
+    y0 = min(y for _, y, _, _ in image_boxes.boxes)
+    x1 = max(x + w for x, _, w, _ in image_boxes.boxes)
+    y1 = max(y + h for _, y, _, h in image_boxes.boxes)
+    return torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height]).clamp(0, 1)
+
+
+def zoom_localization(model: torch.nn.Module, body_maps: torch.Tensor, truth: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per image, how well a ``zoom`` model's box finds the part: its IoU with the true box (``zoom_iou``) and
+    whether it holds the true box's centre (``zoom_hit``), boxes in fractions of the image."""
+    with torch.no_grad():
+        _, boxes = model.zoom_boxes(body_maps)
+    return {'zoom_iou': box_iou(boxes, truth.to(boxes.device)), 'zoom_hit': box_hits(boxes, truth.to(boxes.device))
+            .float()}
 
 
 def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping[int, ImageBoxes],
@@ -174,7 +196,8 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         ``images`` (the count measured), ``whole_map`` (the count left out: their boxes cover every cell of
         the map), ``map_height`` and ``map_width`` (of the body map) and the means of ``box_share``,
         ``pointing_cam``, ``in_box_mass`` and ``pointing_attention`` (None without an SSA layer, or without
-        measured images).
+        measured images) and, for a ``zoom`` model, ``zoom_iou`` and ``zoom_hit`` (its box against the true
+        one: IoU, and the rate of boxes holding the true box's centre).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -198,6 +221,9 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
             continue
         targets = torch.as_tensor(labels, device=device)[told_apart]
         result = batch_localization(model, x[told_apart], targets, masks[told_apart])
+        if getattr(model, 'zoom', False):
+            truth = torch.stack([unit_box(boxes[i]) for i in chunk]).to(device)[told_apart]
+            result.update(zoom_localization(model, x[told_apart], truth))
         sums[0] += int(told_apart.sum())
         for n, key in enumerate(_KEYS, 1):
             if key in result:
@@ -209,7 +235,8 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
     report: Dict[str, Any] = {'images': count, 'whole_map': int(sums[-1]),
                               'map_height': grid[0] if grid else None, 'map_width': grid[1] if grid else None}
     for n, key in enumerate(_KEYS, 1):
-        usable = count and (has_attention or key in ('box_share', 'pointing_cam'))
+        usable = count and (has_attention or key in ('box_share', 'pointing_cam')) and (
+            getattr(model, 'zoom', False) or not key.startswith('zoom_'))
         report[key] = float(sums[n]) / count if usable else None
     return report
 

@@ -5,7 +5,7 @@
 The SSA head is the teacher and the feature-extractor (FE) head the student.
 """
 import math
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 __all__ = ['SelfADLoss']
 
-Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+Logits = Union[torch.Tensor, Sequence[torch.Tensor], List[Sequence[torch.Tensor]]]
 
 
 class SelfADLoss(nn.Module):
@@ -72,11 +72,14 @@ class SelfADLoss(nn.Module):
     def forward(self, logits: Logits, target: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            logits: ``(z_ssa, z_fe)``, each ``(B, num_classes)``, or one ``(B, num_classes)`` tensor.
+            logits: ``(z_ssa, z_fe)``, each ``(B, num_classes)``, or one ``(B, num_classes)`` tensor; a list of
+                those (one per pass of a ``zoom`` model) gives the mean of their losses.
             target: Class indices ``(B,)`` in ``[0, num_classes)``. Labels outside it raise a
                 ValueError on CPU; on an accelerator they trip cross_entropy's device-side check
                 (see ``_checked_target``).
         """
+        if isinstance(logits, list):  # one (z_ssa, z_fe) per pass of a zoom model: both passes learn
+            return sum(self(pass_logits, target) for pass_logits in logits) / len(logits)
         heads = _split_heads(logits)
         target = _checked_target(heads[0], target)
         if len(heads) == 1:

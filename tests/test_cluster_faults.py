@@ -238,3 +238,15 @@ def test_a_heartbeat_from_a_clock_ahead_is_not_a_negative_age(tmp_path):
     os.utime(lock.path, (time.time() + 600, time.time() + 600))
     with pytest.raises(RunFolderInUse, match=r'on node-ahead, heartbeat 600 s in the future \(a clock ahead\)'):
         RunLock(tmp_path).acquire()
+
+
+def test_a_stop_signal_that_was_ignored_stays_ignored():
+    """``nohup`` ignores SIGHUP for the run: a closed terminal must not stop it."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

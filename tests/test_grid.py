@@ -93,3 +93,56 @@ def test_the_figures_plot_every_run(tmp_path):
         points = sum(len(c.get_offsets()) for c in fig.axes[0].collections if isinstance(c, PathCollection))
         plt.close(fig)
         assert points == 8, plot.__name__
+
+
+def test_a_record_cut_short_is_a_run_still_missing(tmp_path):
+    g = grid(tmp_path)
+    run = g.runs()[0]
+    g.folder(run).mkdir(parents=True)
+    (g.folder(run) / 'grid_run.json').write_text('{"train_args": ["--ep')
+    _, missing, mismatched = collect(g)
+    assert run.name in missing and not mismatched
+
+
+def test_tables_name_missing_seeds_and_measures_no_run_had(tmp_path):
+    from ssa_timm.grid_report import tables
+    g = grid(tmp_path)
+    runs = g.runs()
+    for run in runs[:4]:  # seed 1's plus runs are missing
+        finish(g, run, 50.0 + run.seed)
+    rows, _, _ = collect(g)
+    for r in rows:  # boxes over a whole coarse map: nothing measured
+        r['localization'] = dict(r['localization'], in_box_mass=None, box_share=None, pointing_cam=None,
+                                 pointing_attention=None)
+    text = tables(rows, [0, 1], 'test')
+    assert '| plus | 50.0 ± 0.0 | 50.0 / - |' in text and '| no_attention | 50.5 ± 0.7 | 50.0 / 51.0 |' in text
+    assert '| - (-) | - | - |' in text
+
+
+def test_slots_pin_gpus_only_with_several_jobs_and_keep_the_visible_ones(monkeypatch):
+    from ssa_timm.grid import _slot_env, visible_gpus
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2,3')
+    assert visible_gpus(2) == ['2', '3']
+    assert _slot_env(1, 4, visible_gpus(2))['CUDA_VISIBLE_DEVICES'] == '3'
+    env = _slot_env(0, None, [])
+    assert env['CUDA_VISIBLE_DEVICES'] == '2,3' and env.get('OMP_NUM_THREADS') == __import__('os').environ.get(
+        'OMP_NUM_THREADS')
+
+
+def test_an_array_task_checkpoint_stops_train_py_and_resubmits(tmp_path):
+    """What submitit calls on preemption: train.py (here a stand-in that exits on SIGTERM) is stopped, the
+    task comes back as a new submission of the same run."""
+    import subprocess
+    import sys
+
+    from ssa_timm.grid import _ArrayTask
+    g = grid(tmp_path)
+    task = _ArrayTask(g, g.runs()[0])
+    child = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\n'
+                              'signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\nprint(1, flush=True)\n'
+                              'time.sleep(60)'], stdout=subprocess.PIPE)
+    child.stdout.readline()  # its handler is in place
+    task._started.append(child)
+    again = task.checkpoint()
+    assert child.wait(timeout=5) == 3
+    assert again.function.run == task.run and again.function is not task

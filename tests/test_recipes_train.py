@@ -257,3 +257,13 @@ def test_evaluate_refuses_other_architectures_and_class_counts(trained_run, tmp_
 
 assert ssa_timm  # registers the models for local-dir: loading
 
+
+
+def test_resuming_a_cosine_attention_run_with_another_attention_is_one_line(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert train(*TINY_TRAIN, '--epochs', '1', '--output-dir', str(out)) == 0  # qk_norm: the generic body's default
+    capsys.readouterr()
+    assert train(*TINY_TRAIN, '--epochs', '2', '--output-dir', str(out), '--resume', 'latest', '--scale-attn') == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.count('error: ') == 1 and "'qk_norm': True" in err, err[-2000:]
+    assert train(*TINY_TRAIN, '--epochs', '2', '--output-dir', str(out), '--resume', 'latest') == 0  # its own attention

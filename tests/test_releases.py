@@ -46,3 +46,13 @@ def test_a_run_written_by_0_5_0_resumes(tmp_path, capsys):
     state = json.loads((run / 'checkpoints' / 'checkpoint_1' / 'run_state.json').read_text())
     assert state['identity']['model_args'] == {'body_feature_index': 0, 'qk_norm': False, 'scale_attn': False}
     assert lines[1]['val']['attention']['kind'] == 'paper'
+
+
+def test_an_export_without_a_recorded_attention_is_fixed_to_the_papers_for_transformers():
+    from ssa_timm.hub import fixed_config
+    old = {'architecture': 'ssanet_resnet18_plus', 'num_classes': 3, 'model_args': {'num_classes': 3}}
+    assert fixed_config(old)['model_args'] == {'qk_norm': False}
+    none = {'architecture': 'ssanet_resnet18_no_attention', 'num_classes': 3, 'model_args': {}}
+    assert fixed_config(none)['model_args'] == {}
+    recorded = {'architecture': 'ssanet_resnet18_plus', 'num_classes': 3, 'model_args': {'qk_norm': True}}
+    assert fixed_config(recorded)['model_args'] == {'qk_norm': True}

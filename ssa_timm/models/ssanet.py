@@ -40,6 +40,7 @@ from timm.models._input import update_model_args  # private too: timm's model fi
 from ..errors import WeightsMismatch
 from ..heads import SSAHeads
 from ..layers import VARIANTS, check_aggregation
+from ..zoom import attention_box, zoom_crop
 from .body import create_body, prefixed_group_matcher, probe_body, tokens_to_map
 
 __all__ = [
@@ -132,6 +133,11 @@ class SSANet(nn.Module):
         body_kwargs: Extra keyword arguments for the body's timm constructor.
         body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
             ``forward_intermediates`` indices), pruning the later stages; default: the body's end.
+        zoom: Look twice (``ssa_timm.zoom``): crop the input where the first pass's attention points, run the
+            same body and heads on the crop, and output the mean of both passes' logits (not in the paper).
+        zoom_threshold: Cells with at least this fraction of the largest attended mass are in the zoom box.
+        zoom_margin: The zoom box's sides move out by this fraction of its size.
+        zoom_min_size: The zoom box's width and height are at least this fraction of the image's.
     """
 
     def __init__(
@@ -153,11 +159,18 @@ class SSANet(nn.Module):
             body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
             body_feature_index: Optional[int] = None,
+            zoom: bool = False,
+            zoom_threshold: float = 0.5,
+            zoom_margin: float = 0.1,
+            zoom_min_size: float = 0.25,
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
         check_aggregation(aggregation)  # before the body is built (or its weights downloaded)
+        _check_zoom(zoom, aggregation, zoom_threshold, zoom_margin, zoom_min_size)
+        self.zoom = zoom
+        self.zoom_threshold, self.zoom_margin, self.zoom_min_size = zoom_threshold, zoom_margin, zoom_min_size
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.body_name = body
@@ -307,13 +320,68 @@ class SSANet(nn.Module):
 
     @torch.jit.ignore
     def forward_per_head(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Images -> ``logits_per_head``: each head's logits, whatever the mode."""
-        return self.logits_per_head(self.forward_features(x))
+        """Images -> ``logits_per_head``: each head's logits, whatever the mode (with ``zoom``, each head's
+        mean over both passes)."""
+        if not self.zoom:
+            return self.logits_per_head(self.forward_features(x))
+        full, zoomed, _ = self.forward_zoom_features(x)
+        first, second = self.logits_per_head(full), self.logits_per_head(zoomed)
+        return {k: (first[k] + second[k]) / 2 for k in first}
+
+    @torch.jit.ignore
+    def zoom_args(self) -> Dict[str, Any]:
+        """The zoom's model arguments (what an export records); empty when the zoom is off."""
+        if not self.zoom:
+            return {}
+        return dict(zoom=True, zoom_threshold=self.zoom_threshold, zoom_margin=self.zoom_margin,
+                    zoom_min_size=self.zoom_min_size)
+
+    @torch.jit.ignore
+    def zoom_boxes(self, body_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """F -> the SSA layer's output H and the zoom box of each image (``ssa_timm.zoom.attention_box``,
+        fractions of the image), drawn from the attended mass of each position (the column mean of S)."""
+        aggregated, attention = self.head.attn.forward_with_attention(body_map)
+        mass = attention.float().mean(1).reshape(body_map.shape[0], *body_map.shape[-2:])
+        return aggregated, attention_box(mass.detach(), self.zoom_threshold, self.zoom_margin, self.zoom_min_size)
+
+    @torch.jit.ignore
+    def forward_zoom_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images -> ``forward_features`` of the image and of its zoom crop (the input cropped at the first
+        pass's zoom box and resized to the input size), and the boxes (fractions of the image; no gradient)."""
+        body_map = self.forward_body(x)
+        aggregated, boxes = self.zoom_boxes(body_map)
+        crops = zoom_crop(x, boxes, (x.shape[-2], x.shape[-1]))
+        return torch.cat([body_map, aggregated], dim=1), self.forward_features(crops), boxes
+
+    @torch.jit.ignore
+    def forward_with_zoom_box(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits of a ``zoom`` model (the mean of both passes) and its zoom boxes, in one pass."""
+        full, zoomed, boxes = self.forward_zoom_features(x)
+        return (self.forward_head(full) + self.forward_head(zoomed)) / 2, boxes
+
+    @torch.jit.ignore
+    def _forward_zoom(self, x: torch.Tensor) -> Any:
+        full, zoomed, _ = self.forward_zoom_features(x)
+        first, second = self.forward_head(full), self.forward_head(zoomed)
+        if isinstance(first, tuple):  # distilled training: each pass's (z_ssa, z_fe), both get the Self-AD loss
+            return [first, second]
+        return (first + second) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zoom:
+            return self._forward_zoom(x)
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
+
+
+def _check_zoom(zoom: bool, aggregation: str, threshold: float, margin: float, min_size: float) -> None:
+    """Refuse zoom settings that cannot draw a box."""
+    if zoom and aggregation == 'no_attention':
+        raise ValueError("zoom draws its box from the SSA attention: aggregation 'no_attention' has none")
+    if not 0 < threshold <= 1 or margin < 0 or not 0 < min_size <= 1:
+        raise ValueError(f'zoom_threshold must be in (0, 1], zoom_margin >= 0 and zoom_min_size in (0, 1]; got '
+                         f'{threshold}, {margin}, {min_size}')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SSANet) -> Dict[str, torch.Tensor]:
@@ -483,6 +551,8 @@ def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
     )
     if 'qk_norm' in kwargs:  # a plain save_for_hf records the attention too, whatever the default
         update_model_args(model, qk_norm=kwargs['qk_norm'])
+    if model.zoom:
+        update_model_args(model, **model.zoom_args())
     # the config says what was loaded, not what could have been
     if body_weights:
         model.pretrained_cfg['notes'] = _body_weights_note(cfg.hf_hub_id)

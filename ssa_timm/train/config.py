@@ -53,6 +53,10 @@ class RunConfig:
     freeze_body: bool = False
     cache_features: bool = False
     cache_dir: Optional[str] = None  # None: <output_dir>/feature_cache
+    zoom: bool = False
+    zoom_threshold: float = 0.5
+    zoom_margin: float = 0.1
+    zoom_min_size: float = 0.25
     # data
     dataset: str = DATASET_DEFAULTS['dataset']
     data_dir: Optional[str] = DATASET_DEFAULTS['data_dir']
@@ -147,6 +151,9 @@ class RunConfig:
             kwargs['qk_norm'] = self.qk_norm
         if self.body_feature_index is not None:
             kwargs['body_feature_index'] = self.body_feature_index
+        if self.zoom:
+            kwargs.update(zoom=True, zoom_threshold=self.zoom_threshold, zoom_margin=self.zoom_margin,
+                          zoom_min_size=self.zoom_min_size)
         return kwargs
 
     def weights_sources(self) -> Dict[str, Any]:
@@ -195,8 +202,8 @@ class RunConfig:
         """These settings with the ``qk_norm`` a run being resumed recorded (``model_args`` of its identity,
         read as ``upgraded_identity`` does), unless ``qk_norm`` was given: a resumed run keeps its attention
         when a name's default changed."""
-        if self.qk_norm is not None or model_args is None:
-            return self
+        if self.qk_norm is not None or model_args is None or self.scale_attn or self.sagan_qk:
+            return self  # given, or excluded by another option (the identity check names what differs)
         return dataclasses.replace(self, qk_norm=_model_args_upgraded(model_args)['qk_norm'])
 
     def export_notes(self, epoch: int, ema: bool) -> Dict[str, Any]:

@@ -108,7 +108,9 @@ def epoch_summary(record: Dict[str, Any]) -> str:
         mass = where['in_box_mass']
         text += ('; localisation: ' + (f'in-box attention {mass:.2f} (uniform {where["box_share"]:.2f}), ' if
                                        mass is not None else '') + f'pointing Grad-CAM {where["pointing_cam"]:.2f}' +
-                 (f', attention {where["pointing_attention"]:.2f}' if mass is not None else ''))
+                 (f', attention {where["pointing_attention"]:.2f}' if mass is not None else '') +
+                 (f'; zoom box IoU {where["zoom_iou"]:.2f}, hit {where["zoom_hit"]:.2f}'
+                  if where.get('zoom_iou') is not None else ''))
     return text
 
 

@@ -63,7 +63,8 @@ class StopRequest:
     def __enter__(self) -> 'StopRequest':
         try:
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
+                    self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
             return self

@@ -1,0 +1,153 @@
+"""The attention-guided zoom (``ssa_timm.zoom``, ``SSANet(zoom=True)``, ``train.py --zoom``): the box drawn
+from an attention map, the crop, both passes in training and in the output, exports that keep it, its
+box against the true part, and what ``predict.py`` reports."""
+import json
+
+import pytest
+import torch
+
+import ssa_timm
+from recipe_runs import TINY_TRAIN, run_main
+from ssa_timm.hub import export_model, load_model
+from ssa_timm.localization import ImageBoxes, localization_report
+from ssa_timm.zoom import attention_box, box_hits, box_iou, zoom_crop
+
+
+def mass(rows: int, cols: int, hot: dict) -> torch.Tensor:
+    """A ``(1, rows, cols)`` map of attended mass: 0.01 everywhere, ``hot`` cells ``{(r, c): value}``."""
+    m = torch.full((1, rows, cols), 0.01)
+    for (r, c), v in hot.items():
+        m[0, r, c] = v
+    return m
+
+
+def test_the_box_covers_the_cells_over_the_threshold_of_the_maximum():
+    # a 4 x 8 map (rows x columns): cells (1, 5) and (2, 6) are over half the maximum, (3, 0) is not
+    box = attention_box(mass(4, 8, {(1, 5): 1.0, (2, 6): 0.6, (3, 0): 0.4}), threshold=0.5, margin=0, min_size=0.1)
+    assert box.tolist() == [[5 / 8, 1 / 4, 7 / 8, 3 / 4]]  # columns 5-6, rows 1-2: x from columns, y from rows
+    lower = attention_box(mass(4, 8, {(1, 5): 1.0, (2, 6): 0.6, (3, 0): 0.4}), threshold=0.3, margin=0, min_size=0.1)
+    assert lower.tolist() == [[0.0, 1 / 4, 7 / 8, 1.0]]  # (3, 0) joins
+
+
+def test_margin_minimum_size_and_the_image_edge():
+    one_cell = mass(4, 4, {(1, 1): 1.0})
+    assert attention_box(one_cell, margin=0.5, min_size=0.1).tolist() == [[0.125, 0.125, 0.625, 0.625]]
+    assert attention_box(one_cell, margin=0, min_size=0.5).tolist() == [[0.125, 0.125, 0.625, 0.625]]
+    # at a corner the box is shifted inside the image, not shrunk
+    corner = attention_box(mass(4, 4, {(0, 3): 1.0}), margin=0, min_size=0.5)
+    assert corner.tolist() == [[0.5, 0.0, 1.0, 0.5]]
+    everywhere = attention_box(torch.ones(2, 3, 5), margin=0.2, min_size=0.25)
+    assert everywhere.tolist() == [[0.0, 0.0, 1.0, 1.0]] * 2
+
+
+def test_the_crop_is_a_manual_crop_of_the_same_box():
+    # 4 x 4 blocks of constant value: a crop on block edges to one pixel a block is the blocks themselves
+    blocks = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)
+    images = blocks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # 32 x 48
+    boxes = torch.tensor([[8 / 48, 4 / 32, 32 / 48, 20 / 32], [0.0, 0.0, 1.0, 1.0]])
+    crops = zoom_crop(images, boxes, (4, 6))
+    torch.testing.assert_close(crops[0], blocks[0, :, 1:5, 2:8])
+    torch.testing.assert_close(zoom_crop(images[1:], boxes[1:], (8, 12))[0], blocks[1])
+
+
+def test_box_iou_and_hits():
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5]])
+    truth = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]])
+    assert box_iou(boxes, truth).tolist() == pytest.approx([1.0, 0.01 / 0.49])
+    assert box_hits(boxes, truth).tolist() == [True, False]
+
+
+def zoom_model(**kwargs):
+    torch.manual_seed(0)
+    return ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2, zoom=True,
+                                  **kwargs)
+
+
+def test_the_output_is_the_mean_of_the_full_and_the_zoomed_pass():
+    model = zoom_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full, zoomed, boxes = model.forward_zoom_features(x)
+        crops = zoom_crop(x, boxes, (32, 32))
+        expected = (model.forward_head(model.forward_features(x))
+                    + model.forward_head(model.forward_features(crops))) / 2
+        torch.testing.assert_close(model(x), expected)
+        logits, same_boxes = model.forward_with_zoom_box(x)
+        torch.testing.assert_close(logits, expected)
+        per_head = model.forward_per_head(x)
+    torch.testing.assert_close((per_head['ssa'] + per_head['fe']) / 2, expected)
+    assert torch.equal(boxes, same_boxes) and boxes.shape == (2, 4)
+
+
+def test_both_passes_get_the_self_ad_loss_and_the_box_gets_no_gradient():
+    model = zoom_model().train()
+    model.set_distilled_training(True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    out = model(x)
+    assert isinstance(out, list) and len(out) == 2 and all(len(pair) == 2 for pair in out)
+    loss_fn = ssa_timm.SelfADLoss()
+    loss = loss_fn(out, y)
+    torch.testing.assert_close(loss, (loss_fn(out[0], y) + loss_fn(out[1], y)) / 2)
+    loss.backward()
+    assert model.head.attn.conv_a.weight.grad is not None  # the attention learns through the full pass
+    _, boxes = model.zoom_boxes(model.forward_body(x))
+    assert not boxes.requires_grad
+
+
+def test_zoom_needs_the_attention():
+    with pytest.raises(ValueError, match="no_attention' has none"):
+        ssa_timm.create_ssanet('test_resnet', 'no_attention', num_classes=3, img_size=32, zoom=True)
+    with pytest.raises(ValueError, match='zoom_threshold must be in'):
+        zoom_model(zoom_threshold=0)
+
+
+def test_an_export_keeps_the_zoom_with_equal_outputs(tmp_path):
+    model = zoom_model(zoom_margin=0.2).eval()
+    folder = export_model(model, str(tmp_path / 'best'), ['a', 'b', 'c'])
+    args = json.loads((folder / 'config.json').read_text())['model_args']
+    assert args['zoom'] is True and args['zoom_margin'] == 0.2 and args['zoom_threshold'] == 0.5
+    loaded = load_model(str(folder)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.zoom and loaded.zoom_margin == 0.2
+
+
+def test_the_zoom_box_is_measured_against_the_true_part():
+    model = zoom_model().eval()
+    data = [(torch.rand(model.body_channels, 4, 4), 0) for _ in range(3)]
+    boxes = {i: ImageBoxes([(0, 0, 8, 8)], (32, 32)) for i in range(3)}
+    report = localization_report(model, data, boxes, body_maps=True)
+    assert 0 <= report['zoom_iou'] <= 1 and report['zoom_hit'] in (0, 1 / 3, 2 / 3, 1)
+    plain = localization_report(ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32,
+                                                       body_feature_index=2), data, boxes, body_maps=True)
+    assert plain['zoom_iou'] is None and plain['zoom_hit'] is None
+
+
+def test_train_with_the_zoom_fine_tuned_and_frozen_then_predict_reports_the_box(tmp_path, capsys):
+    for name, extra in (('tuned', []), ('frozen', ['--freeze-body'])):
+        out = tmp_path / name
+        assert run_main('train', *TINY_TRAIN, '--zoom', '--epochs', '1', '--output-dir', str(out), *extra) == 0
+        config = json.loads((out / 'best' / 'config.json').read_text())
+        assert config['model_args']['zoom'] is True
+    capsys.readouterr()
+    assert run_main('train', *TINY_TRAIN, '--zoom', '--freeze-body', '--cache-features', '--output-dir',
+                    str(tmp_path / 'cached')) == 2
+    assert '--zoom crops the images for its second pass' in capsys.readouterr().err
+    from PIL import Image
+    Image.new('RGB', (60, 40), (200, 30, 30)).save(tmp_path / 'photo.png')
+    output = tmp_path / 'predictions.json'
+    assert run_main('predict', '--model', str(tmp_path / 'tuned' / 'best'), str(tmp_path / 'photo.png'),
+                    '--format', 'json', '--output', str(output)) == 0
+    (record,) = json.loads(output.read_text())
+    x0, y0, x1, y1 = record['zoom_box']
+    assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 40  # pixels of the 60 x 40 photo
+
+
+def test_onnx_export_of_a_zoom_model_passes_its_parity_check(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    folder = export_model(zoom_model().eval(), str(tmp_path / 'best'), ['a', 'b', 'c'])
+    onnx = tmp_path / 'model.onnx'
+    assert run_main('export', '--model', str(folder), '--onnx', str(onnx)) == 0  # exit 1 past the tolerance
+    report = json.loads(capsys.readouterr().out)
+    assert onnx.is_file() and report['onnx']['max_abs_diff'] < 1e-4 and report['onnx']['batch_sizes'] == [1, 3]
