@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import ssa_timm  # noqa: E402
-from ssa_timm.attention_maps import (attention_maps, grad_cam, mark_query, overlay, query_at,  # noqa: E402
+from ssa_timm.attention_maps import (attention_maps, draw_box, grad_cam, mark_query, overlay, query_at,  # noqa: E402
                                      query_attention, upsample)
 from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, torch_device  # noqa: E402
 from ssa_timm.data import BuiltinFineGrained, CorruptImageError, load_image, model_transform  # noqa: E402
@@ -124,16 +124,24 @@ def display_rgb(image: Image.Image, longest: int = DISPLAY) -> np.ndarray:
     return np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32) / 255
 
 
-def classify(demo: DemoModel, image: Image.Image) -> Tuple[Dict[str, float], torch.Tensor, torch.Tensor, int]:
-    """``({label: probability} of the top-k, the input x, the body map F, the top class)``: the
-    probabilities of ``predict.py`` (softmax of the logits in float32), from one body pass."""
+def classify(demo: DemoModel, image: Image.Image) -> Tuple[Dict[str, float], torch.Tensor, torch.Tensor, int,
+                                                           Optional[List[float]]]:
+    """``({label: probability} of the top-k, the input x, the body map F, the top class, the zoom box)``:
+    the probabilities of ``predict.py`` (softmax of the logits in float32) and, for a zoom model, its box
+    (fractions of the image; None otherwise)."""
     x = demo.transform(image).unsqueeze(0).to(demo.device)
+    box = None
     with torch.no_grad():
         body_map = demo.model.forward_body(x)
-        probs = demo.model.forward_head(demo.model.forward_ssa(body_map)).float().softmax(-1)[0]
+        if demo.model.zoom:  # the output of both passes, as predict.py gives it
+            logits, boxes = demo.model.forward_with_zoom_box(x)
+            box = boxes[0].tolist()
+        else:
+            logits = demo.model.forward_head(demo.model.forward_ssa(body_map))
+        probs = logits.float().softmax(-1)[0]
     top = probs.topk(demo.top_k)
     labels = {demo.names[c]: p for p, c in zip(top.values.tolist(), top.indices.tolist())}
-    return labels, x, body_map, int(top.indices[0])
+    return labels, x, body_map, int(top.indices[0]), box
 
 
 def query_picture(state: Dict, query: int) -> gr.Image:
@@ -160,7 +168,7 @@ def analyze(demo: DemoModel, upload: Optional[Dict], query: Optional[float]):
         return None, None, None, None, None
     image = read_upload(upload.get('path'))
     with demo.lock:
-        labels, x, body_map, top_class = classify(demo, image)
+        labels, x, body_map, top_class, box = classify(demo, image)
         maps = attention_maps(demo.model, body_map) if demo.shape else None
         cam = grad_cam(demo.model, x, top_class)
     rgb = display_rgb(image)
@@ -172,6 +180,8 @@ def analyze(demo: DemoModel, upload: Optional[Dict], query: Optional[float]):
     state = dict(rgb=rgb, attention=maps['attention'], shape=demo.shape, top_query=int(maps['top_query']),
                  size=image.size)
     mean = overlay(rgb, upsample(maps['attention_mean'], rgb.shape[:2]))
+    if box is not None:  # the second look: where the zoom cropped, drawn on the attention it came from
+        mean = draw_box(mean, box)
     return labels, query_picture(state, query), mean, gradcam, state
 
 

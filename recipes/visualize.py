@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
 from ssa_timm import SSANet  # noqa: E402
-from ssa_timm.attention_maps import attention_maps, grad_cam, upsample  # noqa: E402
+from ssa_timm.attention_maps import attention_maps, draw_box, grad_cam, upsample  # noqa: E402
 from ssa_timm.cli import HelpFormatter, add_img_size_arg, deprecated_alias  # noqa: E402
 from ssa_timm.data import CorruptImageError, find_images, load_image, model_transform  # noqa: E402
 from ssa_timm.errors import UserError, exit_on_user_error  # noqa: E402
@@ -116,20 +116,26 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             stem = f'{path.stem}_m{k}' if len(models) > 1 else path.stem
             with torch.no_grad():  # one body pass gives the prediction and the attention's input
                 body_map = model.forward_body(x)
-                pred = int(model.forward_head(model.forward_ssa(body_map)).argmax(-1))
+                zoomed = model.forward_with_zoom_box(x) if model.zoom else None  # both passes, as predict.py
+                logits = zoomed[0] if zoomed else model.forward_head(model.forward_ssa(body_map))
+                pred = int(logits.argmax(-1))
             names = label_names(model)
             title = f'{model_label(model)}: {names[pred] if names else pred}'
             gradcam = grad_cam(model, x, pred)
             arrays = dict(gradcam=gradcam)
+            shown = rgb
+            if zoomed:  # the zoom box, drawn on the input of every figure of this model
+                arrays['zoom_box'] = zoomed[1][0].numpy()
+                shown = draw_box((rgb * 255).astype(np.uint8), arrays['zoom_box']).astype(np.float32) / 255
             overlays = {'Grad-CAM': gradcam}
             if model.head.attn is not None:
                 arrays.update(attention_maps(model, body_map))
                 overlays['attention of the most attended position'] = upsample(arrays['attention_top'], (size, size))
                 overlays['mean attention over queries'] = upsample(arrays['attention_mean'], (size, size))
-                save_overlays(rgb, {k: v for k, v in overlays.items() if k != 'Grad-CAM'}, title,
+                save_overlays(shown, {k: v for k, v in overlays.items() if k != 'Grad-CAM'}, title,
                               out / f'{stem}_attention.png')
                 written.append(out / f'{stem}_attention.png')
-            save_overlays(rgb, {'Grad-CAM': gradcam}, title, out / f'{stem}_gradcam.png')
+            save_overlays(shown, {'Grad-CAM': gradcam}, title, out / f'{stem}_gradcam.png')
             np.savez(out / f'{stem}.npz', **arrays)
             written += [out / f'{stem}_gradcam.png', out / f'{stem}.npz']
             row.append(show_cam_on_image(rgb, gradcam, use_rgb=True))

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from .errors import UserError
 from .models import SSANet
 
-__all__ = ['attention_maps', 'grad_cam', 'mark_query', 'overlay', 'query_at', 'query_attention', 'target_layer',
-           'upsample']
+__all__ = ['attention_maps', 'draw_box', 'grad_cam', 'mark_query', 'overlay', 'query_at', 'query_attention',
+           'target_layer', 'upsample']
 
 
 def target_layer(model: SSANet) -> torch.nn.Module:
@@ -170,4 +170,20 @@ def mark_query(picture: np.ndarray, query: int, shape: Sequence[int], color=(255
     box = (column * width / w, row * height / h, (column + 1) * width / w - 1, (row + 1) * height / h - 1)
     image = Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8))
     ImageDraw.Draw(image).rectangle(box, outline=color, width=max(1, min(height, width) // 128))
+    return np.asarray(image)
+
+
+def draw_box(picture: np.ndarray, box: Sequence[float], color=(255, 220, 0)) -> np.ndarray:
+    """A copy of ``picture`` with a box outlined: a zoom model's box (``SSANet.forward_with_zoom_box``).
+
+    Args:
+        picture: ``(H, W, 3)`` uint8, the whole image the box's fractions refer to.
+        box: ``(x0, y0, x1, y1)`` in fractions of the image's width and height.
+        color: The outline's RGB colour.
+    """
+    height, width = picture.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    corners = (x0 * width, y0 * height, max(x0 * width, x1 * width - 1), max(y0 * height, y1 * height - 1))
+    image = Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8))
+    ImageDraw.Draw(image).rectangle(corners, outline=color, width=max(1, min(height, width) // 96))
     return np.asarray(image)

@@ -175,8 +175,8 @@ def run_launcher(accelerate_args: Sequence[str], worker_grace: float = 600.0) ->
         def forward(signum: int, frame) -> None:
             if _forward(folder, launcher, signum):
                 stopped_launcher.append(signum)
-        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS
-                    if signal.getsignal(s) != signal.SIG_IGN}  # nohup's SIGHUP stays ignored
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS  # nohup's SIGHUP stays ignored
+                    if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN}
         try:
             status = _wait(folder, launcher)
             end = time.monotonic() + worker_grace

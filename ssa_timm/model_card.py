@@ -84,6 +84,16 @@ def _attention_note(model: SSANet, trained: bool) -> str:
             f'{default})' + ('' if trained else '; pass `qk_norm=True` for cosine attention'))
 
 
+def _zoom_note(model: SSANet) -> str:
+    """For a zoom model: that it looks twice, with its settings and its cost."""
+    if not model.zoom:
+        return ''
+    return (f'; **zoom on** (`zoom=True`, threshold {model.zoom_threshold}, margin {model.zoom_margin}, minimum size '
+            f'{model.zoom_min_size}): a second pass of the body and heads on the image cropped where the first '
+            "pass's attention points, the output the mean of both passes; it costs a second body pass per image "
+            '(the GMACs below count both)')
+
+
 def _weights_note(dataset: str | None, base_model: str | None, trained: bool) -> str:
     """Where the card's weights come from."""
     if trained:
@@ -146,7 +156,7 @@ def render_model_card(
         top_k=min(5, model.num_classes),
         hub_repo=create_name[len('hf-hub:'):] if create_name.startswith('hf-hub:') else None,
         weights_note=_weights_note(dataset, base_model, trained=bool(metrics)),
-        attention_note=_attention_note(model, trained=bool(metrics)),
+        attention_note=_attention_note(model, trained=bool(metrics)) + _zoom_note(model),
         results=results,
         **model_complexity(model, img_size),
     )

@@ -2,6 +2,7 @@
 from an attention map, the crop, both passes in training and in the output, exports that keep it, its
 box against the true part, and what ``predict.py`` reports."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,46 @@ def test_onnx_export_of_a_zoom_model_passes_its_parity_check(tmp_path, capsys):
     assert run_main('export', '--model', str(folder), '--onnx', str(onnx)) == 0  # exit 1 past the tolerance
     report = json.loads(capsys.readouterr().out)
     assert onnx.is_file() and report['onnx']['max_abs_diff'] < 1e-4 and report['onnx']['batch_sizes'] == [1, 3]
+
+
+def test_draw_box_outlines_the_box_in_fractions_of_the_picture():
+    from ssa_timm.attention_maps import draw_box
+    picture = draw_box(__import__('numpy').zeros((40, 60, 3), dtype='uint8'), [0.5, 0.25, 1.0, 0.75])
+    assert tuple(picture[10, 40]) == (255, 220, 0) and tuple(picture[29, 59]) == (255, 220, 0)
+    assert tuple(picture[20, 45]) == (0, 0, 0) and tuple(picture[5, 5]) == (0, 0, 0)  # inside, outside
+
+
+def test_visualize_of_a_zoom_model_keeps_its_box(tmp_path):
+    import numpy as np
+    from PIL import Image
+    folder = export_model(zoom_model().eval(), str(tmp_path / 'best'), ['a', 'b', 'c'])
+    Image.new('RGB', (48, 48), (20, 120, 200)).save(tmp_path / 'photo.png')
+    assert run_main('visualize', '--model', str(folder), str(tmp_path / 'photo.png'), '--output-dir',
+                    str(tmp_path / 'vis')) == 0
+    box = np.load(tmp_path / 'vis' / 'photo.npz')['zoom_box']
+    assert box.shape == (4,) and 0 <= box[0] < box[2] <= 1 and (tmp_path / 'vis' / 'photo_attention.png').is_file()
+
+
+def test_a_zoom_model_refuses_torchscript_at_its_call():
+    scripted = torch.jit.script(zoom_model().eval())
+    with pytest.raises(Exception, match='cannot be scripted'):
+        scripted(torch.randn(1, 3, 32, 32))
+
+
+def test_the_model_card_and_transformers_pipeline_of_a_zoom_export(tmp_path, capsys):
+    transformers = pytest.importorskip('transformers')
+    from PIL import Image
+
+    from ssa_timm.model_card import render_model_card
+    model = zoom_model().eval()
+    folder = export_model(model, str(tmp_path / 'best'), ['a', 'b', 'c'])
+    template = (Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md').read_text()
+    card = str(render_model_card(load_model(str(folder)), 'zoomed', template, 32, f'local-dir:{folder}'))
+    assert '**zoom on**' in card and 'second body pass' in card
+    Image.new('RGB', (40, 30), (200, 60, 20)).save(tmp_path / 'photo.png')
+    classifier = transformers.pipeline('image-classification', model=str(folder))
+    hf_top = classifier(str(tmp_path / 'photo.png'), top_k=3)
+    assert run_main('predict', '--model', str(folder), str(tmp_path / 'photo.png'), '--format', 'json') == 0
+    ours = json.loads(capsys.readouterr().out)[0]
+    assert [t['label'] for t in hf_top] == [t['label'] for t in ours['top']]
+    assert [t['score'] for t in hf_top] == pytest.approx([t['prob'] for t in ours['top']], abs=1e-5)

@@ -369,7 +369,9 @@ class SSANet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.zoom:
-            return self._forward_zoom(x)
+            if not torch.jit.is_scripting():
+                return self._forward_zoom(x)
+            raise RuntimeError('a zoom model cannot be scripted (its box and crop run in Python): export it to ONNX')
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x

@@ -28,6 +28,9 @@ from ..launch import job_exit_status, register_worker
 __all__ = ['CHECK_EVERY', 'DUPLICATE_SECONDS', 'STOP_SIGNALS', 'RunAborted', 'StopRequest']
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# ignored by the user's shell (nohup, a background job), they stay ignored; SIGTERM and SIGUSR1 are always
+# caught (a launcher that ignores SIGUSR1 passes that on to its workers, which must still checkpoint on it)
+_KEPT_IGNORED = (signal.SIGHUP, signal.SIGINT)
 CHECK_EVERY = 10
 DUPLICATE_SECONDS = 1.0
 
@@ -63,8 +66,9 @@ class StopRequest:
     def __enter__(self) -> 'StopRequest':
         try:
             for signum in STOP_SIGNALS:
-                if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
-                    self._previous[signum] = signal.signal(signum, self._handle)
+                if signum in _KEPT_IGNORED and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # nohup's SIGHUP, a background job's SIGINT: the user asked the run to go on
+                self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
             return self

@@ -235,3 +235,24 @@ def test_write_space_makes_a_gradio_space_folder(export, tmp_path, capfd, monkey
     assert capfd.readouterr().err.strip() == f'error: --write-space {space} is not empty: give a new or an empty folder'
     assert run_main('demo', '--model', 'ssanet_test_resnet_plus', '--write-space', str(tmp_path / 'other')) == 1
     assert 'needs trained weights' in capfd.readouterr().err
+
+
+def test_a_zoom_model_shows_predict_py_s_probabilities_and_its_box(picture, tmp_path):
+    """The demo of a zoom model: the output of both passes (what predict.py reports) and the zoom box drawn
+    on the mean attention it came from."""
+    torch.manual_seed(0)
+    model = ssa_timm.create_ssanet_by_name('ssanet_test_resnet_plus', num_classes=3, img_size=64,
+                                           body_feature_index=1, zoom=True, zoom_min_size=0.5).eval()
+    demo = recipe('demo')
+    served = demo.load_demo_model(str(export_model(model, str(tmp_path / 'zoom'), CLASSES)))
+    labels, _, mean, _, _ = demo.analyze(served, {'path': str(picture)}, -1)
+    image = load_image(str(picture))
+    x = model_transform(model)[0](image).unsqueeze(0)
+    with torch.no_grad():
+        logits, boxes = model.forward_with_zoom_box(x)
+    probs = logits.softmax(-1)[0]
+    assert labels == pytest.approx({CLASSES[c]: float(probs[c]) for c in range(3)}, abs=1e-5)
+    plain = attention_maps(model, model.forward_body(x))['attention_mean']
+    assert mean.shape[2] == 3 and plain is not None
+    x0, y0 = (int(v) for v in (boxes[0, :2] * torch.tensor([mean.shape[1], mean.shape[0]])))
+    assert tuple(mean[y0, x0 + 2]) == (255, 220, 0)  # the box's top edge, in the zoom box's colour
