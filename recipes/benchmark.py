@@ -11,6 +11,7 @@ growth of the peak RSS (Linux VmHWM) of a fresh process that runs the case once.
     python recipes/benchmark.py --sections ssa --device cuda
     python recipes/benchmark.py --sections ssa,train --device cuda --amp bf16
     python recipes/benchmark.py --sections cache
+    python recipes/benchmark.py --sections zoom --model ssanet_resnet18_plus --img-size 224
     python recipes/benchmark.py --sections data --data-workers 0,1,2
     python recipes/benchmark.py --sections train --model ssanet_vit_small_patch16_224_plus --img-size 448
 """
@@ -33,7 +34,8 @@ from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, comma_separa
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--sections', default='ssa,train,cache,data', help='comma separated: ssa, train, cache, data')
+    parser.add_argument('--sections', default='ssa,train,cache,data',
+                        help='comma separated: ssa, train, zoom, cache, data')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none',
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     deprecated_alias(parser, '--out', '--output')
     parser.add_argument('--peak-rss-case', help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = parser.parse_args(argv)
+    unknown = set(args.sections.split(',')) - {'ssa', 'train', 'zoom', 'cache', 'data'}
+    if unknown:
+        parser.error(f'--sections: {sorted(unknown)} not among ssa, train, zoom, cache, data')
     for name in args.model.split(','):
         try:
             ssa_timm.parse_ssanet_name(name)
@@ -163,9 +168,11 @@ class BareBody(nn.Module):
 
 
 def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
-    """One SGD step (forward, loss, backward, update) of the SSANet or of its bare body."""
+    """One SGD step (forward, loss, backward, update) of the SSANet ('ssanet'), of the SSANet with the zoom
+    ('zoom': both passes) or of its bare body ('bare')."""
     torch.manual_seed(0)
-    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size).to(device).train()
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size,
+                                           zoom=kind == 'zoom').to(device).train()
     if kind == 'bare':
         model = BareBody(model, num_classes).to(device).train()
         loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -184,7 +191,20 @@ def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classe
     return step
 
 
-CASES = {'ssa': ssa_case, 'train': train_case}
+def infer_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
+    """One eval-mode forward of the SSANet ('ssanet') or of the SSANet with the zoom ('zoom')."""
+    torch.manual_seed(0)
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size,
+                                           zoom=kind == 'zoom').to(device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+    return autocast_step(forward, device, amp)
+
+
+CASES = {'ssa': ssa_case, 'train': train_case, 'infer': infer_case}
 
 
 def run_interleaved(cases: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, List[float]]:
@@ -229,6 +249,19 @@ def bench_train(args: argparse.Namespace, device: torch.device, model_name: str)
         ssanet_peak_mb=_peak_memory_mb('train', case_args['ssanet'], device),
         bare_peak_mb=_peak_memory_mb('train', case_args['bare'], device),
     )
+
+
+def bench_zoom(args: argparse.Namespace, device: torch.device, model_name: str) -> dict:
+    """The zoom's cost: a train step and an inference forward with and without it, interleaved."""
+    common = (model_name, args.img_size, args.batch_size, args.num_classes, str(device), args.amp)
+    cases = {f'{kind}_{mode}': (train_case if mode == 'train' else infer_case)(kind, *common)
+             for kind in ('ssanet', 'zoom') for mode in ('train', 'infer')}
+    median = {k: statistics.median(t) for k, t in run_interleaved(cases, args.repeats, device).items()}
+    return dict(model=model_name, img_size=args.img_size, batch=args.batch_size,
+                train_s=median['ssanet_train'], zoom_train_s=median['zoom_train'],
+                train_ratio=median['zoom_train'] / median['ssanet_train'],
+                infer_s=median['ssanet_infer'], zoom_infer_s=median['zoom_infer'],
+                infer_ratio=median['zoom_infer'] / median['ssanet_infer'])
 
 
 def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
@@ -354,6 +387,12 @@ def main(argv=None) -> dict:
         for t in result['train']:
             print(f'| {t["model"]} | {t["ssanet_s"] * 1e3:.1f} | {t["bare_s"] * 1e3:.1f} | {t["overhead_pct"]:+.1f}% | '
                   f'{t["ssanet_peak_mb"]:.0f} | {t["bare_peak_mb"]:.0f} |')
+    if 'zoom' in sections:
+        z = result['zoom'] = bench_zoom(args, device, args.model.split(',')[0])
+        print(f'\nThe zoom, {z["model"]} at {z["img_size"]} px, batch {z["batch"]}, median of {args.repeats}')
+        print('| | without zoom ms | with zoom ms | ratio |\n|---|---|---|---|')
+        print(f'| train step | {z["train_s"] * 1e3:.1f} | {z["zoom_train_s"] * 1e3:.1f} | {z["train_ratio"]:.2f}x |')
+        print(f'| inference | {z["infer_s"] * 1e3:.1f} | {z["zoom_infer_s"] * 1e3:.1f} | {z["infer_ratio"]:.2f}x |')
     if 'cache' in sections:
         c = result['cache'] = bench_cache(args, device)
         print(f'\nFrozen-body training epoch, {c["model"]} at {c["img_size"]} px, {c["images"]} images')

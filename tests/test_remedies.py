@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import ssa_timm
-from recipe_runs import recipe
 from ssa_timm.hub import attention_args
 from ssa_timm.layers import SpatialSelfAttention, SpectralNormConv2d
 from ssa_timm.train.config import RunConfig
@@ -59,9 +58,9 @@ def test_sagan_qk_is_a_model_argument_recorded_in_exports():
 
 
 def test_ablation_tables_carry_every_seed_and_the_localisation_columns():
-    ablation = recipe('ablation')
-    args, _ = ablation.parse_args(['--remedies', 'sagan-qk,qk-norm', '--losses', 'ad'])
-    assert ('plus', 'ad', 'sagan-qk') in ablation.configs(args)
+    from ssa_timm.grid import grid_configs
+    from ssa_timm.grid_report import tables
+    assert ('plus', 'ad', 'sagan-qk') in grid_configs(['plus'], ['ad'], ['sagan-qk', 'qk-norm'])
 
     def row(variant, remedy, seed, top1, mass):
         attention = None if variant == 'no_attention' else dict(alpha=-0.1, entropy_ratio=0.5, row_max=0.3)
@@ -72,7 +71,7 @@ def test_ablation_tables_carry_every_seed_and_the_localisation_columns():
     rows = [row('no_attention', '', s, 60 + s, None) for s in (0, 1)]
     rows += [dict(row('plus', r, s, 70 + 2 * s, 0.5), heads={'ssa': 71.0, 'fe': 69.0}) for r in ('', 'sagan-qk')
              for s in (0, 1)]
-    text = ablation.tables(rows, [0, 1], 'builtin scene, scratch')
+    text = tables(rows, [0, 1], 'builtin scene, scratch')
     assert '| no_attention | 60.5 ± 0.7 | 60.0 / 61.0 | - | 60.5 | 75.0 | - | - | - | - (0.10) | 0.90 | - |' in text
     sagan = ('| plus --sagan-qk | ad | 71.0 ± 1.4 | 70.0 / 72.0 | 71.0 | 69.0 | 0.100 | 0.50 | 0.30 | 0.50 (0.10) | '
              '0.90 | 0.80 |')

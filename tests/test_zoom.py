@@ -195,3 +195,14 @@ def test_the_model_card_and_transformers_pipeline_of_a_zoom_export(tmp_path, cap
     ours = json.loads(capsys.readouterr().out)[0]
     assert [t['label'] for t in hf_top] == [t['label'] for t in ours['top']]
     assert [t['score'] for t in hf_top] == pytest.approx([t['prob'] for t in ours['top']], abs=1e-5)
+
+
+def test_benchmark_measures_the_zooms_cost(tmp_path, capsys):
+    output = tmp_path / 'bench.json'
+    assert run_main('benchmark', '--sections', 'zoom', '--model', 'ssanet_test_resnet_plus', '--img-size', '32',
+                    '--batch-size', '2', '--repeats', '1', '--output', str(output)) == 0
+    zoom = json.loads(output.read_text())['zoom']
+    assert zoom['train_ratio'] == pytest.approx(zoom['zoom_train_s'] / zoom['train_s'])
+    assert zoom['infer_ratio'] == pytest.approx(zoom['zoom_infer_s'] / zoom['infer_s'])
+    assert '| train step |' in capsys.readouterr().out
+    assert run_main('benchmark', '--sections', 'zooom') == 2

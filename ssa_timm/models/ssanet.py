@@ -553,8 +553,9 @@ def _build_ssanet(variant: str, pretrained: bool, **kwargs: Any) -> SSANet:
     )
     if 'qk_norm' in kwargs:  # a plain save_for_hf records the attention too, whatever the default
         update_model_args(model, qk_norm=kwargs['qk_norm'])
-    if model.zoom:
-        update_model_args(model, **model.zoom_args())
+    if kwargs.get('zoom'):
+        update_model_args(model, zoom=True, **{k: kwargs[k] for k in ('zoom_threshold', 'zoom_margin', 'zoom_min_size')
+                                               if k in kwargs})
     # the config says what was loaded, not what could have been
     if body_weights:
         model.pretrained_cfg['notes'] = _body_weights_note(cfg.hf_hub_id)
