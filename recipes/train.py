@@ -46,6 +46,7 @@ DEFAULT = RunConfig()
 def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
+    add_zoom_args(p)
     add_data_args(p)
     add_loss_args(p)
     add_optimization_args(p)
@@ -70,14 +71,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    'run keeps the attention it was trained with)')
     g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
                    'of K/8 channels (paper: none)')
-    g.add_argument('--zoom', action='store_true', help='look twice: crop the image where the SSA attention points '
-                   'and average both passes (ssa_timm.zoom; not in the paper)')
-    g.add_argument('--zoom-threshold', type=fraction, default=DEFAULT.zoom_threshold,
-                   help='zoom box: the cells with at least this fraction of the largest attended mass')
-    g.add_argument('--zoom-margin', type=non_negative_float, default=DEFAULT.zoom_margin,
-                   help="zoom box: each side moved out by this fraction of the box's size")
-    g.add_argument('--zoom-min-size', type=fraction, default=DEFAULT.zoom_min_size,
-                   help="zoom box: at least this fraction of the image's width and height")
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
                    help='ImageNet body weights (default: on, except for the built-in dataset)')
     g.add_argument('--pretrained-path', metavar='FILE', help="body weights from a local file, in the body's own "
@@ -90,6 +83,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--cache-dir', metavar='DIR', help='the feature cache folder, shareable by runs (one file per body, '
                    'weights, data and split; a lock makes a missing one built once); default: feature_cache in '
                    '--output-dir')
+
+
+def add_zoom_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('Zoom (a second look where the attention points; not in the paper)')
+    g.add_argument('--zoom', action='store_true', help='look twice: crop the image where the SSA attention points '
+                   'and average both passes (ssa_timm.zoom)')
+    g.add_argument('--zoom-threshold', type=fraction, default=DEFAULT.zoom_threshold,
+                   help='zoom box: the cells with at least this fraction of the largest attended mass')
+    g.add_argument('--zoom-margin', type=non_negative_float, default=DEFAULT.zoom_margin,
+                   help="zoom box: each side moved out by this fraction of the box's size")
+    g.add_argument('--zoom-min-size', type=fraction, default=DEFAULT.zoom_min_size,
+                   help="zoom box: at least this fraction of the image's width and height")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
