@@ -216,7 +216,8 @@ def training_function(config: RunConfig) -> Dict:
     attach_worker()  # under a launcher: its death stops this process
     accelerator = make_accelerator(config)
     # stop signals checkpoint from here on (ssa-timm-launch forwards them once the handler is in place)
-    with StopRequest() as stop, \
+    # run as a script, the process ends with the run: a late signal while it exits is ignored
+    with StopRequest(until_exit=__name__ == '__main__') as stop, \
             claim_output_dir(config.output_path, accelerator, config.resume, config.overwrite) as folder:
         # a resumed run keeps the attention it was trained with, should the name's default have changed
         config = config.with_recorded_attention(recorded_model_args(config.output_path, config.resume))

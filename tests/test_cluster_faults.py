@@ -250,3 +250,20 @@ def test_a_stop_signal_that_was_ignored_stays_ignored():
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_script_that_stops_ignores_late_stop_signals_while_it_exits():
+    """After the stop's checkpoint the process exits with 128 + the signal; a second signal then must not kill
+    it by the signal's default action (a launcher reports that as a failed worker)."""
+    saved = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+    try:
+        with StopRequest(until_exit=True) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in preemption.STOP_SIGNALS)
+        with StopRequest():  # a run that did not stop (or an in-process caller) gets its handlers back
+            pass
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the previous one, restored
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

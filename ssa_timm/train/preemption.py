@@ -55,11 +55,14 @@ class StopRequest:
 
     Args:
         check_every: With several processes, the optimizer steps between two agreements.
+        until_exit: The process ends with the ``with`` block (a script's run): once stopping, stop signals
+            stay ignored after it, instead of their previous handlers coming back.
     """
 
-    def __init__(self, check_every: int = CHECK_EVERY) -> None:
+    def __init__(self, check_every: int = CHECK_EVERY, until_exit: bool = False) -> None:
         self.signum: Optional[int] = None
         self.check_every = check_every
+        self.until_exit = until_exit
         self._first_at = 0.0
         self._previous = {}
 
@@ -77,7 +80,10 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # a process that ends with the run ignores stop signals once it stops: a late one (after the
+            # checkpoint, during the exit) must not kill it by the signal's default action
+            stopping = self.until_exit and (self.signum is not None or exc[0] is not None)
+            signal.signal(signum, signal.SIG_IGN if stopping else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:

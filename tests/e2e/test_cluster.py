@@ -211,17 +211,17 @@ def one_job_line(stderr: str, text: str) -> None:
     assert 'Traceback' not in stderr and 'ChildFailedError' not in stderr and 'Root Cause' not in stderr, stderr[-3000:]
 
 
-# slow steps (a ResNet-18 to layer2 at 64 px, 32 images a step, one thread): 10 steps take seconds
-SLOW_STEPS = ['--model', 'ssanet_resnet18_plus', '--img-size', '64', '--batch-size', '32',
+# slow steps (a ResNet-18 to layer2 at 64 px, 48 images a step, one thread): 10 steps take seconds
+SLOW_STEPS = ['--model', 'ssanet_resnet18_plus', '--img-size', '64', '--batch-size', '48',
               '--builtin-val-per-class', '2']
 
 
 def test_a_second_stop_signal_before_the_agreement_is_one_line_and_128_plus_it(tmp_path):
     """Ring 4 row 4: SIGTERM, then SIGTERM again 1.6 s later, while the workers are between two agreements."""
     out = tmp_path / 'run'
-    proc = start_wrapped(out, *SLOW_STEPS)
-    wait_for(lambda: len(workers_of(out)) == 2 and (out / '.lock').is_file())
-    time.sleep(3)
+    proc = start_wrapped(out, *SLOW_STEPS, '--checkpoint-steps', '10')
+    # a checkpoint at step 10 was written just after an agreement: the next is 10 slow steps away
+    wait_for(lambda: any((out / 'checkpoints').glob('checkpoint_*')))
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.6)
     proc.send_signal(signal.SIGTERM)
