@@ -88,7 +88,7 @@ from ssa_timm import create_ssanet
 fill = cache._fill
 def slow_fill(*args, **kwargs):  # a build that takes a while: the other process asks for the key meanwhile
     print('built', flush=True)
-    time.sleep(2)
+    time.sleep(1)
     fill(*args, **kwargs)
 cache._fill = slow_fill
 torch.manual_seed(0)

@@ -180,21 +180,21 @@ def test_ablation_writes_tables_2_and_3_and_reuses_finished_runs(tmp_path):
 
 def test_ablation_in_the_transfer_regime(tmp_path):
     small = [a for a in TINY_TRAIN if a not in ('--model', 'ssanet_test_resnet_plus')]
-    args = ['--regime', 'transfer', '--body', 'test_resnet', '--seeds', '0', '--variants', 'no_attention,plus',
+    args = ['--regime', 'transfer', '--body', 'test_resnet', '--seeds', '0', '--variants', 'plus',
             '--losses', 'ad', '--remedies', 'qk-norm', '--epochs', '1', '--pretrain-epochs', '1',
             '--output-dir', str(tmp_path), *small]
     run_recipe('ablation.py', *args)
     body = load_file(tmp_path / 'pretrain_family1' / 'body.safetensors')
     pretrained = json.loads((tmp_path / 'pretrain_family1' / 'best' / 'config.json').read_text())
     assert pretrained['label_names'][0] == 'glyph_14'  # pretrained on another glyph family
-    for name in ('no_attention_ad_seed0', 'plus_ad_seed0', 'plus_qk-norm_ad_seed0'):
+    for name in ('plus_ad_seed0', 'plus_qk-norm_ad_seed0'):
         export = load_file(tmp_path / name / 'best' / 'model.safetensors')
         frozen = {k[len('body.'):]: v for k, v in export.items() if k.startswith('body.')}
         assert frozen.keys() == body.keys() and all((frozen[k] == body[k]).all() for k in body)
         assert not (tmp_path / name / 'feature_cache').exists()
-    # the three runs share one body-map cache per split (their body, data and seed are the same)
+    # the two runs share one body-map cache per split (their body, data and seed are the same)
     assert len(list((tmp_path / 'feature_cache').glob('*.npy'))) == 2
     result = json.loads((tmp_path / 'ablation.json').read_text())
-    assert result['regime'] == 'transfer' and len(result['runs']) == 3
+    assert result['regime'] == 'transfer' and len(result['runs']) == 2
     table = (tmp_path / 'ablation.md').read_text()
     assert 'transfer: frozen body pretrained on glyph family 1' in table and '| plus --qk-norm |' in table
