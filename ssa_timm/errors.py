@@ -81,9 +81,22 @@ def _exit(error: BaseException) -> NoReturn:
     """Print the error's line and exit with its status; under ``ssa-timm-launch`` the wrapper is told both
     and prints the line once for the job (each worker exits 0, so the launcher reports no failure)."""
     from .launch import job_exit_status  # the launcher module needs this one
+    _leave_process_group()
     status = getattr(error, 'exit_code', 1)
     line = f'error: {one_line(error)}'
     exit_status = job_exit_status(status, line)
     if exit_status == status:
         print(line, file=sys.stderr, flush=True)
     raise SystemExit(exit_status)
+
+
+def _leave_process_group() -> None:
+    """Tear down this process's torch.distributed group before exiting on an error: a gloo group left alive
+    at interpreter exit can abort the process ("terminate called without an active exception", SIGABRT),
+    which a launcher reports as a crash instead of the error."""
+    dist = sys.modules.get('torch.distributed')
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a group already broken by the error: exiting is all that is left
+        pass
