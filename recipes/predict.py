@@ -43,10 +43,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, torch_device
-from ssa_timm.data import IMAGE_SUFFIXES, find_images, load_image, model_transform
+from ssa_timm.data import IMAGE_SUFFIXES, find_images, load_image, model_transform, shown_size
 from ssa_timm.errors import UserError, exit_on_user_error
 from ssa_timm.hub import label_names, load_model, model_folder
-from ssa_timm.localization import shown_size
 from ssa_timm.prediction import (ImageFiles, collate_images, launched_world_size, merge_json_lines, merge_parts,
                                  part_path, part_paths, process_device, shard)
 from ssa_timm.output_paths import check_output_path

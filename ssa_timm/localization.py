@@ -36,15 +36,15 @@ from typing import Any, Callable, ContextManager, Dict, List, Mapping, NamedTupl
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .data.images import shown_size
 from .errors import UserError
 from .zoom import box_hits, box_iou
 
 __all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
            'dataset_boxes', 'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
-           'scene_localization', 'shown_size', 'unit_box', 'zoom_localization']
+           'scene_localization', 'unit_box', 'zoom_localization']
 
 Box = Tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
@@ -301,20 +301,7 @@ def read_boxes(path: str, dataset: Any) -> Dict[int, ImageBoxes]:
 
 
 CSV_PATH_HEADERS = ('path', 'image', 'file', 'filename', 'image_path', 'img')
-_EXIF_ORIENTATION = 0x0112
 _EXPECTED = "expected CUB's bounding_boxes.txt (with images.txt beside it) or a CSV of path,x,y,w,h rows"
-
-
-def shown_size(image: str) -> Tuple[int, int]:
-    """``(width, height)`` of an image file as shown: its EXIF orientation applied (5-8 turn it a quarter),
-    as ``ssa_timm.data.load_image`` and every photo viewer show it."""
-    try:
-        with Image.open(image) as opened:
-            width, height = opened.size
-            turned = opened.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f'cannot read the image {image} to place its boxes: {e}') from e
-    return (height, width) if turned else (width, height)
 
 
 def _check_inside(box: Box, size: Tuple[int, int], where: str, image: str) -> None:

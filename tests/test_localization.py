@@ -239,3 +239,11 @@ def test_boxes_over_every_cell_of_the_map_are_left_out_of_the_figures():
     boxes[2] = ImageBoxes([(0, 0, 32, 32)], (32, 32))
     report = localization_report(model, data, boxes, body_maps=True)
     assert report['images'] == 2 and report['whole_map'] == 1 and report['box_share'] == pytest.approx(0.25)
+
+
+def test_a_boxes_row_for_a_file_that_is_no_image_is_one_line(tmp_path):
+    (tmp_path / 'a.png').write_bytes(b'not an image')
+    csv = tmp_path / 'boxes.csv'
+    csv.write_text('a.png,1,1,5,5\n')
+    with pytest.raises(UserError, match=r'cannot read image .*a.png'):
+        read_boxes(str(csv), Files([tmp_path / 'a.png']))

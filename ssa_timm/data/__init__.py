@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 from .builtin import BUILTIN_TASKS, BuiltinFineGrained, BuiltinScene
 from .images import (
     BACKGROUND, IMAGE_SUFFIXES, CorruptImageError, ImageTooLargeError, find_images, load_image, max_image_pixels,
-    to_rgb)
+    shown_size, to_rgb)
 from .readers import (
     DatasetLayoutError, LabeledImages, align_classes, read_cars, read_cub, read_dogs, read_image_folder)
 from .timm_datasets import TIMM_PREFIXES, build_timm_dataset, is_timm_spec
@@ -18,7 +18,8 @@ __all__ = [
     'DATASET_DEFAULTS',
     'DatasetLayoutError', 'EpochFlip', 'FlipSchedule', 'IMAGE_SUFFIXES', 'ImageTooLargeError', 'LabeledImages',
     'TIMM_PREFIXES', 'Transformed', 'TransformedStream', 'build_dataset', 'dataset_options', 'eval_transform',
-    'find_images', 'first_images', 'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'to_rgb',
+    'find_images', 'first_images', 'is_timm_spec', 'load_image', 'max_image_pixels', 'model_transform', 'shown_size',
+    'to_rgb',
 ]
 
 DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')

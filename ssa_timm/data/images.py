@@ -29,6 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
+
 __all__ = [
     'BACKGROUND',
     'IMAGE_SUFFIXES',
@@ -36,6 +38,7 @@ __all__ = [
     'ImageTooLargeError',
     'find_images',
     'load_image',
+    'shown_size',
     'max_image_pixels',
     'to_rgb',
 ]
@@ -151,6 +154,22 @@ def load_image(path: str) -> Image.Image:
         raise
     except _DECODE_ERRORS as e:
         raise CorruptImageError(f'cannot read image {path}: {e}') from e  # PIL names a truncated file itself
+
+
+def shown_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file as ``load_image`` gives it and a viewer shows it, from its header:
+    EXIF orientations 5-8 (the ones ``ImageOps.exif_transpose`` turns a quarter) swap the sides.
+
+    Raises:
+        CorruptImageError: The file cannot be opened as an image; the message names it.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except _DECODE_ERRORS as e:
+        raise CorruptImageError(f'cannot read image {path}: {e}') from e
+    return (height, width) if turned else (width, height)
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
