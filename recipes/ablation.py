@@ -41,13 +41,14 @@ runs started with other flags (left out).
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from ssa_timm.cli import at_least
 from ssa_timm.errors import exit_on_user_error
-from ssa_timm.grid import RUN_RECORD, Grid, collect, grid_configs, parse_shard, run_local, shard, submit_array
+from ssa_timm.grid import REGIMES, RUN_RECORD, Grid, collect, grid_configs, parse_shard, run_local, shard, submit_array
 from ssa_timm.grid_report import PAPER_TABLE2_CUB, PAPER_TABLE3_CUB, figures, tables
 
 TRAIN = Path(__file__).resolve().parent / 'train.py'
@@ -74,9 +75,12 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                    help='comma separated: ad (Table 2), ce (Table 3 for alpha, multiply, plus)')
     g.add_argument('--remedies', default='',
                    help='comma separated train.py attention flags to try on plus: qk-norm, scale-attn, sagan-qk')
-    g.add_argument('--regime', choices=('scratch', 'transfer'), default='scratch',
-                   help='transfer: one body pretrained on family 1 of the built-in task, frozen for every run '
-                   '(builtin only)')
+    g.add_argument('--settings', help='instead of --variants and --remedies, one table of these settings: comma '
+                   'separated variant[+option...], each option a train.py flag without its dashes (e.g. '
+                   'plus,plus+zoom,plus+qk-norm+zoom,plus+alpha-init=1,no_attention+builtin-oracle-crop)')
+    g.add_argument('--regime', choices=REGIMES, default='scratch',
+                   help='transfer: one body pretrained on family 1 of the built-in task, frozen for every run; '
+                   'finetune: the same body, trained by every run (builtin only)')
     g.add_argument('--pretrain-epochs', type=at_least(1), default=6, help='transfer: epochs of the body pretraining')
     g.add_argument('--output-dir', default='runs/ablation')
     g.add_argument('--cache-dir', help='transfer: the body-map caches every run shares (one per body, data and '
@@ -118,8 +122,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f'--shard: {e}')
     args.variants, args.losses = args.variants.split(','), args.losses.split(',')
     args.remedies = [r for r in args.remedies.split(',') if r]
-    if args.regime == 'transfer' and args.dataset != 'builtin':
-        p.error('--regime transfer pretrains on another family of the built-in glyphs: it needs --dataset builtin')
+    if args.settings is not None:
+        args.settings = [parse_setting(p, text) for text in args.settings.split(',')]
+    if args.regime != 'scratch' and args.dataset != 'builtin':
+        p.error(f'--regime {args.regime} pretrains on another family of the built-in task: it needs --dataset builtin')
     for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'),
                                   (args.losses, ('ad', 'ce'), '--losses'),
                                   (args.remedies, REMEDIES, '--remedies')):
@@ -128,6 +134,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f'{flag}: {unknown} not among {list(allowed)}')
     if sum(bool(x) for x in (args.report, args.shard, args.slurm_partition)) > 1:
         p.error('--report, --shard and --slurm-partition are three ways to run a grid: give one')
+
+
+def parse_setting(p: argparse.ArgumentParser, text: str) -> Tuple[str, str]:
+    """``variant[+option...]`` of ``--settings`` as ``(variant, options)``: the options '+'-joined, as
+    ``GridRun.remedy`` holds them."""
+    variant, *options = text.strip().split('+')
+    if variant not in PAPER_TABLE2_CUB:
+        p.error(f'--settings: {variant!r} is not among the variants {list(PAPER_TABLE2_CUB)} (variant[+option...])')
+    bad = [o for o in options if not re.fullmatch(r'[a-z][a-z0-9-]*(=[^\s+,]+)?', o)]
+    if bad:
+        p.error(f'--settings: {bad} are not train.py flags without their dashes (e.g. qk-norm, alpha-init=1)')
+    return variant, '+'.join(options)
 
 
 def _option(flags: List[str], name: str, default: str) -> str:
@@ -143,8 +161,9 @@ def _option(flags: List[str], name: str, default: str) -> str:
 def setting_of(args: argparse.Namespace, train_args: List[str]) -> str:
     """The tables' description of the grid: dataset, task and regime."""
     task = _option(train_args, '--builtin-task', 'glyph') if args.dataset == 'builtin' else ''
-    return f'{args.dataset}{" " + task if task else ""}, {args.regime}' + (
-        f': frozen body pretrained on {task} family 1' if args.regime == 'transfer' else ': bodies from scratch')
+    how = {'scratch': 'bodies from scratch', 'transfer': f'frozen body pretrained on {task} family 1',
+           'finetune': f'body pretrained on {task} family 1, fine-tuned'}[args.regime]
+    return f'{args.dataset}{" " + task if task else ""}, {args.regime}: {how}'
 
 
 def write_report(args: argparse.Namespace, grid: Grid, setting: str) -> Dict:
@@ -152,14 +171,15 @@ def write_report(args: argparse.Namespace, grid: Grid, setting: str) -> Dict:
     rows, missing, mismatched = collect(grid)
     out = grid.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    markdown = tables(rows, args.seeds, setting)
+    chosen = list(grid.configs) if args.settings is not None else None
+    markdown = tables(rows, args.seeds, setting, chosen)
     result = dict(body=grid.body, dataset=grid.dataset, regime=grid.regime, epochs=grid.epochs, seeds=args.seeds,
                   train_args=list(grid.train_args), runs=rows, missing=missing, other_flags=mismatched)
     (out / 'ablation.json').write_text(json.dumps(result, indent=1))
     (out / 'ablation.md').write_text(markdown)
     print(markdown)
     try:
-        written = figures(rows, setting, out / 'figures') if rows else []
+        written = figures(rows, setting, out / 'figures', chosen) if rows else []
         print(f'figures: {", ".join(str(p) for p in written)}' if written else 'figures: none (no finished run)')
     except ImportError:
         print('figures: skipped (matplotlib is not installed: pip install ssa-timm[vis])')
@@ -199,6 +219,8 @@ def main(argv=None) -> Dict:
     args, train_args = parse_args(argv)
     body = args.body or ('resnet18' if args.dataset == 'builtin' else 'vgg16')
     settings = grid_configs(args.variants, args.losses, args.remedies, PAPER_TABLE3_CUB)
+    if args.settings is not None:  # one table of the chosen settings, under each loss
+        settings = [(variant, loss, options) for variant, options in args.settings for loss in args.losses]
     grid = Grid(Path(args.output_dir), TRAIN, body, args.dataset, args.epochs, tuple(args.seeds), tuple(settings),
                 args.regime, args.pretrain_epochs, tuple(train_args), args.launcher,
                 Path(args.cache_dir) if args.cache_dir else None)

@@ -115,8 +115,9 @@ def localization_lines(where: Dict) -> List[str]:
                  f'{where["pointing_attention"]:.3f}')
     else:
         text += f'pointing game: Grad-CAM {where["pointing_cam"]:.3f} (box share {where["box_share"]:.3f})'
-    if where.get('zoom_iou') is not None:
-        text += f'; zoom box: IoU {where["zoom_iou"]:.3f}, holds the part\'s centre {where["zoom_hit"]:.3f}'
+    for key, name in (('zoom', 'zoom box'), ('cam_box', 'Grad-CAM box')):
+        if where.get(f'{key}_iou') is not None:
+            text += f'; {name}: IoU {where[f"{key}_iou"]:.3f}, holds the part\'s centre {where[f"{key}_hit"]:.3f}'
     return [*lines, text]
 
 

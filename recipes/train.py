@@ -71,6 +71,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    'run keeps the attention it was trained with)')
     g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
                    'of K/8 channels (paper: none)')
+    g.add_argument('--alpha-init', type=float, default=DEFAULT.alpha_init,
+                   help="the attention's alpha at the start (paper: 0; another value lets the attention learn from "
+                   'the first step)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
                    help='ImageNet body weights (default: on, except for the built-in dataset)')
     g.add_argument('--pretrained-path', metavar='FILE', help="body weights from a local file, in the body's own "
@@ -181,8 +184,6 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
     """Refuse combinations and values that would fail later, with argparse's exit status 2."""
-    if config.zoom and config.cache_features:
-        p.error('--zoom crops the images for its second pass: it cannot train from cached body maps (--cache-features)')
     if config.cache_dir and not config.cache_features:
         p.error('--cache-dir is the folder of --cache-features; give both')
     if config.cache_features and not config.freeze_body:

@@ -191,6 +191,12 @@ def add_dataset_args(p: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument('--builtin-task', choices=BUILTIN_TASKS, default=d['builtin_task'],
                    help='builtin: glyph, or scene: a 64 px textured canvas where the class is one small framed part '
                    'among distractors, with ground-truth boxes and localisation metrics')
+    g.add_argument('--builtin-part-cell', type=at_least(1), default=d['builtin_part_cell'], metavar='PX',
+                   help='builtin scene: the glyph cell of every part in px (default: 2-3 px); 1 makes the parts '
+                   "small against the body map's cells, where looking closer (--zoom) matters")
+    g.add_argument('--builtin-oracle-crop', action='store_true',
+                   help="builtin scene: show each image cropped at its deciding part's box, widened as the zoom "
+                   'widens its box: the ceiling of a zoom whose box is always right')
     add_timm_dataset_args(p, training)
 
 

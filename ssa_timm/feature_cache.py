@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .errors import UserError
 from .output_paths import atomic_write_text
 from .processes import from_main, run_on_main
 
-__all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'build_feature_cache', 'weights_fingerprint']
+__all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'ZoomInputs', 'build_feature_cache', 'weights_fingerprint']
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -143,18 +143,34 @@ def _read_marker(marker: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+class ZoomInputs(NamedTuple):
+    """A ``zoom`` model's inputs from a feature cache: the images' cached body maps (the first pass) and the
+    images themselves (the crops of the second pass). Loaders batch it field by field."""
+    body_maps: torch.Tensor
+    images: torch.Tensor
+
+
 class CachedFeatures(Dataset):
-    """``(feature map, label)`` pairs read from a feature cache.
+    """``(feature map, label)`` pairs read from a feature cache; with ``images`` ``(ZoomInputs, label)``.
 
     With ``flip`` (the ``FlipSchedule`` of the uncached images) each item is the flipped view
     exactly when that image would have been flipped in the current epoch, so cached and uncached
     training see the same inputs.
+
+    Args:
+        path: The cache file (``build_feature_cache``).
+        targets: The labels, in the cache's order.
+        flip: The flip schedule of the training images (None: never flipped).
+        images: The ``(tensor image, label)`` dataset the cache was built from: each item also carries its
+            image (flipped with its map), for the second pass of a ``zoom`` model.
     """
 
-    def __init__(self, path: Path, targets, flip: Optional[FlipSchedule] = None) -> None:
+    def __init__(self, path: Path, targets, flip: Optional[FlipSchedule] = None,
+                 images: Optional[Dataset] = None) -> None:
         self.path = path
         self.targets = list(targets)
         self.flip = flip
+        self.images = images
         self._array: Optional[np.ndarray] = None  # opened lazily, once per worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -164,11 +180,15 @@ class CachedFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> Tuple[Union[torch.Tensor, ZoomInputs], int]:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode='r')
         view = 1 if self.flip is not None and self.flip.flipped(index) else 0
-        return torch.from_numpy(np.array(self._array[index, view])), self.targets[index]
+        body_map = torch.from_numpy(np.array(self._array[index, view]))
+        if self.images is None:
+            return body_map, self.targets[index]
+        image = self.images[index][0]
+        return ZoomInputs(body_map, image.flip(-1) if view else image), self.targets[index]
 
     def __getstate__(self):
         return {**self.__dict__, '_array': None}
@@ -176,11 +196,14 @@ class CachedFeatures(Dataset):
 
 class HeadsOnCachedFeatures(torch.nn.Module):
     """The SSA module and heads of an SSANet fed with cached body maps (the body stays frozen):
-    ``forward(F) == model.forward_head(model.forward_ssa(F))``."""
+    ``forward(F) == model.forward_head(model.forward_ssa(F))``; a ``zoom`` model's ``ZoomInputs`` go to
+    ``model.forward_zoom`` (the first pass from the cache, the crops through the frozen body)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, body_maps: torch.Tensor):
-        return self.model.forward_head(self.model.forward_ssa(body_maps))
+    def forward(self, inputs: Union[torch.Tensor, ZoomInputs]):
+        if isinstance(inputs, ZoomInputs):
+            return self.model.forward_zoom(inputs.images, body_map=inputs.body_maps)
+        return self.model.forward_head(self.model.forward_ssa(inputs))

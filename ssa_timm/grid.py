@@ -31,16 +31,24 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .output_paths import atomic_write_text
 
-__all__ = ['Grid', 'GridRun', 'RUN_RECORD', 'best_epoch_line', 'collect', 'grid_configs', 'parse_shard', 'pretrain',
-           'run_local', 'shard', 'submit_array', 'train_run', 'visible_gpus', 'wait_for']
+__all__ = ['ATTENTION_OPTIONS', 'Grid', 'GridRun', 'REGIMES', 'RUN_RECORD', 'best_epoch_line', 'collect',
+           'grid_configs', 'parse_shard', 'pretrain', 'run_local', 'shard', 'submit_array', 'train_run', 'visible_gpus',
+           'wait_for']
 
+# scratch: bodies from scratch; transfer: a body pretrained on family 1, frozen; finetune: the same body, trained
+REGIMES = ('scratch', 'transfer', 'finetune')
 RUN_RECORD = 'grid_run.json'  # the train.py flags a run folder was started with
 PRETRAIN = 'pretrain_family1'
 
 
+ATTENTION_OPTIONS = ('qk-norm', 'scale-attn', 'sagan-qk')  # without one of them a run takes the paper's attention
+
+
 @dataclass(frozen=True)
 class GridRun:
-    """One run of a grid: an aggregation variant, a loss, an attention remedy ('' for the paper's) and a seed."""
+    """One run of a grid: an aggregation variant, a loss, its options and a seed. ``remedy`` holds the options:
+    train.py flags without their dashes, joined by '+' (``'qk-norm'``, ``'qk-norm+zoom'``, ``'alpha-init=1'``;
+    '' for none); without one of ``ATTENTION_OPTIONS`` the run takes the paper's attention."""
     variant: str
     loss: str
     remedy: str
@@ -50,6 +58,12 @@ class GridRun:
     def name(self) -> str:
         """The run's folder name."""
         return f'{self.variant}{"_" + self.remedy if self.remedy else ""}_{self.loss}_seed{self.seed}'
+
+    def option_flags(self) -> List[str]:
+        """train.py's flags of the run's options (``--no-qk-norm`` when none of them names an attention)."""
+        options = [o for o in self.remedy.split('+') if o]
+        attention = [] if any(o in ATTENTION_OPTIONS for o in options) else ['--no-qk-norm']
+        return [*(f'--{o}' for o in options), *attention]
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ class Grid:
     dataset: str = 'builtin'
     epochs: int = 6
     seeds: Tuple[int, ...] = (0,)
-    configs: Tuple[Tuple[str, str, str], ...] = ()  # (variant, loss, remedy), in table order
+    configs: Tuple[Tuple[str, str, str], ...] = ()  # (variant, loss, options), in table order
     regime: str = 'scratch'
     pretrain_epochs: int = 6
     train_args: Tuple[str, ...] = ()
@@ -80,11 +94,19 @@ class Grid:
         """train.py's flags for ``run`` (``--epochs`` and ``--output-dir`` included)."""
         # the grid compares the paper's attention (Tables 2 and 3) with each remedy, whatever the name's default
         flags = [*self.train_args, '--dataset', self.dataset, '--model', f'ssanet_{self.body}_{run.variant}',
-                 '--loss', run.loss, '--seed', str(run.seed), f'--{run.remedy or "no-qk-norm"}']
-        if self.regime == 'transfer':
-            flags += ['--pretrained-path', str(self.body_weights), '--freeze-body', '--cache-features', '--cache-dir',
+                 '--loss', run.loss, '--seed', str(run.seed), *run.option_flags()]
+        if self.pretrains:
+            flags += ['--pretrained-path', str(self.body_weights)]
+        if self.regime == 'transfer':  # frozen: the SSA module and heads train on cached body maps
+            flags += ['--freeze-body', '--cache-features', '--cache-dir',
                       str(self.cache_dir or self.output_dir / 'feature_cache')]
         return [*flags, '--epochs', str(self.epochs), '--output-dir', str(self.folder(run))]
+
+    @property
+    def pretrains(self) -> bool:
+        """Whether the runs start from a body pretrained on family 1: frozen (``transfer``) or fine-tuned
+        (``finetune``)."""
+        return self.regime in REGIMES[1:]
 
     @property
     def body_weights(self) -> Path:
@@ -210,7 +232,7 @@ def train_run(grid: Grid, run: GridRun, env: Optional[Dict[str, str]] = None,
               started: Optional[list] = None) -> Dict:
     """Train ``run`` (or reuse / resume it) and return its row: top-1 and heads of its best epoch, with the
     attention diagnostics and localisation of that epoch."""
-    if grid.regime == 'transfer':
+    if grid.pretrains:
         pretrain(grid, env)
     line = train_once(grid, grid.folder(run), grid.flags(run), grid.epochs, env, started)
     return _row(run, line)
@@ -272,7 +294,7 @@ def run_local(grid: Grid, runs: Sequence[GridRun], jobs: int = 1, threads: Optio
     if jobs > 1 and not threads:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     pinned = visible_gpus(gpus) if jobs > 1 and gpus > 1 else []
-    if grid.regime == 'transfer':
+    if grid.pretrains:
         pretrain(grid, _slot_env(0, threads * jobs if threads else None, []))  # before the runs: all need it
     rows: Dict[GridRun, Dict] = {}
     free, running = list(range(jobs)), {}
@@ -349,7 +371,7 @@ def submit_array(grid: Grid, runs: Sequence[GridRun], folder: Path, parameters: 
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster or 'slurm')
     executor.update_parameters(name=f'grid-{grid.output_dir.name}', **parameters)
     first = []
-    if grid.regime == 'transfer' and not grid.body_weights.is_file():  # one job pretrains, the array waits for it
+    if grid.pretrains and not grid.body_weights.is_file():  # one job pretrains, the array waits for it
         first = [executor.submit(pretrain, grid)]
         if (cluster or 'slurm') == 'slurm':
             executor.update_parameters(slurm_additional_parameters={'dependency': f'afterok:{first[0].job_id}'})

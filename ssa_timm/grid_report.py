@@ -8,12 +8,17 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['PAPER_TABLE2_CUB', 'PAPER_TABLE3_CUB', 'figures', 'mean_over_seeds', 'tables']
+__all__ = ['BOX_COLUMNS', 'LOCALIZATION_KEYS', 'PAPER_TABLE2_CUB', 'PAPER_TABLE3_CUB', 'figures', 'mean_over_seeds',
+           'tables']
 
 # Paper Tables 2 and 3, CUB-200-2011 top-1 (%), shown beside the measured numbers for reference
 # (Table 2 rows in the paper's order: every variant of ssa_timm.VARIANTS).
 PAPER_TABLE2_CUB = {'no_attention': 75.0, 'no_alpha': 82.3, 'alpha': 82.7, 'multiply': 86.5, 'plus': 88.4}
 PAPER_TABLE3_CUB = {'alpha': (81.4, 82.7), 'multiply': (85.6, 86.5), 'plus': (87.1, 88.4)}
+# the localisation metrics a run's best epoch reports (ssa_timm.localization), averaged over its seeds
+LOCALIZATION_KEYS = ('in_box_mass', 'box_share', 'pointing_cam', 'pointing_attention', 'zoom_iou', 'zoom_hit',
+                     'cam_box_iou', 'cam_box_hit')
+BOX_COLUMNS = 'zoom box IoU | zoom box hit | Grad-CAM box IoU | Grad-CAM box hit'
 
 
 def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '') -> Optional[Dict]:
@@ -27,8 +32,7 @@ def mean_over_seeds(rows: List[Dict], variant: str, loss: str, remedy: str = '')
     return dict(top1=statistics.mean(r['top1'] for r in picked), std=spread, heads=heads,
                 seeds=[r['top1'] for r in picked], by_seed={r['seed']: r['top1'] for r in picked},
                 attention=_means(picked, 'attention', ('alpha', 'entropy_ratio', 'row_max'), absolute=True),
-                localization=_means(picked, 'localization', ('in_box_mass', 'box_share', 'pointing_cam',
-                                                             'pointing_attention')))
+                localization=_means(picked, 'localization', LOCALIZATION_KEYS))
 
 
 def _means(picked: List[Dict], part: str, keys: tuple, absolute: bool = False) -> Dict[str, Optional[float]]:
@@ -60,19 +64,31 @@ def attention_cells(m: Dict) -> str:
             f' | {cell("pointing_cam")} | {cell("pointing_attention")}')
 
 
+def box_cells(m: Dict) -> str:
+    """The zoom box's and the Grad-CAM box's IoU with the true box and hit rate (mean over seeds; '-' where
+    no run measured one)."""
+    where = m.get('localization') or {}
+    return ' | '.join('-' if where.get(key) is None else f'{where[key]:.2f}'
+                      for key in ('zoom_iou', 'zoom_hit', 'cam_box_iou', 'cam_box_hit'))
+
+
 def seed_cells(m: Dict, seeds: Sequence[int]) -> str:
     """Each seed's top-1, in the order of ``seeds`` ('-' for a seed whose run is missing)."""
     return ' / '.join(f'{m["by_seed"][s]:.1f}' if s in m['by_seed'] else '-' for s in seeds)
 
 
-def tables(rows: List[Dict], seeds: List[int], dataset: str) -> str:
-    """Tables 2 and 3 and the remedies, each with the rows that were trained."""
+def tables(rows: List[Dict], seeds: List[int], dataset: str,
+           settings: Optional[Sequence[Tuple[str, str, str]]] = None) -> str:
+    """Tables 2 and 3 and the remedies, each with the rows that were trained; with ``settings`` (a grid of
+    chosen settings, ``(variant, loss, options)``) one table of those settings instead."""
     fmt = (lambda m: f'{m["top1"]:.1f} ± {m["std"]:.1f}') if len(seeds) > 1 else (lambda m: f'{m["top1"]:.1f}')
     diagnostics = 'abs(alpha) | row entropy / uniform | row max'
     boxes = any(r.get('localization') for r in rows)
     if boxes:
         diagnostics += ' | in-box attention (uniform) | pointing: Grad-CAM | pointing: attention'
     rule = '|---' * (9 + 3 * boxes) + '|'
+    if settings is not None:
+        return '\n'.join(settings_table(rows, seeds, dataset, settings, fmt, diagnostics, boxes)) + '\n'
     lines = [f'Table 2 ({dataset}, top-1 %, best epoch, mean ± sd over {len(seeds)} seed(s); Self-AD loss)', '',
              f'| variant | model output (mean of heads) | seeds | SSA head | FE head | paper, CUB | {diagnostics} |',
              rule]
@@ -109,9 +125,31 @@ def remedies_table(rows: List[Dict], seeds: List[int], dataset: str, fmt, diagno
     return lines
 
 
-def table_settings(rows: List[Dict]) -> Dict[str, List[Tuple[str, str, str]]]:
-    """The settings ``(variant, loss, remedy)`` of each table that has rows, in table order."""
+def settings_table(rows: List[Dict], seeds: List[int], dataset: str, settings: Sequence[Tuple[str, str, str]], fmt,
+                   diagnostics: str, boxes: bool) -> List[str]:
+    """The lines of the table of a grid's chosen settings, in their order, with the boxes' columns where the
+    runs have boxes."""
+    columns = f'{diagnostics} | {BOX_COLUMNS}' if boxes else diagnostics
+    lines = [f'Settings ({dataset}, top-1 %, best epoch, mean ± sd of {len(seeds)} seed(s))', '',
+             f'| setting | loss | model output | seeds | SSA head | FE head | {columns} |',
+             '|---' * (9 + 7 * boxes) + '|']
+    for setting in settings:
+        m = mean_over_seeds(rows, *setting)
+        if m:
+            ssa = f'{m["heads"]["ssa"]:.1f}' if 'ssa' in m['heads'] else '-'
+            cells = f'{attention_cells(m)} | {box_cells(m)}' if boxes else attention_cells(m)
+            lines.append(f'| {_name(setting)} | {setting[1]} | {fmt(m)} | {seed_cells(m, seeds)} | {ssa} '
+                         f'| {m["heads"]["fe"]:.1f} | {cells} |')
+    return lines
+
+
+def table_settings(rows: List[Dict], settings: Optional[Sequence[Tuple[str, str, str]]] = None,
+                   ) -> Dict[str, List[Tuple[str, str, str]]]:
+    """The settings ``(variant, loss, remedy)`` of each table that has rows, in table order (with
+    ``settings``: one table, 'settings', of those that have rows)."""
     have = {(r['variant'], r['loss'], r['remedy']) for r in rows}
+    if settings is not None:
+        return {'settings': [tuple(x) for x in settings if tuple(x) in have]}
     table2 = [(v, 'ad', '') for v in PAPER_TABLE2_CUB if (v, 'ad', '') in have]
     table3 = [(v, loss, '') for v in PAPER_TABLE3_CUB for loss in ('ce', 'ad')
               if (v, 'ce', '') in have and (v, 'ad', '') in have]
@@ -122,12 +160,18 @@ def table_settings(rows: List[Dict]) -> Dict[str, List[Tuple[str, str, str]]]:
             (('table2', table2), ('table3', table3), ('remedies', remedy_rows)) if settings}
 
 
+def _name(setting: Tuple[str, str, str]) -> str:
+    """A setting as its variant and train.py flags: ``plus --qk-norm --zoom``."""
+    variant, _, options = setting
+    return ' '.join([variant, *(f'--{o}' for o in options.split('+') if o)])
+
+
 def _label(setting: Tuple[str, str, str]) -> str:
-    variant, loss, remedy = setting
-    return f'{variant}{" --" + remedy if remedy else ""} ({loss})'
+    return f'{_name(setting)} ({setting[1]})'
 
 
-def figures(rows: List[Dict], title: str, out_dir: Path) -> List[Path]:
+def figures(rows: List[Dict], title: str, out_dir: Path,
+            settings: Optional[Sequence[Tuple[str, str, str]]] = None) -> List[Path]:
     """For each table: ``<table>_top1.png`` (every seed's top-1 per setting, mean ± sd beside) and, where the
     runs have boxes, ``<table>_inbox.png`` (in-box attention mass against top-1, one point per run,
     coloured by setting). Returns the files written."""
@@ -135,12 +179,12 @@ def figures(rows: List[Dict], title: str, out_dir: Path) -> List[Path]:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     written = []
-    for name, settings in table_settings(rows).items():
-        picked = [[r for r in rows if (r['variant'], r['loss'], r['remedy']) == s] for s in settings]
-        fig = strip_plot(plt, settings, picked, f'{title}: {name}')
+    for name, chosen in table_settings(rows, settings).items():
+        picked = [[r for r in rows if (r['variant'], r['loss'], r['remedy']) == s] for s in chosen]
+        fig = strip_plot(plt, chosen, picked, f'{title}: {name}')
         written.append(_save(fig, out_dir / f'{name}_top1.png', plt))
         if any(r.get('localization') and r['localization'].get('in_box_mass') is not None for r in rows):
-            fig = inbox_plot(plt, settings, picked, f'{title}: {name}')
+            fig = inbox_plot(plt, chosen, picked, f'{title}: {name}')
             written.append(_save(fig, out_dir / f'{name}_inbox.png', plt))
     return written
 

@@ -45,6 +45,7 @@ class SSAHeads(nn.Module):
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             sagan_qk: bool = False,
+            alpha_init: float = 0.,
             device=None,
             dtype=None,
     ) -> None:
@@ -63,6 +64,7 @@ class SSAHeads(nn.Module):
             fused_attn: Attention through ``scaled_dot_product_attention`` always (True), never
                 (False) or in eval mode only (None; see ``SpatialSelfAttention``).
             sagan_qk: SAGAN's safeguard: spectrally normalised A and B convs of K/8 channels (paper: none).
+            alpha_init: The starting value of the attention's alpha (paper: 0).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -77,7 +79,7 @@ class SSAHeads(nn.Module):
         else:  # SpatialSelfAttention checks the aggregation
             self.attn = SpatialSelfAttention(
                 in_channels, aggregation=aggregation, qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm,
-                fused_attn=fused_attn, sagan_qk=sagan_qk, **dd)
+                fused_attn=fused_attn, sagan_qk=sagan_qk, alpha_init=alpha_init, **dd)
             self.ssa = BottleneckHead(in_channels, num_classes, **head_args)
         self.fe = BottleneckHead(in_channels, num_classes, **head_args)
         num_heads = 1 if self.attn is None else 2

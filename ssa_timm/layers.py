@@ -113,6 +113,7 @@ class SpatialSelfAttention(nn.Module):
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             sagan_qk: bool = False,
+            alpha_init: float = 0.,
             device=None,
             dtype=None,
     ) -> None:
@@ -129,6 +130,8 @@ class SpatialSelfAttention(nn.Module):
                 layer config turns it off), plain in training.
             sagan_qk: SAGAN's safeguard: A and B with K/8 channels (``qk_ratio`` must stay 1.0) from
                 spectrally normalised 1x1 convs (the paper does not; it excludes ``qk_norm``).
+            alpha_init: The starting value of alpha (the paper: 0, so O enters only as alpha learns; any other
+                value lets the attention learn from the first step).
         """
         super().__init__()
         if check_aggregation(aggregation) == 'no_attention':
@@ -154,7 +157,7 @@ class SpatialSelfAttention(nn.Module):
         self.conv_a = qk_conv(in_channels, qk_dim, 1, **dd)
         self.conv_b = qk_conv(in_channels, qk_dim, 1, **dd)
         self.conv_c = nn.Conv2d(in_channels, in_channels, 1, **dd)
-        self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.zeros((), **dd))
+        self.alpha = None if aggregation == 'no_alpha' else nn.Parameter(torch.full((), float(alpha_init), **dd))
         self.qk_norm = qk_norm
         # log of the cosine attention's temperature (Swin-V2: init 10, clamped at 100)
         self.logit_scale = nn.Parameter(torch.full((), math.log(10.), **dd)) if qk_norm else None

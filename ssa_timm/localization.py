@@ -7,8 +7,10 @@ For images with boxes of the part(s) that decide their class:
   box(es), ``mean_j sum_{i in box} S[j, i]``, averaged over images. Uniform attention scores the
   box's share of positions (``box_share``), reported beside it; attention that looks only at the
   box scores 1.
-* **zoom box** (``zoom`` models, ``ssa_timm.zoom``): its IoU with the bounding box of the image's true
-  boxes and its hit rate (the box holds the true box's centre).
+* **zoom box** (``ssa_timm.zoom``): the box a ``zoom`` model draws from its attention (a model without
+  the zoom: the box it would draw, with the zoom's default settings), its IoU with the bounding box of the
+  image's true boxes and its hit rate (the box holds the true box's centre); the same for the box drawn the
+  same way from the Grad-CAM map (``cam_box_iou``, ``cam_box_hit``), the pointer a zoom could take instead.
 * **pointing game** (Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"): a hit
   when the maximum of a map falls inside the box, for two maps: the SSA layer's Grad-CAM (on H, on F
   for ``no_attention``; the ground-truth class) and the most attended position (the column mean of
@@ -40,11 +42,11 @@ from torch.utils.data import Dataset
 
 from .data.images import shown_size
 from .errors import UserError
-from .zoom import box_hits, box_iou
+from .zoom import attention_box, box_hits, box_iou
 
 __all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
            'dataset_boxes', 'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
-           'scene_localization', 'unit_box', 'zoom_localization']
+           'scene_localization', 'unit_box']
 
 Box = Tuple[float, float, float, float]  # x, y, w, h in pixels of the original image
 
@@ -143,20 +145,41 @@ def grad_cam_grid(model: torch.nn.Module, body_maps: torch.Tensor, targets: torc
 
 
 def batch_localization(model: torch.nn.Module, body_maps: torch.Tensor, targets: torch.Tensor,
-                       masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+                       masks: torch.Tensor, truth: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Per-image localisation of a batch: ``box_share``, ``pointing_cam`` and, for a model with an SSA
-    layer, ``in_box_mass`` and ``pointing_attention`` (each ``(B,)``)."""
-    result = {'box_share': box_share(masks), 'pointing_cam': pointing_hits(grad_cam_grid(model, body_maps, targets),
-                                                                            masks).float()}
+    layer, ``in_box_mass`` and ``pointing_attention`` (each ``(B,)``). With ``truth`` (the true boxes,
+    ``(B, 4)`` ``(x0, y0, x1, y1)`` fractions of the image) also the boxes the zoom draws from the Grad-CAM
+    map (``cam_box_iou``, ``cam_box_hit``) and from the attention (``zoom_iou``, ``zoom_hit``), each
+    against the truth."""
+    cam = grad_cam_grid(model, body_maps, targets)
+    result = {'box_share': box_share(masks), 'pointing_cam': pointing_hits(cam, masks).float()}
+    if truth is not None:
+        result.update(_box_scores('cam_box', attention_box(cam, *_zoom_settings(model)), truth))
     if model.head.attn is not None:
         with torch.no_grad():
             _, attention = model.head.attn.forward_with_attention(body_maps)
         result['in_box_mass'] = in_box_mass(attention, masks)
         result['pointing_attention'] = pointing_hits(attention_focus(attention), masks).float()
+        if truth is not None:
+            with torch.no_grad():
+                _, boxes = model.zoom_boxes(body_maps)
+            result.update(_box_scores('zoom', boxes, truth))
     return result
 
 
-_KEYS = ('box_share', 'pointing_cam', 'in_box_mass', 'pointing_attention', 'zoom_iou', 'zoom_hit')
+def _zoom_settings(model: torch.nn.Module) -> Tuple[float, float, float]:
+    """The model's zoom box settings (its defaults for a model built without the zoom)."""
+    return model.zoom_threshold, model.zoom_margin, model.zoom_min_size
+
+
+def _box_scores(name: str, boxes: torch.Tensor, truth: torch.Tensor) -> Dict[str, torch.Tensor]:
+    truth = truth.to(boxes.device)
+    return {f'{name}_iou': box_iou(boxes, truth), f'{name}_hit': box_hits(boxes, truth).float()}
+
+
+_KEYS = ('box_share', 'pointing_cam', 'in_box_mass', 'pointing_attention', 'zoom_iou', 'zoom_hit', 'cam_box_iou',
+         'cam_box_hit')
+_ATTENTION_KEYS = ('in_box_mass', 'pointing_attention', 'zoom_iou', 'zoom_hit')
 
 
 def unit_box(image_boxes: ImageBoxes) -> torch.Tensor:
@@ -167,15 +190,6 @@ def unit_box(image_boxes: ImageBoxes) -> torch.Tensor:
     x1 = max(x + w for x, _, w, _ in image_boxes.boxes)
     y1 = max(y + h for _, y, _, h in image_boxes.boxes)
     return torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height]).clamp(0, 1)
-
-
-def zoom_localization(model: torch.nn.Module, body_maps: torch.Tensor, truth: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per image, how well a ``zoom`` model's box finds the part: its IoU with the true box (``zoom_iou``) and
-    whether it holds the true box's centre (``zoom_hit``), boxes in fractions of the image."""
-    with torch.no_grad():
-        _, boxes = model.zoom_boxes(body_maps)
-    return {'zoom_iou': box_iou(boxes, truth.to(boxes.device)), 'zoom_hit': box_hits(boxes, truth.to(boxes.device))
-            .float()}
 
 
 def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping[int, ImageBoxes],
@@ -195,9 +209,10 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
     Returns:
         ``images`` (the count measured), ``whole_map`` (the count left out: their boxes cover every cell of
         the map), ``map_height`` and ``map_width`` (of the body map) and the means of ``box_share``,
-        ``pointing_cam``, ``in_box_mass`` and ``pointing_attention`` (None without an SSA layer, or without
-        measured images) and, for a ``zoom`` model, ``zoom_iou`` and ``zoom_hit`` (its box against the true
-        one: IoU, and the rate of boxes holding the true box's centre).
+        ``pointing_cam``, ``in_box_mass`` and ``pointing_attention``, and of the zoom box's ``zoom_iou`` and
+        ``zoom_hit`` (its IoU with the true box, and the rate of boxes holding the true box's centre) and the
+        Grad-CAM box's ``cam_box_iou`` and ``cam_box_hit`` (None without an SSA layer where they need one,
+        or without measured images).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -209,7 +224,8 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         inputs, labels = zip(*(dataset[i] for i in chunk))
-        x = torch.stack(list(inputs)).to(device)
+        # a zoom model's cached inputs (ssa_timm.feature_cache.ZoomInputs) carry their body maps
+        x = torch.stack([getattr(item, 'body_maps', item) for item in inputs]).to(device)
         if not body_maps:
             with torch.no_grad(), (autocast or nullcontext)():
                 x = model.forward_body(x)
@@ -220,10 +236,8 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
         if not told_apart.any():
             continue
         targets = torch.as_tensor(labels, device=device)[told_apart]
-        result = batch_localization(model, x[told_apart], targets, masks[told_apart])
-        if getattr(model, 'zoom', False):
-            truth = torch.stack([unit_box(boxes[i]) for i in chunk]).to(device)[told_apart]
-            result.update(zoom_localization(model, x[told_apart], truth))
+        truth = torch.stack([unit_box(boxes[i]) for i in chunk]).to(device)[told_apart]
+        result = batch_localization(model, x[told_apart], targets, masks[told_apart], truth)
         sums[0] += int(told_apart.sum())
         for n, key in enumerate(_KEYS, 1):
             if key in result:
@@ -235,9 +249,7 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
     report: Dict[str, Any] = {'images': count, 'whole_map': int(sums[-1]),
                               'map_height': grid[0] if grid else None, 'map_width': grid[1] if grid else None}
     for n, key in enumerate(_KEYS, 1):
-        usable = count and (has_attention or key in ('box_share', 'pointing_cam')) and (
-            getattr(model, 'zoom', False) or not key.startswith('zoom_'))
-        report[key] = float(sums[n]) / count if usable else None
+        report[key] = float(sums[n]) / count if count and (has_attention or key not in _ATTENTION_KEYS) else None
     return report
 
 

@@ -8,7 +8,7 @@ head of a ``no_attention`` model). With test-time flips a ``'tta'`` entry holds 
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, send_to_device
 
 __all__ = ['classification_report', 'evaluate_heads', 'report_top1', 'topk_accuracy']
 
@@ -89,7 +89,7 @@ def evaluate_heads(
     targets = []
     with torch.no_grad(), accelerator.autocast():
         for inputs, labels in loader:
-            inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
+            inputs, labels = send_to_device(inputs, accelerator.device), labels.to(accelerator.device)
             heads = head_logits(inputs)
             batch = (heads, labels, head_logits(inputs.flip(-1))) if tta_flip else (heads, labels)
             if not per_process:

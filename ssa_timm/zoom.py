@@ -16,7 +16,13 @@ from typing import Tuple
 import torch
 from torchvision.ops import roi_align
 
-__all__ = ['attention_box', 'box_hits', 'box_iou', 'zoom_crop']
+__all__ = ['ZOOM_MARGIN', 'ZOOM_MIN_SIZE', 'ZOOM_THRESHOLD', 'attention_box', 'box_hits', 'box_iou', 'widen_box',
+           'zoom_crop']
+
+# the zoom box's defaults (SSANet's zoom_threshold, zoom_margin, zoom_min_size)
+ZOOM_THRESHOLD = 0.5
+ZOOM_MARGIN = 0.1
+ZOOM_MIN_SIZE = 0.25
 
 
 def _span(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -28,8 +34,8 @@ def _span(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return first, last
 
 
-def attention_box(mass: torch.Tensor, threshold: float = 0.5, margin: float = 0.1,
-                  min_size: float = 0.25) -> torch.Tensor:
+def attention_box(mass: torch.Tensor, threshold: float = ZOOM_THRESHOLD, margin: float = ZOOM_MARGIN,
+                  min_size: float = ZOOM_MIN_SIZE) -> torch.Tensor:
     """The zoom box of each map of attended mass.
 
     Args:
@@ -45,11 +51,18 @@ def attention_box(mass: torch.Tensor, threshold: float = 0.5, margin: float = 0.
     keep = mass >= threshold * mass.flatten(1).amax(-1)[:, None, None]
     r0, r1 = _span(keep.any(-1))
     c0, c1 = _span(keep.any(-2))
-    x0, x1, y0, y1 = c0 / cols, c1 / cols, r0 / rows, r1 / rows
+    return widen_box(torch.stack([c0 / cols, r0 / rows, c1 / cols, r1 / rows], dim=-1), margin, min_size)
+
+
+def widen_box(boxes: torch.Tensor, margin: float = ZOOM_MARGIN, min_size: float = ZOOM_MIN_SIZE) -> torch.Tensor:
+    """Boxes ``(B, 4)`` ``(x0, y0, x1, y1)`` (fractions of the image) as the zoom crops them: each side moved
+    out by ``margin`` of the box's size, width and height at least ``min_size`` (grown about the centre),
+    shifted inside the image (not shrunk)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
     width = ((x1 - x0) * (1 + 2 * margin)).clamp(min=min(min_size, 1.0), max=1.0)
     height = ((y1 - y0) * (1 + 2 * margin)).clamp(min=min(min_size, 1.0), max=1.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = torch.minimum((cx - width / 2).clamp(min=0.0), 1 - width)  # shifted inside, not shrunk
+    left = torch.minimum((cx - width / 2).clamp(min=0.0), 1 - width)
     top = torch.minimum((cy - height / 2).clamp(min=0.0), 1 - height)
     return torch.stack([left, top, left + width, top + height], dim=-1).float()
 

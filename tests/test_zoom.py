@@ -114,27 +114,46 @@ def test_an_export_keeps_the_zoom_with_equal_outputs(tmp_path):
     assert loaded.zoom and loaded.zoom_margin == 0.2
 
 
-def test_the_zoom_box_is_measured_against_the_true_part():
+def test_the_zoom_box_and_the_grad_cam_box_are_measured_against_the_true_part():
+    from ssa_timm.localization import grad_cam_grid
     model = zoom_model().eval()
-    data = [(torch.rand(model.body_channels, 4, 4), 0) for _ in range(3)]
+    data = [(torch.rand(model.body_channels, 4, 4), i % 3) for i in range(3)]
     boxes = {i: ImageBoxes([(0, 0, 8, 8)], (32, 32)) for i in range(3)}
     report = localization_report(model, data, boxes, body_maps=True)
-    assert 0 <= report['zoom_iou'] <= 1 and report['zoom_hit'] in (0, 1 / 3, 2 / 3, 1)
-    plain = localization_report(ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32,
-                                                       body_feature_index=2), data, boxes, body_maps=True)
-    assert plain['zoom_iou'] is None and plain['zoom_hit'] is None
+    maps = torch.stack([f for f, _ in data])
+    truth = torch.tensor([[0, 0, 0.25, 0.25]]).repeat(3, 1)
+    with torch.no_grad():
+        _, drawn = model.zoom_boxes(maps)
+    assert report['zoom_iou'] == pytest.approx(box_iou(drawn, truth).mean().item(), rel=1e-5)
+    assert report['zoom_hit'] == pytest.approx(box_hits(drawn, truth).float().mean().item())
+    cam_boxes = attention_box(grad_cam_grid(model, maps, torch.tensor([0, 1, 2])))
+    assert report['cam_box_iou'] == pytest.approx(box_iou(cam_boxes, truth).mean().item(), rel=1e-5)
+    # a model without the zoom: the box it would draw (default settings); without attention, Grad-CAM's only
+    plain = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, body_feature_index=2).eval()
+    assert localization_report(plain, data, boxes, body_maps=True)['zoom_iou'] is not None
+    bare = ssa_timm.create_ssanet('test_resnet', 'no_attention', num_classes=3, img_size=32, body_feature_index=2)
+    bare_report = localization_report(bare, data, boxes, body_maps=True)
+    assert bare_report['zoom_iou'] is None and 0 <= bare_report['cam_box_iou'] <= 1
 
 
-def test_train_with_the_zoom_fine_tuned_and_frozen_then_predict_reports_the_box(tmp_path, capsys):
-    for name, extra in (('tuned', []), ('frozen', ['--freeze-body'])):
-        out = tmp_path / name
-        assert run_main('train', *TINY_TRAIN, '--zoom', '--epochs', '1', '--output-dir', str(out), *extra) == 0
-        config = json.loads((out / 'best' / 'config.json').read_text())
-        assert config['model_args']['zoom'] is True
-    capsys.readouterr()
-    assert run_main('train', *TINY_TRAIN, '--zoom', '--freeze-body', '--cache-features', '--output-dir',
-                    str(tmp_path / 'cached')) == 2
-    assert '--zoom crops the images for its second pass' in capsys.readouterr().err
+def test_train_with_the_zoom_fine_tuned_and_frozen_with_and_without_the_cache_then_predict_reports_the_box(
+        tmp_path):
+    assert run_main('train', *TINY_TRAIN, '--zoom', '--epochs', '1', '--output-dir', str(tmp_path / 'tuned')) == 0
+    config = json.loads((tmp_path / 'tuned' / 'best' / 'config.json').read_text())
+    assert config['model_args']['zoom'] is True
+    # frozen body on the scene task (boxes: the localisation reads the cached maps too); the cache serves the
+    # first pass, the crops run through the body: the same numbers either way
+    frozen = [*TINY_TRAIN, '--zoom', '--freeze-body', '--builtin-task', 'scene', '--epochs', '2']
+    for name, extra in (('frozen', []), ('cached', ['--cache-features'])):
+        assert run_main('train', *frozen, *extra, '--output-dir', str(tmp_path / name)) == 0
+    plain, cached = (read_metrics(tmp_path / name) for name in ('frozen', 'cached'))
+    assert len(plain) == len(cached) == 2
+    for a, b in zip(plain, cached):
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-4)
+        assert b['val']['output']['top1'] == pytest.approx(a['val']['output']['top1'])
+        for key in ('zoom_iou', 'zoom_hit', 'in_box_mass'):
+            assert b['val']['localization'][key] == pytest.approx(a['val']['localization'][key], rel=1e-4)
+        assert b['val']['attention']['entropy'] == pytest.approx(a['val']['attention']['entropy'], rel=1e-4)
     from PIL import Image
     Image.new('RGB', (60, 40), (200, 30, 30)).save(tmp_path / 'photo.png')
     output = tmp_path / 'predictions.json'
@@ -143,6 +162,10 @@ def test_train_with_the_zoom_fine_tuned_and_frozen_then_predict_reports_the_box(
     (record,) = json.loads(output.read_text())
     x0, y0, x1, y1 = record['zoom_box']
     assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 40  # pixels of the 60 x 40 photo
+
+
+def read_metrics(folder: Path):
+    return [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()]
 
 
 def test_onnx_export_of_a_zoom_model_passes_its_parity_check(tmp_path, capsys):

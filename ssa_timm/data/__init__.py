@@ -30,6 +30,7 @@ DATASETS = ('builtin', 'cub', 'dogs', 'cars', 'imagefolder')
 DATASET_DEFAULTS: Dict[str, Any] = dict(
     dataset='builtin', data_dir=None, crop_bbox=False, seed=0,
     builtin_train_per_class=300, builtin_val_per_class=50, builtin_family=0, builtin_task='glyph',
+    builtin_part_cell=None, builtin_oracle_crop=False,
     train_split='train', val_split='validation', class_map='', input_key=None, target_key=None,
     train_num_samples=None, val_num_samples=None, dataset_download=False,
 )
@@ -48,7 +49,8 @@ def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
                                    samples_per_class=per_class)
     if not is_timm_spec(settings.dataset):
         return dict(options, split='train' if training else 'val', family=settings.builtin_family,
-                    task=settings.builtin_task)
+                    task=settings.builtin_task, part_cell=settings.builtin_part_cell,
+                    oracle_crop=settings.builtin_oracle_crop)
     return dict(options, split=split, class_map=settings.class_map, input_key=settings.input_key,
                 target_key=settings.target_key, download=settings.dataset_download, is_training=training,
                 num_samples=num_samples)
@@ -56,6 +58,7 @@ def dataset_options(settings: Any, training: bool) -> Dict[str, Any]:
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bbox: bool = False,
                   seed: int = 0, samples_per_class: Optional[int] = None, family: int = 0, task: str = 'glyph',
+                  part_cell: Optional[int] = None, oracle_crop: bool = False,
                   classes: Optional[Sequence[str]] = None, classes_of: str = 'the training split',
                   **timm_options: Any) -> Dataset:
     """``(PIL image, label)`` dataset with a ``classes`` list (and ``missing_classes``).
@@ -70,6 +73,8 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
         family: 'builtin' only: the glyph family (``BuiltinFineGrained``).
         task: 'builtin' only: one of ``BUILTIN_TASKS``: 'glyph' (``BuiltinFineGrained``) or 'scene'
             (``BuiltinScene``, with ground-truth part boxes).
+        part_cell: 'builtin' scene only: the glyph cell (px) of every part (``BuiltinScene``).
+        oracle_crop: 'builtin' scene only: each image cropped at its deciding part (``BuiltinScene``).
         classes: The run's class list (the training split's, or a model's label names): labels are
             indices into it, a class it lacks is an error (``align_classes``).
         classes_of: Where ``classes`` come from, for error messages.
@@ -77,7 +82,8 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, crop_bb
     """
     if is_timm_spec(name):
         return build_timm_dataset(name, split, data_dir=data_dir, seed=seed, classes=classes, **timm_options)
-    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class, family, task)
+    scene = dict(part_cell=part_cell, oracle_crop=oracle_crop) if part_cell or oracle_crop else {}
+    dataset = _read(name, split, data_dir, crop_bbox, seed, samples_per_class, family, task, scene)
     dataset.missing_classes = []
     if classes is not None and list(classes) != list(dataset.classes):
         if not isinstance(dataset, LabeledImages):
@@ -99,15 +105,24 @@ def _builtin_task_hint(name: str, classes: Sequence[str]) -> str:
 
 
 def _read(name: str, split: str, data_dir: Optional[str], crop_bbox: bool, seed: int,
-          samples_per_class: Optional[int], family: int = 0, task: str = 'glyph') -> Dataset:
+          samples_per_class: Optional[int], family: int = 0, task: str = 'glyph',
+          scene: Optional[Dict[str, Any]] = None) -> Dataset:
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == 'builtin':
         default = 300 if split == 'train' else 50
         if task not in BUILTIN_TASKS:
             raise DatasetLayoutError(f'the built-in task must be one of {BUILTIN_TASKS}, got {task!r}')
-        builtin = BuiltinScene if task == 'scene' else BuiltinFineGrained
-        return builtin(split, samples_per_class=samples_per_class or default, seed=seed, family=family)
+        if scene and task != 'scene':
+            raise DatasetLayoutError('the part cell and the oracle crop are settings of the built-in scene task: '
+                                     'pass --builtin-task scene')
+        if task == 'scene':
+            try:
+                return BuiltinScene(split, samples_per_class=samples_per_class or default, seed=seed, family=family,
+                                    **(scene or {}))
+            except ValueError as e:
+                raise DatasetLayoutError(f'the built-in scene task: {e}') from e
+        return BuiltinFineGrained(split, samples_per_class=samples_per_class or default, seed=seed, family=family)
     if name not in DATASETS:
         raise DatasetLayoutError(f'dataset must be one of {DATASETS}, got {name!r}')
     if not data_dir:

@@ -12,11 +12,14 @@ fine-tunes on, the paper's regime of a body pretrained on other classes of the s
 """
 import csv
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..zoom import widen_box, zoom_crop
 
 __all__ = ['BUILTIN_TASKS', 'BuiltinFineGrained', 'BuiltinScene', 'write_image_folder']
 
@@ -156,6 +159,13 @@ class BuiltinScene(Dataset):
     ``(seed, family, split, index)``; families of one seed share no glyph (family 1 pretrains a body
     for family 0, as in ``BuiltinFineGrained``).
 
+    ``part_cell=1`` draws every part with 1 px glyph cells (10 px parts): on ResNet-18's stride-8 map
+    a part then covers one or two cells, shared with background and distractors, so a model can find
+    it without reading it, the task where looking closer matters (``SSANet(zoom=True)``).
+    ``oracle_crop`` shows each image cropped at its deciding part's box, widened as the zoom widens its
+    box (``ssa_timm.zoom.widen_box``) and resized to the canvas: the ceiling of a zoom whose box is
+    always right.
+
     Args:
         split: 'train' or 'val'.
         num_classes: Number of classes (each a glyph).
@@ -163,10 +173,13 @@ class BuiltinScene(Dataset):
         image_size: Side of the generated square canvas.
         seed: Dataset seed; the same seed gives the same images.
         family: Glyph family; families of one seed share no glyph.
+        part_cell: The glyph cell (px) of every part; default: drawn per part from the canvas's range.
+        oracle_crop: Show each image cropped at its deciding part (``oracle_box``).
     """
 
     def __init__(self, split: str = 'train', num_classes: int = 10, samples_per_class: int = 100,
-                 image_size: int = 64, seed: int = 0, family: int = 0) -> None:
+                 image_size: int = 64, seed: int = 0, family: int = 0, part_cell: Optional[int] = None,
+                 oracle_crop: bool = False) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
         if image_size < 48:
@@ -175,8 +188,12 @@ class BuiltinScene(Dataset):
             raise ValueError(f'family must be >= 0, got {family}')
         if num_classes < 2:
             raise ValueError(f'num_classes must be >= 2 (distractors come from other classes), got {num_classes}')
+        if part_cell is not None and not 1 <= part_cell <= image_size // 16:
+            raise ValueError(f'part_cell must be in [1, {image_size // 16}] on a {image_size} px canvas, '
+                             f'got {part_cell}')
         self.split, self.num_classes, self.samples_per_class = split, num_classes, samples_per_class
         self.image_size, self.seed, self.family = image_size, seed, family
+        self.part_cell, self.oracle_crop = part_cell, oracle_crop
         first = family * num_classes
         self.class_glyphs = _glyphs(first + num_classes, seed * 1000 + _SCENE_STREAM)[first:]
         self.classes = [f'part_{first + i:02d}' for i in range(num_classes)]
@@ -201,7 +218,8 @@ class BuiltinScene(Dataset):
         parts: List[Tuple[int, int, int, int, int]] = []
         taken: List[Tuple[int, int, int]] = []
         for n, glyph in enumerate(glyphs):
-            cell = int(rng.integers(*_scene_cells(s)))
+            cell = int(rng.integers(*_scene_cells(s)))  # drawn whatever part_cell: the same positions' stream
+            cell = self.part_cell or cell
             side = _scene_part_side(cell)
             for _ in range(50):  # rejection sampling of a free spot; a distractor without one is left out
                 top, left = (int(v) for v in rng.integers(0, s - side + 1, size=2))
@@ -212,10 +230,24 @@ class BuiltinScene(Dataset):
                     break
         return parts
 
-    def part_boxes(self, index: int) -> List[Tuple[int, int, int, int]]:
-        """The boxes ``(x, y, w, h)`` (pixels of the generated image) of the part that decides the class."""
-        return [(left, top, _scene_part_side(cell), _scene_part_side(cell))
-                for _, top, left, cell, framed in self.layout(index) if framed]
+    def part_boxes(self, index: int) -> List[Tuple[float, float, float, float]]:
+        """The boxes ``(x, y, w, h)`` (pixels of the image as the dataset shows it) of the part that decides
+        the class."""
+        boxes = [(left, top, _scene_part_side(cell), _scene_part_side(cell))
+                 for _, top, left, cell, framed in self.layout(index) if framed]
+        if not self.oracle_crop:
+            return boxes
+        x0, y0, x1, y1 = (float(v) * self.image_size for v in self.oracle_box(index))
+        scale_x, scale_y = self.image_size / (x1 - x0), self.image_size / (y1 - y0)
+        return [((x - x0) * scale_x, (y - y0) * scale_y, w * scale_x, h * scale_y) for x, y, w, h in boxes]
+
+    def oracle_box(self, index: int) -> torch.Tensor:
+        """The crop ``oracle_crop`` shows: the deciding part's box widened as the zoom widens its box, as
+        ``(x0, y0, x1, y1)`` fractions of the generated image."""
+        s = self.image_size
+        (_, top, left, cell, _), = (part for part in self.layout(index) if part[-1])
+        side = _scene_part_side(cell)
+        return widen_box(torch.tensor([[left / s, top / s, (left + side) / s, (top + side) / s]]))[0]
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         s = self.image_size
@@ -245,7 +277,14 @@ class BuiltinScene(Dataset):
             for r, c in zip(*np.nonzero(self.class_glyphs[glyph])):
                 y, x = top + _FRAME + 1 + r * cell, left + _FRAME + 1 + c * cell
                 img[y:y + cell, x:x + cell] = color
-        return np.clip(img, 0, 255).astype(np.uint8), self.targets[index]
+        img = np.clip(img, 0, 255).astype(np.uint8)
+        return (self._oracle_crop(img, index) if self.oracle_crop else img), self.targets[index]
+
+    def _oracle_crop(self, img: np.ndarray, index: int) -> np.ndarray:
+        """``img`` cropped at ``oracle_box(index)`` and resized to the canvas, as the zoom crops (``zoom_crop``)."""
+        image = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        crop = zoom_crop(image, self.oracle_box(index)[None], (self.image_size, self.image_size))
+        return crop[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         img, label = self.render(index)

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 from torchvision import transforms as T
 
 from .streams import process_rank
@@ -90,10 +90,11 @@ class TransformedStream(IterableDataset):
 
 
 def first_images(dataset: Dataset, count: int) -> torch.Tensor:
-    """The first ``count`` (transformed) images of a map-style or iterable dataset, stacked."""
+    """The first ``count`` (transformed) images of a map-style or iterable dataset, batched as a loader
+    batches them (a tensor; a tuple of tensors for tuple inputs)."""
     items = islice(iter(dataset), count) if isinstance(dataset, IterableDataset) else (
         dataset[i] for i in range(min(count, len(dataset))))
-    return torch.stack([x for x, _ in items])
+    return default_collate([x for x, _ in items])
 
 
 class FlipSchedule:

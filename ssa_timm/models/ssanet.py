@@ -129,6 +129,7 @@ class SSANet(nn.Module):
             registered names and builders pass their own default (``default_qk_norm``).
         fused_attn: Use ``scaled_dot_product_attention`` (None: fused in eval mode only).
         sagan_qk: SAGAN's safeguard on A and B (spectral norm, K/8 channels; ``SpatialSelfAttention``).
+        alpha_init: The starting value of the attention's alpha (paper: 0).
         body_pretrained: Load the body's timm weights for its tag (set by ``pretrained=True``).
         body_kwargs: Extra keyword arguments for the body's timm constructor.
         body_feature_index: Read F at this entry of the body's ``feature_info`` (timm's
@@ -156,6 +157,7 @@ class SSANet(nn.Module):
             qk_norm: bool = False,
             fused_attn: Optional[bool] = None,
             sagan_qk: bool = False,
+            alpha_init: float = 0.,
             body_pretrained: bool = False,
             body_kwargs: Optional[Dict[str, Any]] = None,
             body_feature_index: Optional[int] = None,
@@ -188,7 +190,7 @@ class SSANet(nn.Module):
             self.body_channels, num_classes, aggregation=aggregation, width=head_width, pool_type=global_pool,
             drop_rate=drop_rate, act_layer=get_act_layer(head_act_layer) if head_act_layer else None,
             qk_ratio=qk_ratio, scale_attn=scale_attn, qk_norm=qk_norm, fused_attn=fused_attn, sagan_qk=sagan_qk,
-            device=device, dtype=dtype)
+            alpha_init=alpha_init, device=device, dtype=dtype)
         self.num_features, self.head_hidden_size = self.head.num_features, self.head.head_hidden_size  # 2K, 2 x width
 
     @torch.jit.ignore
@@ -319,12 +321,12 @@ class SSANet(nn.Module):
         return self.head.logits_per_head(features)
 
     @torch.jit.ignore
-    def forward_per_head(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_per_head(self, x: torch.Tensor, body_map: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Images -> ``logits_per_head``: each head's logits, whatever the mode (with ``zoom``, each head's
-        mean over both passes)."""
+        mean over both passes; ``body_map`` as in ``forward_zoom_features``)."""
         if not self.zoom:
             return self.logits_per_head(self.forward_features(x))
-        full, zoomed, _ = self.forward_zoom_features(x)
+        full, zoomed, _ = self.forward_zoom_features(x, body_map)
         first, second = self.logits_per_head(full), self.logits_per_head(zoomed)
         return {k: (first[k] + second[k]) / 2 for k in first}
 
@@ -345,10 +347,15 @@ class SSANet(nn.Module):
         return aggregated, attention_box(mass.detach(), self.zoom_threshold, self.zoom_margin, self.zoom_min_size)
 
     @torch.jit.ignore
-    def forward_zoom_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_zoom_features(self, x: torch.Tensor, body_map: Optional[torch.Tensor] = None,
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images -> ``forward_features`` of the image and of its zoom crop (the input cropped at the first
-        pass's zoom box and resized to the input size), and the boxes (fractions of the image; no gradient)."""
-        body_map = self.forward_body(x)
+        pass's zoom box and resized to the input size), and the boxes (fractions of the image; no gradient).
+
+        ``body_map``: the images' body map F when it is known already (a frozen body's feature cache): the
+        first pass reads it instead of running the body; the crops always run through the body.
+        """
+        body_map = self.forward_body(x) if body_map is None else body_map
         aggregated, boxes = self.zoom_boxes(body_map)
         crops = zoom_crop(x, boxes, (x.shape[-2], x.shape[-1]))
         return torch.cat([body_map, aggregated], dim=1), self.forward_features(crops), boxes
@@ -360,8 +367,10 @@ class SSANet(nn.Module):
         return (self.forward_head(full) + self.forward_head(zoomed)) / 2, boxes
 
     @torch.jit.ignore
-    def _forward_zoom(self, x: torch.Tensor) -> Any:
-        full, zoomed, _ = self.forward_zoom_features(x)
+    def forward_zoom(self, x: torch.Tensor, body_map: Optional[torch.Tensor] = None) -> Any:
+        """``forward`` of a ``zoom`` model (``body_map`` as in ``forward_zoom_features``): the mean of both
+        passes' logits, or in distilled training each pass's ``(z_ssa, z_fe)``, as a list."""
+        full, zoomed, _ = self.forward_zoom_features(x, body_map)
         first, second = self.forward_head(full), self.forward_head(zoomed)
         if isinstance(first, tuple):  # distilled training: each pass's (z_ssa, z_fe), both get the Self-AD loss
             return [first, second]
@@ -370,7 +379,7 @@ class SSANet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.zoom:
             if not torch.jit.is_scripting():
-                return self._forward_zoom(x)
+                return self.forward_zoom(x)
             raise RuntimeError('a zoom model cannot be scripted (its box and crop run in Python): export it to ONNX')
         x = self.forward_features(x)
         x = self.forward_head(x)

@@ -201,8 +201,11 @@ def build_training_data(config: RunConfig, model: torch.nn.Module, train_images:
                                      meta=config.feature_cache_key('train'), **common)
     val_path = build_feature_cache(model, val_data, cache_dir / 'val.npy', False,
                                    meta=config.feature_cache_key('val'), **common)
-    return (CachedFeatures(train_path, train_data.dataset.dataset.targets, flip=train_data.schedule),
-            CachedFeatures(val_path, val_data.dataset.targets), HeadsOnCachedFeatures(model))
+    zoom = getattr(model, 'zoom', False)  # the crops of the second pass need the images beside their maps
+    return (CachedFeatures(train_path, train_data.dataset.dataset.targets, flip=train_data.schedule,
+                           images=train_data.dataset if zoom else None),
+            CachedFeatures(val_path, val_data.dataset.targets, images=val_data if zoom else None),
+            HeadsOnCachedFeatures(model))
 
 
 def make_accelerator(config: RunConfig):

@@ -47,6 +47,7 @@ class RunConfig:
     scale_attn: bool = False
     qk_norm: Optional[bool] = None  # None: the model name's own default (ssa_timm.models.default_qk_norm)
     sagan_qk: bool = False
+    alpha_init: float = 0.
     pretrained: Optional[bool] = None
     pretrained_path: Optional[str] = None
     initial_checkpoint: Optional[str] = None
@@ -65,6 +66,8 @@ class RunConfig:
     builtin_val_per_class: int = DATASET_DEFAULTS['builtin_val_per_class']
     builtin_family: int = DATASET_DEFAULTS['builtin_family']
     builtin_task: str = DATASET_DEFAULTS['builtin_task']
+    builtin_part_cell: Optional[int] = DATASET_DEFAULTS['builtin_part_cell']
+    builtin_oracle_crop: bool = DATASET_DEFAULTS['builtin_oracle_crop']
     train_split: str = DATASET_DEFAULTS['train_split']
     val_split: str = DATASET_DEFAULTS['val_split']
     class_map: str = DATASET_DEFAULTS['class_map']
@@ -151,6 +154,8 @@ class RunConfig:
             kwargs['qk_norm'] = self.qk_norm
         if self.body_feature_index is not None:
             kwargs['body_feature_index'] = self.body_feature_index
+        if self.alpha_init:
+            kwargs['alpha_init'] = self.alpha_init
         if self.zoom:
             kwargs.update(zoom=True, zoom_threshold=self.zoom_threshold, zoom_margin=self.zoom_margin,
                           zoom_min_size=self.zoom_min_size)
@@ -193,9 +198,13 @@ class RunConfig:
                     **self._family(), split=split)
 
     def _family(self) -> Dict[str, Any]:
-        """The built-in glyph family and task, each recorded only when it is not the default (older records
-        stay equal)."""
+        """The built-in glyph family, task, part cell and oracle crop, each recorded only when it is not the
+        default (older records stay equal)."""
         task = {'builtin_task': self.builtin_task} if self.builtin_task != 'glyph' else {}
+        if self.builtin_part_cell:
+            task['builtin_part_cell'] = self.builtin_part_cell
+        if self.builtin_oracle_crop:
+            task['builtin_oracle_crop'] = True
         return {'builtin_family': self.builtin_family, **task} if self.builtin_family else task
 
     def with_recorded_attention(self, model_args: Optional[Mapping[str, Any]]) -> 'RunConfig':

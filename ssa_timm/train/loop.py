@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from accelerate.utils import send_to_device
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..data.streams import batches_on_every_process, is_stream
 from ..diagnostics import probe_attention
 from ..errors import UserError
+from ..feature_cache import ZoomInputs
 from ..localization import scene_localization
 from ..loss import SelfADLoss
 from ..metrics import evaluate_heads, report_top1
@@ -44,7 +46,7 @@ class Trainee:
 def training_step(trainee: Trainee, config: RunConfig, accelerator, inputs: torch.Tensor,
                   labels: torch.Tensor) -> torch.Tensor:
     """One forward/backward (and, at the end of an accumulation, optimizer) step; the detached loss."""
-    if config.channels_last and inputs.ndim == 4:
+    if config.channels_last and isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(trainee.trainable):
         loss = trainee.loss_fn(trainee.trainable(inputs), labels)
@@ -118,7 +120,8 @@ def train_one_epoch(trainee: Trainee, config: RunConfig, accelerator, loader, tr
     sums = EpochSums(accelerator)
     for inputs, labels in tqdm(batches, desc=f'epoch {epoch}', total=len(loader),
                                disable=not accelerator.is_local_main_process):
-        loss = training_step(trainee, config, accelerator, inputs.to(accelerator.device), labels.to(accelerator.device))
+        loss = training_step(trainee, config, accelerator, send_to_device(inputs, accelerator.device),
+                             labels.to(accelerator.device))
         sums.add(loss, len(labels) * accelerator.num_processes, progress.global_step + 1)
         if not accelerator.sync_gradients:
             continue
@@ -145,13 +148,16 @@ def validate(model: torch.nn.Module, config: RunConfig, accelerator, loader, pro
     """Per-head top-1/top-5 on the validation set (images, or cached body maps), the attention
     diagnostics on a fixed batch of it and, on the built-in scene task, the localisation metrics."""
     model.eval()
-    if config.cache_features:
+    if config.cache_features and config.zoom:  # the first pass from the cache, the crops through the body
+        report = evaluate_heads(lambda x: model.forward_per_head(x.images, body_map=x.body_maps), loader, accelerator)
+    elif config.cache_features:
         report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), loader, accelerator)
     else:
         report = evaluate_heads(model.forward_per_head, loader, accelerator, tta_flip=config.tta == 'flip',
                                 per_process=is_stream(loader.dataset))
     if model.head.attn is not None:
-        report['attention'] = probe_attention(model, probe_inputs.to(accelerator.device), accelerator.autocast(),
+        probe = probe_inputs.body_maps if isinstance(probe_inputs, ZoomInputs) else probe_inputs
+        report['attention'] = probe_attention(model, probe.to(accelerator.device), accelerator.autocast(),
                                               body_maps=config.cache_features)
     if config.dataset == 'builtin' and config.builtin_task == 'scene':  # where the model looks: part boxes
         report['localization'] = scene_localization(model, config, loader.dataset, accelerator)

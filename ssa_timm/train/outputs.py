@@ -110,7 +110,9 @@ def epoch_summary(record: Dict[str, Any]) -> str:
                                        mass is not None else '') + f'pointing Grad-CAM {where["pointing_cam"]:.2f}' +
                  (f', attention {where["pointing_attention"]:.2f}' if mass is not None else '') +
                  (f'; zoom box IoU {where["zoom_iou"]:.2f}, hit {where["zoom_hit"]:.2f}'
-                  if where.get('zoom_iou') is not None else ''))
+                  if where.get('zoom_iou') is not None else '') +
+                 (f'; Grad-CAM box IoU {where["cam_box_iou"]:.2f}, hit {where["cam_box_hit"]:.2f}'
+                  if where.get('cam_box_iou') is not None else ''))
     return text
 
 
