@@ -8,7 +8,7 @@ the SSA layer's own attention, overlaid on each image.
 Per image and model it writes ``<stem>_gradcam.png``, ``<stem>_attention.png`` (the attention of
 the most attended position, and the mean attention over all query positions) and ``<stem>.npz``
 with the raw maps. Given several models it also draws ``grid.png`` in the layout of the paper's
-Fig. 4: the input, then one Grad-CAM column per model. Grad-CAM comes from the ``grad-cam``
+Fig. 4: the input, then one Grad-CAM column per model (with the zoom box of a ``zoom`` model). Grad-CAM comes from the ``grad-cam``
 package; for ``no_attention`` models it targets the body's last feature map F. Images are read by the
 library's one loader; an unreadable image, or one over the pixel limit (PIL.Image.MAX_IMAGE_PIXELS),
 is skipped with a warning naming it. ``--output-dir`` may not be, or lie inside, a model's folder.
@@ -138,7 +138,8 @@ def visualize(args: argparse.Namespace) -> List[Path]:
             save_overlays(shown, {'Grad-CAM': gradcam}, title, out / f'{stem}_gradcam.png')
             np.savez(out / f'{stem}.npz', **arrays)
             written += [out / f'{stem}_gradcam.png', out / f'{stem}.npz']
-            row.append(show_cam_on_image(rgb, gradcam, use_rgb=True))
+            cell = show_cam_on_image(rgb, gradcam, use_rgb=True)
+            row.append(draw_box(cell, arrays['zoom_box']) if zoomed else cell)
         grid_rows.append(row)
     if not grid_rows:
         raise UserError(f'none of the {len(paths)} image file(s) could be read')
@@ -148,7 +149,8 @@ def visualize(args: argparse.Namespace) -> List[Path]:
 
 
 def draw_grid(rows: List[List[np.ndarray]], columns: List[str], path: Path) -> Path:
-    """Paper Fig. 4 layout: one row per image, the input then one Grad-CAM column per model."""
+    """Paper Fig. 4 layout: one row per image, the input then one Grad-CAM column per model (a zoom model's
+    with its zoom box)."""
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2 * len(columns), 2 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):

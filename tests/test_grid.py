@@ -33,6 +33,46 @@ def test_rows_without_a_remedy_train_the_papers_attention(tmp_path):
     assert all(f[f.index('--pretrained-path') + 1] == str(g.body_weights) for f in flags.values())
 
 
+def test_a_settings_options_are_train_flags_and_finetune_trains_the_pretrained_body(tmp_path):
+    configs = (('plus', 'ad', 'qk-norm+zoom'), ('plus', 'ad', 'zoom'), ('no_attention', 'ad', 'builtin-oracle-crop'),
+               ('plus', 'ad', 'alpha-init=1'))
+    g = Grid(tmp_path, Path('train.py'), 'resnet18', seeds=(0,), configs=configs, regime='finetune')
+    flags = {run.name: g.flags(run) for run in g.runs()}
+    assert set(flags) == {'plus_qk-norm+zoom_ad_seed0', 'plus_zoom_ad_seed0', 'plus_alpha-init=1_ad_seed0',
+                          'no_attention_builtin-oracle-crop_ad_seed0'}
+    assert flags['plus_qk-norm+zoom_ad_seed0'][-8:-5] == ['--qk-norm', '--zoom', '--pretrained-path']
+    assert {'--zoom', '--no-qk-norm'} <= set(flags['plus_zoom_ad_seed0'])
+    assert {'--alpha-init=1', '--no-qk-norm'} <= set(flags['plus_alpha-init=1_ad_seed0'])
+    # fine-tuned: the pretrained body, trained (not frozen, no cache)
+    for run_flags in flags.values():
+        assert run_flags[run_flags.index('--pretrained-path') + 1] == str(g.body_weights)
+        assert '--freeze-body' not in run_flags and '--cache-features' not in run_flags
+    assert g.pretrains and not Grid(tmp_path, Path('train.py'), 'resnet18').pretrains
+
+
+def test_a_settings_table_lists_the_chosen_settings_with_the_boxes(tmp_path):
+    from ssa_timm.grid_report import tables
+    configs = (('plus', 'ad', ''), ('plus', 'ad', 'zoom'))
+    g = Grid(tmp_path, Path('train.py'), 'resnet18', seeds=(0, 1), configs=configs, epochs=1)
+    for run, top1 in zip(g.runs(), (40.0, 50.0, 44.0, 60.0)):
+        finish(g, run, top1)
+    rows, missing, _ = collect(g)
+    text = tables(rows, [0, 1], 'scene', list(configs))
+    lines = [line for line in text.splitlines() if line.startswith('| plus')]
+    assert lines[0].startswith('| plus | ad | 42.0 ± 2.8 | 40.0 / 44.0 |')
+    assert lines[1].startswith('| plus --zoom | ad | 55.0 ± 7.1 | 50.0 / 60.0 |')
+    assert 'zoom box IoU | zoom box hit | Grad-CAM box IoU | Grad-CAM box hit' in text
+    assert lines[1].endswith('| 0.30 | 1.00 | 0.20 | 0.90 |') and not missing
+
+
+def test_ablation_refuses_settings_that_are_no_variant_or_no_flag(capsys):
+    from recipe_runs import run_main
+    assert run_main('ablation', '--settings', 'plus,pluss+zoom', '--report') == 2
+    assert "'pluss' is not among the variants" in capsys.readouterr().err
+    assert run_main('ablation', '--settings', 'plus+--zoom', '--report') == 2
+    assert 'not train.py flags without their dashes' in capsys.readouterr().err
+
+
 def test_shards_split_the_grid_into_disjoint_parts_that_cover_it(tmp_path):
     runs = grid(tmp_path).runs()
     parts = [shard(runs, k, 4) for k in (1, 2, 3, 4)]
@@ -49,7 +89,8 @@ def finish(g: Grid, run: GridRun, top1: float, flags=None, epochs: int = 1) -> N
     folder.mkdir(parents=True)
     (folder / 'grid_run.json').write_text(json.dumps({'train_args': flags or g.flags(run)}))
     val = {'heads': {'ssa': {'top1': top1}, 'fe': {'top1': top1}}, 'output': {'top1': top1},
-           'localization': {'in_box_mass': top1 / 100, 'box_share': 0.1, 'pointing_cam': 1, 'pointing_attention': 1}}
+           'localization': {'in_box_mass': top1 / 100, 'box_share': 0.1, 'pointing_cam': 1, 'pointing_attention': 1,
+                            'zoom_iou': 0.3, 'zoom_hit': 1.0, 'cam_box_iou': 0.2, 'cam_box_hit': 0.9}}
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps({'epoch': e, 'val': val}) + '\n' for e in range(epochs)))
 
 

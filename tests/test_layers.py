@@ -3,6 +3,7 @@ import pytest
 import timm.layers.config
 import torch
 
+import ssa_timm
 from ssa_timm import AGGREGATIONS, VARIANTS, BottleneckHead, SpatialSelfAttention, SSAHeads
 
 
@@ -172,3 +173,15 @@ def test_one_name_for_the_map_channels():
     heads = SSAHeads(in_channels=12, num_classes=3)
     assert attn.in_channels == head.in_channels == heads.in_channels == heads.attn.in_channels == 12
     assert VARIANTS == AGGREGATIONS + ('no_attention',)
+
+
+def test_alpha_init_sets_where_alpha_starts_and_lets_the_attention_learn_at_once():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 4, 4)
+    for alpha_init, learns in ((0., False), (1., True)):
+        layer = SpatialSelfAttention(8, 'plus', alpha_init=alpha_init)
+        assert float(layer.alpha) == alpha_init
+        layer(f).square().sum().backward()
+        assert (layer.conv_a.weight.grad.abs().sum() > 0) == learns  # at 0 alpha, O gets no gradient through it
+    model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, alpha_init=0.5)
+    assert float(model.head.attn.alpha) == 0.5

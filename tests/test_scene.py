@@ -79,6 +79,53 @@ def test_build_dataset_picks_the_task_and_the_glyph_task_is_unchanged():
 GLYPH_DIGEST = '36d7bb3cdf4363a2e7df42a905c738a45533e5eee9ba408b07ee60f088bc617b'
 
 
+def test_small_parts_hold_their_glyph_at_the_chosen_cell():
+    scene = BuiltinScene('val', samples_per_class=3, seed=2, part_cell=1)
+    for index in range(len(scene)):
+        img, label = scene.render(index)
+        (box,) = scene.part_boxes(index)
+        assert box[2:] == (10, 10) and all(cell == 1 for *_, cell, _ in scene.layout(index))
+        np.testing.assert_array_equal(glyph_in_box(img, box, 1), scene.class_glyphs[label])
+
+
+def test_the_oracle_crop_is_the_zoom_crop_of_the_widened_part_box():
+    import torch
+    from ssa_timm.zoom import box_iou, zoom_crop
+    full = BuiltinScene('val', samples_per_class=2, seed=3, part_cell=1)
+    oracle = BuiltinScene('val', samples_per_class=2, seed=3, part_cell=1, oracle_crop=True)
+    for index in range(len(full)):
+        img, label = full.render(index)
+        (x, y, w, h), = full.part_boxes(index)
+        box = oracle.oracle_box(index)
+        part = torch.tensor([x, y, x + w, y + h]) / 64
+        centre = (part[:2] + part[2:]) / 2
+        assert torch.allclose((box[:2] + box[2:]) / 2, centre, atol=1e-6) or (box[:2] == 0).any() or (box[2:] == 1).any()
+        assert (box[2:] - box[:2]).min() >= 0.25 - 1e-6 and box_iou(box[None], part[None]) > 0.3
+        crop = zoom_crop(torch.from_numpy(img).permute(2, 0, 1)[None].float(), box[None], (64, 64))
+        shown, same_label = oracle.render(index)
+        assert same_label == label
+        np.testing.assert_array_equal(shown, crop[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy())
+        # the part's box in the crop's pixels, mapped back, is the part's box in the canvas
+        (cx, cy, cw, ch), = oracle.part_boxes(index)
+        scale = (box[2:] - box[:2]) * 64 / 64
+        back = (torch.tensor([cx, cy]) * scale + box[:2] * 64).tolist()
+        assert back == pytest.approx([x, y], abs=1e-4) and cw * scale[0].item() == pytest.approx(w, abs=1e-4)
+    assert (oracle.render(0)[0] != full.render(0)[0]).any()
+
+
+def test_part_cell_and_oracle_crop_are_scene_settings_and_key_the_cache():
+    from ssa_timm.data import DatasetLayoutError
+    from ssa_timm.train import RunConfig
+    with pytest.raises(DatasetLayoutError, match='pass --builtin-task scene'):
+        build_dataset('builtin', 'train', samples_per_class=1, part_cell=1)
+    with pytest.raises(DatasetLayoutError, match=r'part_cell must be in \[1, 4\]'):
+        build_dataset('builtin', 'train', samples_per_class=1, task='scene', part_cell=5)
+    scene = dict(model='ssanet_resnet18_plus', builtin_task='scene')
+    keys = [RunConfig(**scene, **extra).feature_cache_key('train')
+            for extra in ({}, dict(builtin_part_cell=1), dict(builtin_oracle_crop=True))]
+    assert keys[0] != keys[1] != keys[2] != keys[0] and 'builtin_part_cell' not in keys[0]
+
+
 def test_bad_scene_arguments_are_refused():
     with pytest.raises(ValueError, match='image_size'):
         BuiltinScene(image_size=32)
