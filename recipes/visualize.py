@@ -8,10 +8,11 @@ the SSA layer's own attention, overlaid on each image.
 Per image and model it writes ``<stem>_gradcam.png``, ``<stem>_attention.png`` (the attention of
 the most attended position, and the mean attention over all query positions) and ``<stem>.npz``
 with the raw maps. Given several models it also draws ``grid.png`` in the layout of the paper's
-Fig. 4: the input, then one Grad-CAM column per model (with the zoom box of a ``zoom`` model). Grad-CAM comes from the ``grad-cam``
-package; for ``no_attention`` models it targets the body's last feature map F. Images are read by the
-library's one loader; an unreadable image, or one over the pixel limit (PIL.Image.MAX_IMAGE_PIXELS),
-is skipped with a warning naming it. ``--output-dir`` may not be, or lie inside, a model's folder.
+Fig. 4: the input, then one Grad-CAM column per model (with the zoom box of a ``zoom`` model).
+Grad-CAM comes from the ``grad-cam`` package; for ``no_attention`` models it targets the body's last
+feature map F. Images are read by the library's one loader; an unreadable image, or one over the pixel
+limit (PIL.Image.MAX_IMAGE_PIXELS), is skipped with a warning naming it. ``--output-dir`` may not be,
+or lie inside, a model's folder.
 
 timm's own attention tool reads the same map: ``timm.utils.AttentionExtract(model)`` finds the node
 ``head.attn.softmax``, S of shape ``(B, N, N)`` (row j = query position j, N = H * W), equal to
