@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 import ssa_timm
+from ssa_timm.feature_cache import HeadsOnCachedFeatures, ZoomInputs
 from ssa_timm.cli import HelpFormatter, add_img_size_arg, at_least, comma_separated, deprecated_alias
 
 
@@ -47,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='comma separated ssanet_<timm body>_<aggregation> names for the train section, '
                              'e.g. ssanet_vgg16_plus,ssanet_vit_small_patch16_224_plus (a token body)')
     add_img_size_arg(parser, 'default: %(default)s', default=448)
+    parser.add_argument('--body-feature-index', type=int, help="train and zoom: read the body's map at this "
+                        'feature_info index (default: the last map)')
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)
     parser.add_argument('--cache-per-class', type=int, default=5, help='cache: built-in images per class')
@@ -167,12 +170,14 @@ class BareBody(nn.Module):
         return self.fc(self.read_map(x).mean((2, 3)))
 
 
-def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
+def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str,
+               body_feature_index=None):
     """One SGD step (forward, loss, backward, update) of the SSANet ('ssanet'), of the SSANet with the zoom
     ('zoom': both passes) or of its bare body ('bare')."""
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size,
-                                           zoom=kind == 'zoom').to(device).train()
+                                           zoom=kind == 'zoom', body_feature_index=body_feature_index).to(device)
+    model.train()
     if kind == 'bare':
         model = BareBody(model, num_classes).to(device).train()
         loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -191,11 +196,13 @@ def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classe
     return step
 
 
-def infer_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str):
+def infer_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str,
+               body_feature_index=None):
     """One eval-mode forward of the SSANet ('ssanet') or of the SSANet with the zoom ('zoom')."""
     torch.manual_seed(0)
     model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size,
-                                           zoom=kind == 'zoom').to(device).eval()
+                                           zoom=kind == 'zoom', body_feature_index=body_feature_index).to(device)
+    model.eval()
     x = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def forward() -> None:
@@ -251,17 +258,47 @@ def bench_train(args: argparse.Namespace, device: torch.device, model_name: str)
     )
 
 
+def frozen_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str,
+                body_feature_index=None):
+    """One SGD step of the SSA module and heads on a frozen body, as ``--freeze-body --cache-features`` trains:
+    from cached body maps ('ssanet'), or with the zoom from cached maps and the crops through the frozen body
+    ('zoom')."""
+    torch.manual_seed(0)
+    model = ssa_timm.create_ssanet_by_name(model_name, num_classes=num_classes, img_size=img_size,
+                                           zoom=kind == 'zoom', body_feature_index=body_feature_index).to(device)
+    model.train().body.requires_grad_(False).eval()
+    model.set_distilled_training(True)
+    heads, loss_fn = HeadsOnCachedFeatures(model), ssa_timm.SelfADLoss()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    with torch.no_grad():
+        maps = model.forward_body(x)  # what the cache holds
+    inputs = ZoomInputs(maps, x) if kind == 'zoom' else maps
+    forward_backward = autocast_step(lambda: loss_fn(heads(inputs), y).backward(), device, amp)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+    return step
+
+
 def bench_zoom(args: argparse.Namespace, device: torch.device, model_name: str) -> dict:
-    """The zoom's cost: a train step and an inference forward with and without it, interleaved."""
-    common = (model_name, args.img_size, args.batch_size, args.num_classes, str(device), args.amp)
-    cases = {f'{kind}_{mode}': (train_case if mode == 'train' else infer_case)(kind, *common)
-             for kind in ('ssanet', 'zoom') for mode in ('train', 'infer')}
+    """The zoom's cost, interleaved with and without it: a train step (body trained; body frozen, from the
+    feature cache) and an inference forward, in ms and images/s."""
+    common = (model_name, args.img_size, args.batch_size, args.num_classes, str(device), args.amp,
+              args.body_feature_index)
+    makers = {'train': train_case, 'frozen': frozen_case, 'infer': infer_case}
+    cases = {f'{kind}_{mode}': make(kind, *common) for kind in ('ssanet', 'zoom') for mode, make in makers.items()}
     median = {k: statistics.median(t) for k, t in run_interleaved(cases, args.repeats, device).items()}
-    return dict(model=model_name, img_size=args.img_size, batch=args.batch_size,
-                train_s=median['ssanet_train'], zoom_train_s=median['zoom_train'],
-                train_ratio=median['zoom_train'] / median['ssanet_train'],
-                infer_s=median['ssanet_infer'], zoom_infer_s=median['zoom_infer'],
-                infer_ratio=median['zoom_infer'] / median['ssanet_infer'])
+    result = dict(model=model_name, img_size=args.img_size, batch=args.batch_size,
+                  body_feature_index=args.body_feature_index)
+    for mode in makers:
+        plain, zoom = median[f'ssanet_{mode}'], median[f'zoom_{mode}']
+        result[mode] = dict(ms=plain * 1e3, zoom_ms=zoom * 1e3, images_per_s=args.batch_size / plain,
+                            zoom_images_per_s=args.batch_size / zoom, ratio=zoom / plain)
+    return result
 
 
 def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
@@ -390,9 +427,13 @@ def main(argv=None) -> dict:
     if 'zoom' in sections:
         z = result['zoom'] = bench_zoom(args, device, args.model.split(',')[0])
         print(f'\nThe zoom, {z["model"]} at {z["img_size"]} px, batch {z["batch"]}, median of {args.repeats}')
-        print('| | without zoom ms | with zoom ms | ratio |\n|---|---|---|---|')
-        print(f'| train step | {z["train_s"] * 1e3:.1f} | {z["zoom_train_s"] * 1e3:.1f} | {z["train_ratio"]:.2f}x |')
-        print(f'| inference | {z["infer_s"] * 1e3:.1f} | {z["zoom_infer_s"] * 1e3:.1f} | {z["infer_ratio"]:.2f}x |')
+        print('| | without zoom ms | with zoom ms | without zoom images/s | with zoom images/s | ratio |')
+        print('|---|---|---|---|---|---|')
+        for mode, name in (('train', 'train step'), ('frozen', 'train step, frozen body (cache)'),
+                           ('infer', 'inference')):
+            m = z[mode]
+            print(f'| {name} | {m["ms"]:.1f} | {m["zoom_ms"]:.1f} | {m["images_per_s"]:.0f} | '
+                  f'{m["zoom_images_per_s"]:.0f} | {m["ratio"]:.2f}x |')
     if 'cache' in sections:
         c = result['cache'] = bench_cache(args, device)
         print(f'\nFrozen-body training epoch, {c["model"]} at {c["img_size"]} px, {c["images"]} images')

@@ -225,7 +225,9 @@ def test_benchmark_measures_the_zooms_cost(tmp_path, capsys):
     assert run_main('benchmark', '--sections', 'zoom', '--model', 'ssanet_test_resnet_plus', '--img-size', '32',
                     '--batch-size', '2', '--repeats', '1', '--output', str(output)) == 0
     zoom = json.loads(output.read_text())['zoom']
-    assert zoom['train_ratio'] == pytest.approx(zoom['zoom_train_s'] / zoom['train_s'])
-    assert zoom['infer_ratio'] == pytest.approx(zoom['zoom_infer_s'] / zoom['infer_s'])
-    assert '| train step |' in capsys.readouterr().out
+    for mode in ('train', 'frozen', 'infer'):  # body trained, body frozen (feature cache), inference
+        m = zoom[mode]
+        assert m['ratio'] == pytest.approx(m['zoom_ms'] / m['ms']) and m['images_per_s'] == pytest.approx(2e3 / m['ms'])
+    out = capsys.readouterr().out
+    assert '| train step |' in out and '| train step, frozen body (cache) |' in out
     assert run_main('benchmark', '--sections', 'zooom') == 2
