@@ -22,6 +22,14 @@ most attended position (``ssa_timm.localization``).
     python recipes/ablation.py --body vgg16 --dataset cub --launcher "accelerate launch --multi_gpu" \
         --data-dir /data/CUB_200_2011                           # other flags go to train.py
 
+``--settings`` replaces ``--variants`` and ``--remedies`` with one table of chosen settings, each a variant
+and train.py flags (the zoom's evidence in docs/results.md; ``--regime finetune`` trains the pretrained
+body in every run instead of freezing it):
+
+    python recipes/ablation.py --builtin-task scene --builtin-part-cell 1 --builtin-train-per-class 200 \
+        --regime transfer --epochs 10 --pretrain-epochs 10 --losses ad --seeds 0,1,2,3,4 --sched cosine \
+        --workers 0 --settings no_attention,plus,plus+zoom,no_alpha,no_alpha+zoom,no_alpha+builtin-oracle-crop
+
 Three ways to run a grid (``ssa_timm.grid``), each with the same tables:
 
     python recipes/ablation.py --seeds 0,1,2,3,4 --jobs 2          # one machine, two runs at once
@@ -53,6 +61,9 @@ from ssa_timm.grid_report import PAPER_TABLE2_CUB, PAPER_TABLE3_CUB, figures, ta
 
 TRAIN = Path(__file__).resolve().parent / 'train.py'
 REMEDIES = ('qk-norm', 'scale-attn', 'sagan-qk')
+# train.py flags each run of a grid gets from the grid (ssa_timm.grid.Grid.flags), never from a setting
+GRID_FLAGS = ('model', 'dataset', 'loss', 'seed', 'epochs', 'output-dir', 'no-qk-norm', 'pretrained-path',
+              'freeze-body', 'cache-features', 'cache-dir')
 
 
 def parse_args(argv=None):
@@ -123,6 +134,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.variants, args.losses = args.variants.split(','), args.losses.split(',')
     args.remedies = [r for r in args.remedies.split(',') if r]
     if args.settings is not None:
+        if args.remedies:
+            p.error('--settings replaces --variants and --remedies: put each remedy in a setting (plus+qk-norm)')
         args.settings = [parse_setting(p, text) for text in args.settings.split(',')]
     if args.regime != 'scratch' and args.dataset != 'builtin':
         p.error(f'--regime {args.regime} pretrains on another family of the built-in task: it needs --dataset builtin')
@@ -142,9 +155,13 @@ def parse_setting(p: argparse.ArgumentParser, text: str) -> Tuple[str, str]:
     variant, *options = text.strip().split('+')
     if variant not in PAPER_TABLE2_CUB:
         p.error(f'--settings: {variant!r} is not among the variants {list(PAPER_TABLE2_CUB)} (variant[+option...])')
-    bad = [o for o in options if not re.fullmatch(r'[a-z][a-z0-9-]*(=[^\s+,]+)?', o)]
+    bad = [o for o in options if not re.fullmatch(r'[a-z][a-z0-9-]*(=[^\s+,/]+)?', o)]
     if bad:
-        p.error(f'--settings: {bad} are not train.py flags without their dashes (e.g. qk-norm, alpha-init=1)')
+        p.error(f'--settings: {bad} are not train.py flags without their dashes (e.g. qk-norm, alpha-init=1; '
+                'a value holds no /, the run folders are named after it)')
+    taken = [o for o in options if o.split('=')[0] in GRID_FLAGS]
+    if taken:
+        p.error(f'--settings: {taken} are set by the grid itself (its {", ".join(GRID_FLAGS)})')
     return variant, '+'.join(options)
 
 

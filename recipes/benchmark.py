@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='comma separated ssanet_<timm body>_<aggregation> names for the train section, '
                              'e.g. ssanet_vgg16_plus,ssanet_vit_small_patch16_224_plus (a token body)')
     add_img_size_arg(parser, 'default: %(default)s', default=448)
-    parser.add_argument('--body-feature-index', type=int, help="train and zoom: read the body's map at this "
+    parser.add_argument('--body-feature-index', type=int, help="zoom: read the body's map at this "
                         'feature_info index (default: the last map)')
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-classes', type=int, default=200)

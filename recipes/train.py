@@ -188,6 +188,8 @@ def check_config(p: argparse.ArgumentParser, config: RunConfig) -> None:
         p.error('--cache-dir is the folder of --cache-features; give both')
     if config.cache_features and not config.freeze_body:
         p.error('--cache-features needs --freeze-body (a training body changes its features)')
+    if config.alpha_init and config.model and config.model.endswith(('_no_alpha', '_no_attention')):
+        p.error(f'--alpha-init sets where the attention\'s alpha starts; {config.model} has no alpha')
     if config.qk_norm and config.scale_attn:
         p.error('--qk-norm and --scale-attn exclude each other (qk_norm learns its own logit temperature)')
     if config.tta != 'none' and config.cache_features:

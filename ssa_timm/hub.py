@@ -386,5 +386,7 @@ def export_model(
         if channels_last:
             model.to(memory_format=torch.channels_last)
     path = Path(out_dir) / 'config.json'
-    path.write_text(json.dumps(fixed_config(json.loads(path.read_text())), indent=2))
+    saved = fixed_config(json.loads(path.read_text()))
+    saved.get('model_args', {}).pop('alpha_init', None)  # where alpha started is in the weights; 0.6 refuses the key
+    path.write_text(json.dumps(saved, indent=2))
     return Path(out_dir)

@@ -71,6 +71,12 @@ def test_ablation_refuses_settings_that_are_no_variant_or_no_flag(capsys):
     assert "'pluss' is not among the variants" in capsys.readouterr().err
     assert run_main('ablation', '--settings', 'plus+--zoom', '--report') == 2
     assert 'not train.py flags without their dashes' in capsys.readouterr().err
+    assert run_main('ablation', '--settings', 'plus+pretrained-path=a/b', '--report') == 2
+    assert 'a value holds no /' in capsys.readouterr().err
+    assert run_main('ablation', '--settings', 'plus+seed=3', '--report') == 2
+    assert "['seed=3'] are set by the grid itself" in capsys.readouterr().err
+    assert run_main('ablation', '--settings', 'plus', '--remedies', 'qk-norm', '--report') == 2
+    assert '--settings replaces --variants and --remedies' in capsys.readouterr().err
 
 
 def test_shards_split_the_grid_into_disjoint_parts_that_cover_it(tmp_path):

@@ -185,3 +185,16 @@ def test_alpha_init_sets_where_alpha_starts_and_lets_the_attention_learn_at_once
         assert (layer.conv_a.weight.grad.abs().sum() > 0) == learns  # at 0 alpha, O gets no gradient through it
     model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, alpha_init=0.5)
     assert float(model.head.attn.alpha) == 0.5
+
+
+def test_an_export_keeps_alpha_in_its_weights_not_its_model_args(tmp_path, capsys):
+    import json
+    from recipe_runs import TINY_TRAIN, run_main
+    from ssa_timm.hub import export_model, load_model
+    model = ssa_timm.create_ssanet('test_resnet', 'plus', num_classes=3, img_size=32, alpha_init=0.5)
+    folder = export_model(model, str(tmp_path / 'best'), ['a', 'b', 'c'])
+    assert 'alpha_init' not in json.loads((folder / 'config.json').read_text())['model_args']  # 0.6 refuses it
+    assert float(load_model(str(folder)).head.attn.alpha) == 0.5
+    no_alpha = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_no_alpha' for a in TINY_TRAIN]
+    assert run_main('train', *no_alpha, '--alpha-init', '1', '--output-dir', str(tmp_path / 'run')) == 2
+    assert 'ssanet_test_resnet_no_alpha has no alpha' in capsys.readouterr().err

@@ -159,9 +159,10 @@ class BuiltinScene(Dataset):
     ``(seed, family, split, index)``; families of one seed share no glyph (family 1 pretrains a body
     for family 0, as in ``BuiltinFineGrained``).
 
-    ``part_cell=1`` draws every part with 1 px glyph cells (10 px parts): on ResNet-18's stride-8 map
-    a part then covers one or two cells, shared with background and distractors, so a model can find
-    it without reading it, the task where looking closer matters (``SSANet(zoom=True)``).
+    ``part_cell=1`` draws every part with 1 px glyph cells (10 px parts, 4 px glyphs): on ResNet-18's
+    stride-8 map a glyph then falls in one or two cells on each side, shared with frame, background and
+    distractors, so a model can find the part without reading it, the task where looking closer matters
+    (``SSANet(zoom=True)``).
     ``oracle_crop`` shows each image cropped at its deciding part's box, widened as the zoom widens its
     box (``ssa_timm.zoom.widen_box``) and resized to the canvas: the ceiling of a zoom whose box is
     always right.

@@ -148,7 +148,7 @@ def validate(model: torch.nn.Module, config: RunConfig, accelerator, loader, pro
     """Per-head top-1/top-5 on the validation set (images, or cached body maps), the attention
     diagnostics on a fixed batch of it and, on the built-in scene task, the localisation metrics."""
     model.eval()
-    if config.cache_features and config.zoom:  # the first pass from the cache, the crops through the body
+    if config.cache_features and getattr(model, 'zoom', False):  # first pass from the cache, crops through the body
         report = evaluate_heads(lambda x: model.forward_per_head(x.images, body_map=x.body_maps), loader, accelerator)
     elif config.cache_features:
         report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), loader, accelerator)
