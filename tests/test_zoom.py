@@ -95,6 +95,29 @@ def test_both_passes_get_the_self_ad_loss_and_the_box_gets_no_gradient():
     assert not boxes.requires_grad
 
 
+@pytest.mark.parametrize('body, body_kwargs', [
+    ('test_vit', {}),  # tokens (NLC) with a class token
+    ('swin_tiny_patch4_window7_224', dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)),
+])
+def test_the_zoom_over_token_bodies_trains_and_draws_its_box_from_their_grid(body, body_kwargs):
+    torch.manual_seed(0)
+    model = ssa_timm.create_ssanet(body, 'plus', num_classes=3, img_size=64, zoom=True, body_kwargs=body_kwargs)
+    model.train().set_distilled_training(True)
+    x = torch.randn(2, 3, 64, 64)
+    loss = ssa_timm.SelfADLoss()(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    assert model.head.attn.conv_a.weight.grad is not None and torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        logits, boxes = model.forward_with_zoom_box(x)
+        body_map = model.forward_body(x)
+        _, expected = model.zoom_boxes(body_map)
+        crops = zoom_crop(x, expected, (64, 64))
+        torch.testing.assert_close(logits, (model.forward_head(torch.cat([body_map, model.head.attn(body_map)], 1))
+                                            + model.forward_head(model.forward_features(crops))) / 2)
+    assert torch.equal(boxes, expected) and logits.shape == (2, 3)
+
+
 def test_zoom_needs_the_attention():
     with pytest.raises(ValueError, match="no_attention' has none"):
         ssa_timm.create_ssanet('test_resnet', 'no_attention', num_classes=3, img_size=32, zoom=True)

@@ -35,7 +35,7 @@ sys.argv = sys.argv[2:]
 runpy.run_path(script, run_name='__main__')
 """
 ALL_FLAGS = ['--model-ema', '--clip-grad', '1.0', '--channels-last', '--grad-checkpointing', '--tta', 'flip',
-             '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8']
+             '--sched', 'cosine', '--warmup-epochs', '1', '--body-lr-scale', '0.1', '--layer-decay', '0.8', '--zoom']
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
@@ -60,7 +60,20 @@ def test_two_process_cpu_run_with_every_flag(tmp_path):
         assert val['count'] == 50 and set(val['tta']) == {'heads', 'output'}  # gathered without padding duplicates
         assert set(val['ema']['heads']) == {'ssa', 'fe'} and 0 <= val['attention']['entropy_ratio'] < 1
     assert (tmp_path / 'checkpoints' / 'checkpoint_1' / 'ema.safetensors').is_file()
-    assert json.loads((tmp_path / 'best' / 'config.json').read_text())['label_names'][0] == 'glyph_00'
+    config = json.loads((tmp_path / 'best' / 'config.json').read_text())
+    assert config['label_names'][0] == 'glyph_00' and config['model_args']['zoom'] is True
+
+
+def test_two_processes_train_the_zoom_on_a_frozen_body_from_the_cache(tmp_path):
+    """The first pass from the shared cache, the crops through the body, each process its share."""
+    proc = run_recipe('train.py', '--cpu', *TINY_TRAIN, '--builtin-task', 'scene', '--builtin-part-cell', '1',
+                      '--epochs', '1', '--zoom', '--freeze-body', '--cache-features', '--output-dir', str(tmp_path),
+                      launcher=TWO_CPU_PROCESSES)
+    assert 'process 1/2 on cpu' in proc.stdout
+    (line,) = metrics(tmp_path)
+    where = line['val']['localization']
+    assert line['val']['count'] == 50 and where['images'] == 50 and 0 < where['zoom_iou'] <= 1
+    assert len(list((tmp_path / 'feature_cache').glob('train-*.npy'))) == 1
 
 
 def test_evaluate_two_processes_gathers_every_image(trained_run, tmp_path):
