@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
     p.add_argument('--model', action='append', required=True,
                    help='a model spec; repeat it for several models (Fig. 4: --model A --model B ...)')
+    p.add_argument('--labels', help="the grid's column titles, one per --model, comma separated (default: each "
+                   "model's aggregation and options)")
     add_img_size_arg(p, "default: the first model's input size")
     p.add_argument('--output-dir', default='vis', help='the figures go here')
     deprecated_alias(p, '--out-dir', '--output-dir')
@@ -64,6 +66,8 @@ def check_inputs(args: argparse.Namespace) -> Path:
     for item in args.inputs:
         if model_folder(item) is not None and (Path(item) / 'config.json').is_file():
             raise UserError(f'{item} is a model folder, given as an image input; give each model its own --model')
+    if args.labels and len(args.labels.split(',')) != len(args.model):
+        raise UserError(f'--labels names {len(args.labels.split(","))} column(s) for {len(args.model)} --model(s)')
     folders = [f for f in (model_folder(spec) for spec in args.model) if f is not None]
     return check_output_path(args.output_dir, '--output-dir', model_folders=folders, is_folder=True)
 
@@ -82,7 +86,7 @@ def model_label(model: SSANet) -> str:
     attn = model.head.attn
     options = [] if attn is None else [name for name, on in (('qk_norm', attn.qk_norm), ('scale_attn', attn.scale != 1))
                                        if on]
-    return ' + '.join([model.aggregation, *options])
+    return ' + '.join([model.aggregation, *options, *(['zoom'] if model.zoom else [])])
 
 
 def save_overlays(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str, path: Path) -> None:
@@ -145,7 +149,8 @@ def visualize(args: argparse.Namespace) -> List[Path]:
     if not grid_rows:
         raise UserError(f'none of the {len(paths)} image file(s) could be read')
     if len(models) > 1:
-        written.append(draw_grid(grid_rows, ['input'] + [model_label(m) for m in models], out / 'grid.png'))
+        titles = args.labels.split(',') if args.labels else [model_label(m) for m in models]
+        written.append(draw_grid(grid_rows, ['input', *titles], out / 'grid.png'))
     return written
 
 

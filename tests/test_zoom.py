@@ -216,6 +216,10 @@ def test_visualize_of_a_zoom_model_keeps_its_box(tmp_path):
                     str(tmp_path / 'vis')) == 0
     box = np.load(tmp_path / 'vis' / 'photo.npz')['zoom_box']
     assert box.shape == (4,) and 0 <= box[0] < box[2] <= 1 and (tmp_path / 'vis' / 'photo_attention.png').is_file()
+    two = ['--model', str(folder), '--model', str(folder), str(tmp_path / 'photo.png')]
+    assert run_main('visualize', *two, '--labels', 'first,second', '--output-dir', str(tmp_path / 'grid')) == 0
+    assert (tmp_path / 'grid' / 'grid.png').is_file()
+    assert run_main('visualize', *two, '--labels', 'one', '--output-dir', str(tmp_path / 'bad')) == 1
 
 
 def test_a_zoom_model_refuses_torchscript_at_its_call():
