@@ -237,7 +237,7 @@ def test_the_model_card_and_transformers_pipeline_of_a_zoom_export(tmp_path, cap
     folder = export_model(model, str(tmp_path / 'best'), ['a', 'b', 'c'])
     template = (Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md').read_text()
     card = str(render_model_card(load_model(str(folder)), 'zoomed', template, 32, f'local-dir:{folder}'))
-    assert '**zoom on**' in card and 'second body pass' in card
+    assert '**zoom on**' in card and 'second body pass' in card and 'paid on a frozen body' in card
     Image.new('RGB', (40, 30), (200, 60, 20)).save(tmp_path / 'photo.png')
     classifier = transformers.pipeline('image-classification', model=str(folder))
     hf_top = classifier(str(tmp_path / 'photo.png'), top_k=3)
