@@ -170,6 +170,15 @@ class BareBody(nn.Module):
         return self.fc(self.read_map(x).mean((2, 3)))
 
 
+def sgd_step(optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None]) -> Callable[[], None]:
+    """One optimizer step around ``forward_backward`` (the gradients zeroed first)."""
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+    return step
+
+
 def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str,
                body_feature_index=None):
     """One SGD step (forward, loss, backward, update) of the SSANet ('ssanet'), of the SSANet with the zoom
@@ -187,13 +196,7 @@ def train_case(kind: str, model_name: str, img_size: int, batch: int, num_classe
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    forward_backward = autocast_step(lambda: loss_fn(model(x), y).backward(), device, amp)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward()
-        optimizer.step()
-    return step
+    return sgd_step(optimizer, autocast_step(lambda: loss_fn(model(x), y).backward(), device, amp))
 
 
 def infer_case(kind: str, model_name: str, img_size: int, batch: int, num_classes: int, device: str, amp: str,
@@ -275,13 +278,7 @@ def frozen_case(kind: str, model_name: str, img_size: int, batch: int, num_class
     with torch.no_grad():
         maps = model.forward_body(x)  # what the cache holds
     inputs = ZoomInputs(maps, x) if kind == 'zoom' else maps
-    forward_backward = autocast_step(lambda: loss_fn(heads(inputs), y).backward(), device, amp)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward()
-        optimizer.step()
-    return step
+    return sgd_step(optimizer, autocast_step(lambda: loss_fn(heads(inputs), y).backward(), device, amp))
 
 
 def bench_zoom(args: argparse.Namespace, device: torch.device, model_name: str) -> dict:
