@@ -298,6 +298,17 @@ def bench_zoom(args: argparse.Namespace, device: torch.device, model_name: str) 
     return result
 
 
+def print_zoom(z: dict, repeats: int) -> None:
+    """The zoom section's table."""
+    print(f'\nThe zoom, {z["model"]} at {z["img_size"]} px, batch {z["batch"]}, median of {repeats}')
+    print('| | without zoom ms | with zoom ms | without zoom images/s | with zoom images/s | ratio |')
+    print('|---|---|---|---|---|---|')
+    for mode, name in (('train', 'train step'), ('frozen', 'train step, frozen body (cache)'), ('infer', 'inference')):
+        m = z[mode]
+        print(f'| {name} | {m["ms"]:.1f} | {m["zoom_ms"]:.1f} | {m["images_per_s"]:.0f} | '
+              f'{m["zoom_images_per_s"]:.0f} | {m["ratio"]:.2f}x |')
+
+
 def bench_cache(args: argparse.Namespace, device: torch.device) -> dict:
     """One frozen-body epoch of recipes/train.py (its own process) from images vs from the feature cache."""
     import tempfile
@@ -422,15 +433,8 @@ def main(argv=None) -> dict:
             print(f'| {t["model"]} | {t["ssanet_s"] * 1e3:.1f} | {t["bare_s"] * 1e3:.1f} | {t["overhead_pct"]:+.1f}% | '
                   f'{t["ssanet_peak_mb"]:.0f} | {t["bare_peak_mb"]:.0f} |')
     if 'zoom' in sections:
-        z = result['zoom'] = bench_zoom(args, device, args.model.split(',')[0])
-        print(f'\nThe zoom, {z["model"]} at {z["img_size"]} px, batch {z["batch"]}, median of {args.repeats}')
-        print('| | without zoom ms | with zoom ms | without zoom images/s | with zoom images/s | ratio |')
-        print('|---|---|---|---|---|---|')
-        for mode, name in (('train', 'train step'), ('frozen', 'train step, frozen body (cache)'),
-                           ('infer', 'inference')):
-            m = z[mode]
-            print(f'| {name} | {m["ms"]:.1f} | {m["zoom_ms"]:.1f} | {m["images_per_s"]:.0f} | '
-                  f'{m["zoom_images_per_s"]:.0f} | {m["ratio"]:.2f}x |')
+        result['zoom'] = bench_zoom(args, device, args.model.split(',')[0])
+        print_zoom(result['zoom'], args.repeats)
     if 'cache' in sections:
         c = result['cache'] = bench_cache(args, device)
         print(f'\nFrozen-body training epoch, {c["model"]} at {c["img_size"]} px, {c["images"]} images')
