@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from .data.images import shown_size
 from .errors import UserError
-from .zoom import attention_box, box_hits, box_iou
+from .zoom import box_hits, box_iou
 
 __all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
            'dataset_boxes', 'grad_cam_grid', 'in_box_mass', 'localization_report', 'pointing_hits', 'read_boxes',
@@ -154,22 +154,16 @@ def batch_localization(model: torch.nn.Module, body_maps: torch.Tensor, targets:
     cam = grad_cam_grid(model, body_maps, targets)
     result = {'box_share': box_share(masks), 'pointing_cam': pointing_hits(cam, masks).float()}
     if truth is not None:
-        result.update(_box_scores('cam_box', attention_box(cam, *_zoom_settings(model)), truth))
+        result.update(_box_scores('cam_box', model.zoom_box(cam), truth))
     if model.head.attn is not None:
         with torch.no_grad():
             _, attention = model.head.attn.forward_with_attention(body_maps)
+        focus = attention_focus(attention)
         result['in_box_mass'] = in_box_mass(attention, masks)
-        result['pointing_attention'] = pointing_hits(attention_focus(attention), masks).float()
-        if truth is not None:
-            with torch.no_grad():
-                _, boxes = model.zoom_boxes(body_maps)
-            result.update(_box_scores('zoom', boxes, truth))
+        result['pointing_attention'] = pointing_hits(focus, masks).float()
+        if truth is not None:  # the box the zoom draws from this attention (SSANet.zoom_boxes)
+            result.update(_box_scores('zoom', model.zoom_box(focus.reshape(cam.shape)), truth))
     return result
-
-
-def _zoom_settings(model: torch.nn.Module) -> Tuple[float, float, float]:
-    """The model's zoom box settings (its defaults for a model built without the zoom)."""
-    return model.zoom_threshold, model.zoom_margin, model.zoom_min_size
 
 
 def _box_scores(name: str, boxes: torch.Tensor, truth: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -339,12 +339,18 @@ class SSANet(nn.Module):
                     zoom_min_size=self.zoom_min_size)
 
     @torch.jit.ignore
+    def zoom_box(self, mass: torch.Tensor) -> torch.Tensor:
+        """The box this model's zoom draws on each ``(B, h, w)`` map of mass (``ssa_timm.zoom.attention_box``
+        with its ``zoom_threshold``, ``zoom_margin`` and ``zoom_min_size``; fractions of the image, no gradient);
+        a model built without the zoom draws it with the defaults."""
+        return attention_box(mass.detach(), self.zoom_threshold, self.zoom_margin, self.zoom_min_size)
+
+    @torch.jit.ignore
     def zoom_boxes(self, body_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """F -> the SSA layer's output H and the zoom box of each image (``ssa_timm.zoom.attention_box``,
-        fractions of the image), drawn from the attended mass of each position (the column mean of S)."""
+        """F -> the SSA layer's output H and the zoom box of each image (``zoom_box``), drawn from the
+        attended mass of each position (the column mean of S)."""
         aggregated, attention = self.head.attn.forward_with_attention(body_map)
-        mass = attention.float().mean(1).reshape(body_map.shape[0], *body_map.shape[-2:])
-        return aggregated, attention_box(mass.detach(), self.zoom_threshold, self.zoom_margin, self.zoom_min_size)
+        return aggregated, self.zoom_box(attention.float().mean(1).reshape(body_map.shape[0], *body_map.shape[-2:]))
 
     @torch.jit.ignore
     def forward_zoom_features(self, x: torch.Tensor, body_map: Optional[torch.Tensor] = None,
