@@ -28,7 +28,8 @@ from .errors import UserError
 from .output_paths import atomic_write_text
 from .processes import from_main, run_on_main
 
-__all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'ZoomInputs', 'build_feature_cache', 'weights_fingerprint']
+__all__ = ['CachedFeatures', 'HeadsOnCachedFeatures', 'ZoomInputs', 'body_maps_of', 'build_feature_cache',
+           'cached_logits_per_head', 'weights_fingerprint']
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -148,6 +149,19 @@ class ZoomInputs(NamedTuple):
     images themselves (the crops of the second pass). Loaders batch it field by field."""
     body_maps: torch.Tensor
     images: torch.Tensor
+
+
+def body_maps_of(inputs: Union[torch.Tensor, ZoomInputs]) -> torch.Tensor:
+    """The body maps of cached inputs: the maps themselves, or a zoom model's ``ZoomInputs.body_maps``."""
+    return inputs.body_maps if isinstance(inputs, ZoomInputs) else inputs
+
+
+def cached_logits_per_head(model: torch.nn.Module, inputs: Union[torch.Tensor, ZoomInputs]) -> Dict[str, torch.Tensor]:
+    """An SSANet's ``logits_per_head`` from cached inputs: the SSA module and heads on the maps, or a zoom
+    model's both passes (the first from the maps, the crops through the body)."""
+    if isinstance(inputs, ZoomInputs):
+        return model.forward_per_head(inputs.images, body_map=inputs.body_maps)
+    return model.logits_per_head(model.forward_ssa(inputs))
 
 
 class CachedFeatures(Dataset):

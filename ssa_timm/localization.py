@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from .data.images import shown_size
 from .errors import UserError
+from .feature_cache import body_maps_of
 from .zoom import box_hits, box_iou
 
 __all__ = ['CSV_PATH_HEADERS', 'Box', 'ImageBoxes', 'attention_focus', 'batch_localization', 'box_mask', 'box_share',
@@ -218,8 +219,7 @@ def localization_report(model: torch.nn.Module, dataset: Dataset, boxes: Mapping
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         inputs, labels = zip(*(dataset[i] for i in chunk))
-        # a zoom model's cached inputs (ssa_timm.feature_cache.ZoomInputs) carry their body maps
-        x = torch.stack([getattr(item, 'body_maps', item) for item in inputs]).to(device)
+        x = torch.stack([body_maps_of(item) for item in inputs] if body_maps else list(inputs)).to(device)
         if not body_maps:
             with torch.no_grad(), (autocast or nullcontext)():
                 x = model.forward_body(x)

@@ -7,6 +7,7 @@ on the device and read when the epoch (or a mid-epoch checkpoint) ends.
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from ..data.streams import batches_on_every_process, is_stream
 from ..diagnostics import probe_attention
 from ..errors import UserError
-from ..feature_cache import ZoomInputs
+from ..feature_cache import body_maps_of, cached_logits_per_head
 from ..localization import scene_localization
 from ..loss import SelfADLoss
 from ..metrics import evaluate_heads, report_top1
@@ -148,15 +149,13 @@ def validate(model: torch.nn.Module, config: RunConfig, accelerator, loader, pro
     """Per-head top-1/top-5 on the validation set (images, or cached body maps), the attention
     diagnostics on a fixed batch of it and, on the built-in scene task, the localisation metrics."""
     model.eval()
-    if config.cache_features and getattr(model, 'zoom', False):  # first pass from the cache, crops through the body
-        report = evaluate_heads(lambda x: model.forward_per_head(x.images, body_map=x.body_maps), loader, accelerator)
-    elif config.cache_features:
-        report = evaluate_heads(lambda f: model.logits_per_head(model.forward_ssa(f)), loader, accelerator)
+    if config.cache_features:
+        report = evaluate_heads(partial(cached_logits_per_head, model), loader, accelerator)
     else:
         report = evaluate_heads(model.forward_per_head, loader, accelerator, tta_flip=config.tta == 'flip',
                                 per_process=is_stream(loader.dataset))
     if model.head.attn is not None:
-        probe = probe_inputs.body_maps if isinstance(probe_inputs, ZoomInputs) else probe_inputs
+        probe = body_maps_of(probe_inputs) if config.cache_features else probe_inputs
         report['attention'] = probe_attention(model, probe.to(accelerator.device), accelerator.autocast(),
                                               body_maps=config.cache_features)
     if config.dataset == 'builtin' and config.builtin_task == 'scene':  # where the model looks: part boxes
