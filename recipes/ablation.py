@@ -56,11 +56,11 @@ from typing import Dict, List, Tuple
 
 from ssa_timm.cli import at_least
 from ssa_timm.errors import exit_on_user_error
-from ssa_timm.grid import REGIMES, RUN_RECORD, Grid, collect, grid_configs, parse_shard, run_local, shard, submit_array
+from ssa_timm.grid import (ATTENTION_OPTIONS, REGIMES, RUN_RECORD, Grid, collect, grid_configs, parse_shard, run_local,
+                           shard, submit_array)
 from ssa_timm.grid_report import PAPER_TABLE2_CUB, PAPER_TABLE3_CUB, figures, tables
 
 TRAIN = Path(__file__).resolve().parent / 'train.py'
-REMEDIES = ('qk-norm', 'scale-attn', 'sagan-qk')
 # train.py flags each run of a grid gets from the grid (ssa_timm.grid.Grid.flags), never from a setting
 GRID_FLAGS = ('model', 'dataset', 'loss', 'seed', 'epochs', 'output-dir', 'no-qk-norm', 'pretrained-path',
               'freeze-body', 'cache-features', 'cache-dir')
@@ -141,7 +141,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f'--regime {args.regime} pretrains on another family of the built-in task: it needs --dataset builtin')
     for values, allowed, flag in ((args.variants, PAPER_TABLE2_CUB, '--variants'),
                                   (args.losses, ('ad', 'ce'), '--losses'),
-                                  (args.remedies, REMEDIES, '--remedies')):
+                                  (args.remedies, ATTENTION_OPTIONS, '--remedies')):
         unknown = [v for v in values if v not in allowed]
         if unknown:
             p.error(f'{flag}: {unknown} not among {list(allowed)}')

@@ -234,19 +234,24 @@ class BuiltinScene(Dataset):
     def part_boxes(self, index: int) -> List[Tuple[float, float, float, float]]:
         """The boxes ``(x, y, w, h)`` (pixels of the image as the dataset shows it) of the part that decides
         the class."""
+        parts = self.layout(index)
         boxes = [(left, top, _scene_part_side(cell), _scene_part_side(cell))
-                 for _, top, left, cell, framed in self.layout(index) if framed]
+                 for _, top, left, cell, framed in parts if framed]
         if not self.oracle_crop:
             return boxes
-        x0, y0, x1, y1 = (float(v) * self.image_size for v in self.oracle_box(index))
+        x0, y0, x1, y1 = (float(v) * self.image_size for v in self._oracle_box(parts))
         scale_x, scale_y = self.image_size / (x1 - x0), self.image_size / (y1 - y0)
         return [((x - x0) * scale_x, (y - y0) * scale_y, w * scale_x, h * scale_y) for x, y, w, h in boxes]
 
     def oracle_box(self, index: int) -> torch.Tensor:
         """The crop ``oracle_crop`` shows: the deciding part's box widened as the zoom widens its box, as
         ``(x0, y0, x1, y1)`` fractions of the generated image."""
+        return self._oracle_box(self.layout(index))
+
+    def _oracle_box(self, parts: List[Tuple[int, int, int, int, int]]) -> torch.Tensor:
+        """``oracle_box`` of an image's ``layout``."""
         s = self.image_size
-        (_, top, left, cell, _), = (part for part in self.layout(index) if part[-1])
+        (_, top, left, cell, _), = (part for part in parts if part[-1])
         side = _scene_part_side(cell)
         return widen_box(torch.tensor([[left / s, top / s, (left + side) / s, (top + side) / s]]))[0]
 
@@ -279,12 +284,12 @@ class BuiltinScene(Dataset):
                 y, x = top + _FRAME + 1 + r * cell, left + _FRAME + 1 + c * cell
                 img[y:y + cell, x:x + cell] = color
         img = np.clip(img, 0, 255).astype(np.uint8)
-        return (self._oracle_crop(img, index) if self.oracle_crop else img), self.targets[index]
+        return (self._oracle_crop(img, parts) if self.oracle_crop else img), self.targets[index]
 
-    def _oracle_crop(self, img: np.ndarray, index: int) -> np.ndarray:
-        """``img`` cropped at ``oracle_box(index)`` and resized to the canvas, as the zoom crops (``zoom_crop``)."""
+    def _oracle_crop(self, img: np.ndarray, parts: List[Tuple[int, int, int, int, int]]) -> np.ndarray:
+        """``img`` cropped at its ``oracle_box`` and resized to the canvas, as the zoom crops (``zoom_crop``)."""
         image = torch.from_numpy(img).permute(2, 0, 1)[None].float()
-        crop = zoom_crop(image, self.oracle_box(index)[None], (self.image_size, self.image_size))
+        crop = zoom_crop(image, self._oracle_box(parts)[None], (self.image_size, self.image_size))
         return crop[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
