@@ -24,8 +24,8 @@ from timm.utils import ModelEmaV3
 
 from ssa_timm import SelfADLoss
 from ssa_timm.cli import (
-    HelpFormatter, add_dataset_args, add_img_size_arg, at_least, deprecated_alias, fraction, non_negative_float,
-    positive_float, trackers)
+    HelpFormatter, add_dataset_args, add_img_size_arg, at_least, deprecated_alias, finite_float, fraction,
+    non_negative_float, positive_float, trackers)
 from ssa_timm.data import first_images
 from ssa_timm.data.streams import epoch_samples, is_stream
 from ssa_timm.errors import UserError, exit_on_user_error
@@ -71,7 +71,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    'run keeps the attention it was trained with)')
     g.add_argument('--sagan-qk', action='store_true', help="SAGAN's safeguard: spectrally normalised query/key convs "
                    'of K/8 channels (paper: none)')
-    g.add_argument('--alpha-init', type=float, default=DEFAULT.alpha_init,
+    g.add_argument('--alpha-init', type=finite_float, default=DEFAULT.alpha_init,
                    help="the attention's alpha at the start (paper: 0; another value lets the attention learn from "
                    'the first step)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,

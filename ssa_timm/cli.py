@@ -11,8 +11,8 @@ from .data import BUILTIN_TASKS, DATASET_DEFAULTS, DATASETS, TIMM_PREFIXES, is_t
 from .errors import UserError
 
 __all__ = ['HelpFormatter', 'add_dataset_args', 'add_img_size_arg', 'add_timm_dataset_args', 'at_least',
-           'deprecated_alias', 'fraction', 'image_side', 'non_negative_float', 'positive_float', 'comma_separated',
-           'dataset_name', 'torch_device', 'trackers']
+           'deprecated_alias', 'finite_float', 'fraction', 'image_side', 'non_negative_float', 'positive_float',
+           'comma_separated', 'dataset_name', 'torch_device', 'trackers']
 
 REMOVED_IN = '0.7'
 
@@ -138,7 +138,8 @@ def trackers(text: str) -> List[str]:
     return names
 
 
-def _float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """A finite ``float`` (not NaN or infinite)."""
     try:
         value = float(text)
     except ValueError:
@@ -150,7 +151,7 @@ def _float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite ``float`` > 0."""
-    value = _float(text)
+    value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
     return value
@@ -158,7 +159,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """A finite ``float`` >= 0."""
-    value = _float(text)
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
     return value
@@ -166,7 +167,7 @@ def non_negative_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     """A ``float`` in [0, 1)."""
-    value = _float(text)
+    value = finite_float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f'must be in [0, 1), got {value}')
     return value

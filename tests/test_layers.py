@@ -198,3 +198,5 @@ def test_an_export_keeps_alpha_in_its_weights_not_its_model_args(tmp_path, capsy
     no_alpha = [a if a != 'ssanet_test_resnet_plus' else 'ssanet_test_resnet_no_alpha' for a in TINY_TRAIN]
     assert run_main('train', *no_alpha, '--alpha-init', '1', '--output-dir', str(tmp_path / 'run')) == 2
     assert 'ssanet_test_resnet_no_alpha has no alpha' in capsys.readouterr().err
+    assert run_main('train', *TINY_TRAIN, '--alpha-init', 'nan', '--output-dir', str(tmp_path / 'nan')) == 2
+    assert "--alpha-init: expected a finite number, got 'nan'" in capsys.readouterr().err
